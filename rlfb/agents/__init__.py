@@ -1,0 +1,1 @@
+"""rlfb.agents"""

@@ -1,0 +1,1 @@
+"""One module per ``rlfb`` sub-command; see :mod:`rlfb.cli`."""
