@@ -1,0 +1,303 @@
+"""The seeded grammar behind the built-in model ``rlfb-tiny``: review sentences and arithmetic lines.
+
+Two kinds of documents, one per line of the pretraining corpus, each later closed by an end-of-text token:
+
+* **Review sentences** such as ``"I thought the soundtrack was really wonderful, and I loved the cast."``
+  Every sentence starts with a sentiment-neutral *opening* (``"I thought the soundtrack was"``) and the
+  continuation decides its sentiment: positive, negative or neutral wording in equal shares. The words are
+  chosen so that VADER (Hutto & Gilbert, 2014) scores positive sentences clearly above 0, negative ones
+  clearly below 0 and neutral ones at exactly 0; the sentiment task then has a base model whose completions
+  average about 0 and a reward that can push them towards 1.
+* **Arithmetic lines** such as ``"17+25=42"``, with a share of deliberately wrong answers so that the
+  pretrained model makes mistakes reinforcement learning can fix. A fixed set of operand pairs is held out:
+  those sums never appear in any pretraining corpus and form the ``"eval"`` split.
+
+Everything here is pure Python and deterministic for a given seed (``random.Random``, no global state),
+so tasks, tests and the model build agree on the data without sharing files.
+
+Example:
+    >>> review_openings("eval", 2, seed=0) == review_openings("eval", 2, seed=0)
+    True
+    >>> arithmetic_problems("eval")[0][0].endswith("=")
+    True
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from collections.abc import Iterator
+from functools import cache
+from typing import Literal
+
+Split = Literal["train", "eval"]
+Sentiment = Literal["positive", "negative", "neutral"]
+SENTIMENTS: tuple[Sentiment, ...] = ("positive", "negative", "neutral")
+
+# ---------------------------------------------------------------------------------------------- lexicon
+# Every word below was checked with vaderSentiment: positive words score > 0.3 alone in "The plot was X.",
+# negative words < -0.3, neutral words exactly 0 (tests/models/test_corpus.py keeps that true).
+ASPECTS = (
+    "plot", "story", "acting", "script", "soundtrack", "ending", "dialogue", "cast", "direction",
+    "cinematography", "pacing", "music", "score", "editing", "lighting", "premise", "setting", "twist",
+)
+FILMS = ("movie", "film")
+ADJECTIVES: dict[Sentiment, tuple[str, ...]] = {
+    "positive": (
+        "great", "wonderful", "brilliant", "excellent", "amazing", "fantastic", "beautiful", "superb",
+        "delightful", "charming", "lovely", "enjoyable", "perfect", "impressive", "outstanding", "gorgeous",
+        "clever", "funny", "heartfelt",
+    ),
+    "negative": (
+        "terrible", "awful", "boring", "bad", "horrible", "dull", "poor", "weak", "disappointing", "stupid",
+        "painful", "ugly", "annoying", "dreadful", "pathetic", "lame", "messy", "grim",
+    ),
+    "neutral": (
+        "long", "short", "quiet", "simple", "typical", "standard", "average", "predictable", "slow", "loud",
+        "ordinary", "familiar", "plain", "modest", "conventional", "brief", "subtle", "detailed",
+    ),
+}
+# Intensifiers are shared by all three sentiments, so the adjective alone carries the sentiment.
+ADVERBS = (
+    "really", "very", "extremely", "incredibly", "quite", "rather", "fairly", "mostly", "somewhat", "absolutely",
+)
+VERBS: dict[Sentiment, tuple[str, ...]] = {
+    "positive": ("loved", "enjoyed", "adored", "liked", "admired"),
+    "negative": ("hated", "disliked", "despised"),
+    "neutral": ("watched", "noticed", "remembered"),
+}
+VERDICTS: dict[Sentiment, tuple[str, ...]] = {
+    "positive": ("I would recommend it to my friends", "it was a masterpiece", "it was worth my time"),
+    "negative": ("I would not recommend it to anyone", "it was a waste of my time", "it was a disaster"),
+    "neutral": ("I might watch it again", "it was about what I expected", "I watched it on a Sunday"),
+}
+
+# Openings end right before the sentiment-bearing words; {aspect} and {film} are filled from the lists above.
+ASPECT_OPENINGS = (
+    "The {aspect} was",
+    "I thought the {aspect} was",
+    "In my opinion the {aspect} was",
+    "Frankly, the {aspect} was",
+    "I felt that the {aspect} was",
+    "To me the {aspect} was",
+    "The {aspect} of this {film} was",
+)
+FILM_OPENINGS = (
+    "This {film} was",
+    "Overall, this {film} was",
+    "I found this {film}",
+    "My brother and I thought this {film} was",
+)
+VERB_OPENINGS = (  # continued by a verb phrase ("loved the cast") instead of an adjective phrase
+    "After the {film} ended, I",
+    "As for this {film}, I",
+)
+
+EVAL_OPENING_FRACTION = 0.25
+_SPLIT_SEED = 20240601  # fixes which openings and which sums are held out; never changes with a recipe
+
+# --------------------------------------------------------------------------------------------- arithmetic
+MAX_OPERAND = 99  # operands a, b in [0, MAX_OPERAND]; sums up to 198
+EVAL_SUMS = 300  # held-out (a, b) pairs: the "eval" split, never in a pretraining corpus
+
+
+def _adjective_phrase(rng: random.Random, sentiment: Sentiment) -> str:
+    adjective = rng.choice(ADJECTIVES[sentiment])
+    if rng.random() < 0.5:
+        return f"{rng.choice(ADVERBS)} {adjective}"
+    if rng.random() < 0.3:
+        return f"{adjective} and {rng.choice(ADJECTIVES[sentiment])}"
+    return adjective
+
+
+def _verb_phrase(rng: random.Random, sentiment: Sentiment) -> str:
+    adverb = rng.choice(("really ", "absolutely ")) if rng.random() < 0.3 else ""
+    return f"{adverb}{rng.choice(VERBS[sentiment])} the {rng.choice(ASPECTS)}"
+
+
+def _tail(rng: random.Random, sentiment: Sentiment) -> str:
+    """An optional second clause with the same sentiment (longer sentences give VADER more to score)."""
+    roll = rng.random()
+    if roll < 0.45:
+        return ""
+    if roll < 0.65:
+        return f", and the {rng.choice(ASPECTS)} was {_adjective_phrase(rng, sentiment)}"
+    if roll < 0.85:
+        return f", and I {_verb_phrase(rng, sentiment)}"
+    return f", so {rng.choice(VERDICTS[sentiment])}"
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    return template.format(aspect=rng.choice(ASPECTS), film=rng.choice(FILMS))
+
+
+def review_sentence(rng: random.Random, sentiment: Sentiment) -> str:
+    """Draws one review sentence with the given sentiment.
+
+    Args:
+        rng: The random source (the only randomness used).
+        sentiment: Which wording the continuation uses.
+
+    Returns:
+        A sentence starting with a neutral opening and ending with "." or "!".
+    """
+    kind = rng.random()
+    if kind < 0.12:
+        opening, body = _fill(rng.choice(VERB_OPENINGS), rng), _verb_phrase(rng, sentiment)
+    else:
+        templates = ASPECT_OPENINGS if kind < 0.75 else FILM_OPENINGS
+        opening, body = _fill(rng.choice(templates), rng), _adjective_phrase(rng, sentiment)
+    end = "!" if rng.random() < 0.2 else "."
+    return f"{opening} {body}{_tail(rng, sentiment)}{end}"
+
+
+@cache
+def _all_openings() -> tuple[str, ...]:
+    openings: set[str] = set()
+    for template in ASPECT_OPENINGS + FILM_OPENINGS + VERB_OPENINGS:
+        for aspect, film in itertools.product(ASPECTS, FILMS):
+            openings.add(template.format(aspect=aspect, film=film))
+    return tuple(sorted(openings))
+
+
+@cache
+def _opening_splits() -> dict[Split, tuple[str, ...]]:
+    openings = list(_all_openings())
+    random.Random(_SPLIT_SEED).shuffle(openings)
+    n_eval = round(len(openings) * EVAL_OPENING_FRACTION)
+    return {"eval": tuple(sorted(openings[:n_eval])), "train": tuple(sorted(openings[n_eval:]))}
+
+
+def review_openings(split: Split, n: int, seed: int = 0) -> list[str]:
+    """Returns ``n`` sentiment-neutral openings of review sentences (the prompts of the sentiment task).
+
+    The openings of the two splits are disjoint (a fixed quarter of all openings is held out for "eval").
+    Within a split, openings are drawn without repetition until the split is used up, then again.
+
+    Args:
+        split: "train" or "eval".
+        n: How many openings to return.
+        seed: Seeds the order of the draw; the same seed gives the same list.
+
+    Returns:
+        A list of ``n`` openings such as "I thought the acting was".
+
+    Raises:
+        ValueError: If ``split`` is not "train" or "eval", or ``n`` is negative.
+    """
+    pool = _split_pool(_opening_splits(), split)
+    if n < 0:
+        raise ValueError(f"review_openings: n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    drawn: list[str] = []
+    while len(drawn) < n:
+        round_ = list(pool)
+        rng.shuffle(round_)
+        drawn.extend(round_[: n - len(drawn)])
+    return drawn
+
+
+def _split_pool(splits: dict[Split, tuple], split: str) -> tuple:
+    if split not in splits:
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
+    return splits[split]  # type: ignore[index]
+
+
+@cache
+def corpus_vocabulary() -> frozenset[str]:
+    """Every word (lower-cased, without punctuation) the review grammar can produce.
+
+    Returns:
+        The set of words; see :func:`words` for how a text is split into words.
+    """
+    texts = list(_all_openings()) + list(ASPECTS) + list(ADVERBS) + ["the", "and", "so", "was", "I"]
+    for table in (ADJECTIVES, VERBS, VERDICTS):
+        texts.extend(itertools.chain.from_iterable(table.values()))
+    return frozenset(itertools.chain.from_iterable(words(text) for text in texts))
+
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def words(text: str) -> list[str]:
+    """Splits a text into lower-cased alphabetic words (digits and punctuation dropped)."""
+    return [word.lower() for word in _WORD.findall(text)]
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+@cache
+def _sum_splits() -> dict[Split, tuple[tuple[int, int], ...]]:
+    pairs = list(itertools.product(range(MAX_OPERAND + 1), repeat=2))
+    random.Random(_SPLIT_SEED).shuffle(pairs)
+    return {"eval": tuple(sorted(pairs[:EVAL_SUMS])), "train": tuple(sorted(pairs[EVAL_SUMS:]))}
+
+
+def arithmetic_problems(split: Split) -> list[tuple[str, str]]:
+    """Returns the sums of a split as (prompt, answer) pairs, e.g. ``("17+25=", "42")``.
+
+    The "eval" sums (a fixed set of operand pairs) never occur in a pretraining corpus; "train" is every
+    other pair with operands in ``[0, MAX_OPERAND]``.
+
+    Args:
+        split: "train" or "eval".
+
+    Returns:
+        The problems in a fixed order.
+
+    Raises:
+        ValueError: If ``split`` is not "train" or "eval".
+    """
+    pairs = _split_pool(_sum_splits(), split)
+    return [(f"{a}+{b}=", str(a + b)) for a, b in pairs]
+
+
+def wrong_answer(rng: random.Random, a: int, b: int) -> int:
+    """A plausible mistake for ``a + b``: a dropped carry, or the ones or tens digit off by one."""
+    right = a + b
+    carries = (a % 10) + (b % 10) >= 10
+    mistakes = [right + 1, right - 1, right + 10, right - 10]
+    if carries:
+        mistakes += [right - 10] * 2  # forgetting the carry is the classic error
+    return max(0, rng.choice([m for m in mistakes if m != right and m >= 0] or [right + 1]))
+
+
+def arithmetic_line(rng: random.Random, a: int, b: int, wrong_answer_share: float) -> str:
+    """Formats one sum as ``"a+b=c"``, with a wrong ``c`` with probability ``wrong_answer_share``."""
+    answer = wrong_answer(rng, a, b) if rng.random() < wrong_answer_share else a + b
+    return f"{a}+{b}={answer}"
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+def pretraining_corpus(n_documents: int, seed: int, arithmetic_share: float = 0.5,
+                       wrong_answer_share: float = 0.25) -> list[str]:
+    """Generates the pretraining documents of the built-in model.
+
+    Review sentences cycle through positive, negative and neutral sentiment so the three are balanced
+    exactly; arithmetic lines use only "train" operand pairs.
+
+    Args:
+        n_documents: How many documents (lines) to generate.
+        seed: Seeds the grammar; the same seed gives the same corpus.
+        arithmetic_share: Fraction of documents that are arithmetic lines.
+        wrong_answer_share: Fraction of arithmetic lines with a deliberately wrong answer.
+
+    Returns:
+        The documents, shuffled, without end-of-text markers.
+    """
+    rng = random.Random(seed)
+    n_arithmetic = round(n_documents * arithmetic_share)
+    train_pairs = _sum_splits()["train"]
+    documents = [arithmetic_line(rng, *rng.choice(train_pairs), wrong_answer_share) for _ in range(n_arithmetic)]
+    sentiments = itertools.cycle(SENTIMENTS)
+    documents += [review_sentence(rng, next(sentiments)) for _ in range(n_documents - n_arithmetic)]
+    rng.shuffle(documents)
+    return documents
+
+
+def labelled_reviews(n: int, seed: int = 0) -> Iterator[tuple[Sentiment, str]]:
+    """Yields ``n`` (sentiment, sentence) pairs, balanced across sentiments (for tests and feedback data)."""
+    rng = random.Random(seed)
+    for index in range(n):
+        sentiment = SENTIMENTS[index % len(SENTIMENTS)]
+        yield sentiment, review_sentence(rng, sentiment)
