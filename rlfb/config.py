@@ -1,0 +1,445 @@
+"""Typed run configs: one YAML file per run, ``--set key=value`` overrides, errors that name the key.
+
+A run config has one section per concern (task, model, lora, rewards, agent, sampling, budget, eval,
+logging, checkpoint) plus ``seed``, ``device`` and ``output_dir``. Every field has a type and a help
+text; loading checks both, so a typo or a wrong type fails before any model is loaded:
+
+    unknown key 'budget.updatse'; did you mean 'budget.updates'? valid keys in 'budget': ...
+
+Example:
+    >>> config = config_from_dict({"task": "sentiment", "agent": {"name": "ppo"}},
+    ...                           overrides=["budget.updates=3", "lora.r=4"])
+    >>> config.task.name, config.budget.updates, config.lora.r
+    ('sentiment', 3, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from rlfb.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _help(text: str) -> dict[str, str]:
+    """Field metadata holding the help text shown by docs and error messages."""
+    return {"help": text}
+
+
+@dataclass
+class TaskConfig:
+    """Where prompts come from. YAML shorthand: ``task: sentiment``."""
+
+    name: str = field(default="sentiment", metadata=_help(
+        "built-in task (sentiment, arithmetic) or 'dataset'"))
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "task options, e.g. {path: my.jsonl, prompt_column: text} for 'dataset'"))
+
+
+@dataclass
+class ModelConfig:
+    """The base model the LoRA adapter is trained on. YAML shorthand: ``model: rlfb-tiny``."""
+
+    name: str = field(default="rlfb-tiny", metadata=_help(
+        "built-in model name (see `rlfb models`), local directory or hub id"))
+    dtype: str | None = field(default=None, metadata=_help(
+        "torch dtype of the base weights (float32, bfloat16, float16); default: the model's own"))
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapter (Hu et al. 2021): ``W + (alpha / r) * B @ A`` on the target modules."""
+
+    r: int = field(default=8, metadata=_help("rank of the update matrices"))
+    alpha: float = field(default=16.0, metadata=_help("scale numerator: the update is scaled by alpha / r"))
+    dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input during training"))
+    target_modules: list[str] | None = field(default=None, metadata=_help(
+        "module names to adapt; default: the attention and MLP projections the model family uses"))
+
+
+@dataclass
+class RewardConfig:
+    """One reward component. YAML shorthand: ``- sentiment``."""
+
+    name: str = field(default="", metadata=_help(
+        "registered reward (see `rlfb rewards`) or 'package.module:function'"))
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help("arguments of the reward"))
+    weight: float = field(default=1.0, metadata=_help("weight of this component in the total reward"))
+    label: str | None = field(default=None, metadata=_help("logged name; default: name"))
+
+
+@dataclass
+class AgentConfig:
+    """The learning algorithm: ``name`` plus its hyper-parameters, written flat in YAML.
+
+    ``agent: {name: ppo, learning_rate: 1.0e-4}`` keeps ``learning_rate`` in :attr:`params`; the agent's
+    own config dataclass checks the names and types of :attr:`params` when the agent is built.
+    """
+
+    name: str = field(default="ppo", metadata=_help("ppo, reinforce, rloo or grpo"))
+    params: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "hyper-parameters of the agent (see docs/algorithms.md)"))
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled during rollouts and evaluation."""
+
+    temperature: float = field(default=1.0, metadata=_help("softmax temperature"))
+    top_k: int = field(default=0, metadata=_help("keep the k most likely tokens; 0 keeps all"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling mass; 1.0 keeps all"))
+    max_new_tokens: int = field(default=32, metadata=_help("longest completion, in tokens"))
+
+
+@dataclass
+class BudgetConfig:
+    """How much to train: stops at whichever of ``updates`` and ``time_limit_s`` comes first."""
+
+    updates: int | None = field(default=100, metadata=_help("number of rollout + update iterations"))
+    time_limit_s: float | None = field(default=None, metadata=_help(
+        "wall-clock limit of the training loop in seconds (evaluation excluded)"))
+    num_envs: int = field(default=16, metadata=_help("completions per rollout (the batch size)"))
+    group_size: int = field(default=1, metadata=_help(
+        "completions per prompt; group-baseline agents (rloo, grpo) need > 1"))
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on held-out prompts, before training, every ``every`` updates and at the end."""
+
+    num_prompts: int = field(default=64, metadata=_help("held-out prompts per evaluation"))
+    every: int = field(default=0, metadata=_help("evaluate every N updates; 0: only before and after"))
+    num_samples: int = field(default=3, metadata=_help("sample completions shown in the report"))
+    seed: int = field(default=1234, metadata=_help(
+        "seed of evaluation sampling, so 'before' and 'after' see the same prompts and noise"))
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: TensorBoard and metrics.jsonl under the run directory, and the console."""
+
+    run_name: str | None = field(default=None, metadata=_help(
+        "run directory name; default {task}__{agent}__{seed}__{timestamp}"))
+    log_every: int = field(default=1, metadata=_help("write metrics every N updates"))
+    samples_every: int = field(default=10, metadata=_help("write sample completions every N updates"))
+    tensorboard: bool = field(default=True, metadata=_help("write TensorBoard event files"))
+    progress_bar: bool = field(default=True, metadata=_help("show a tqdm progress bar"))
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``RUN_DIR/checkpoints``, written atomically."""
+
+    every: int = field(default=50, metadata=_help("save every N updates; 0: only at the end"))
+    keep_last: int = field(default=2, metadata=_help("checkpoints kept on disk (older ones are deleted)"))
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved resolved as ``RUN_DIR/config.yaml``."""
+
+    task: TaskConfig = field(default_factory=TaskConfig, metadata=_help("prompt source"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_help("base model"))
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA adapter"))
+    rewards: list[RewardConfig] = field(
+        default_factory=lambda: [RewardConfig(name="sentiment")], metadata=_help("reward components"))
+    agent: AgentConfig = field(default_factory=AgentConfig, metadata=_help("learning algorithm"))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help("sampling"))
+    budget: BudgetConfig = field(default_factory=BudgetConfig, metadata=_help("training budget"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("held-out evaluation"))
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("logging"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_help("checkpoints"))
+    seed: int = field(default=0, metadata=_help("seed of every random number generator"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    output_dir: str = field(default="runs", metadata=_help("parent directory of run directories"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able data, agent params written flat as in the YAML file."""
+        data = dataclasses.asdict(self)
+        agent = data.pop("agent")
+        data["agent"] = {"name": agent["name"], **agent["params"]}
+        return data
+
+    def to_yaml(self) -> str:
+        """The config as YAML text that :func:`load_config` reads back to an equal config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Sections a YAML scalar may stand for: `task: sentiment` means `task: {name: sentiment}`.
+_SHORTHAND_SECTIONS = (TaskConfig, ModelConfig, RewardConfig, AgentConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads ``1e-4`` as a float (YAML 1.2 does, PyYAML's 1.1 does not)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text as rlfb does for configs and ``--set`` values (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key=value`` overrides, and check every key and type.
+
+    Args:
+        path: the YAML file.
+        overrides: ``dotted.key=value`` strings, values parsed as YAML (``budget.updates=5``,
+            ``rewards.0.weight=2``, ``lora.target_modules=[c_attn]``).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; ready configs are in configs/")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from error
+    return config_from_dict(data if data is not None else {}, overrides)
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """Build a :class:`RunConfig` from plain data (as read from YAML) and ``key=value`` overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
+    data = _with_defaults(RunConfig().to_dict(), _normalize(RunConfig, dict(data), ""))
+    data = _normalize(RunConfig, data, "")
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"override '{override}' is not of the form key=value, e.g. budget.updates=10")
+        _set_dotted(data, key.strip(), parse_yaml(value) if value.strip() else None)
+    return validate(_build(RunConfig, _normalize(RunConfig, data, ""), ""))
+
+
+def field_help(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of a config class with its type and help text (for docs and errors)."""
+    result = {}
+    for config_field in dataclasses.fields(cls):
+        key = f"{prefix}{config_field.name}"
+        kind = typing.get_type_hints(cls)[config_field.name]
+        if dataclasses.is_dataclass(kind):
+            result.update(field_help(kind, f"{key}."))
+        else:
+            result[key] = f"{_type_name(kind)}: {config_field.metadata.get('help', '')}"
+    return result
+
+
+def _normalize(cls: type, data: Any, where: str) -> Any:
+    """Expand shorthands (``task: sentiment``) and gather agent params, so overrides see one shape."""
+    if cls in _SHORTHAND_SECTIONS and isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, Mapping):
+        return data
+    data = dict(data)
+    if cls is AgentConfig:
+        params = dict(data.pop("params", None) or {})
+        params.update({key: data.pop(key) for key in list(data) if key != "name"})
+        data["params"] = params
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        kind = hints.get(name)
+        if dataclasses.is_dataclass(kind):
+            data[name] = _normalize(kind, value, f"{where}{name}.")
+        elif _list_item_type(kind) is RewardConfig and isinstance(value, list):
+            data[name] = [_normalize(RewardConfig, item, f"{where}{name}.{i}.") for i, item in enumerate(value)]
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in the nested dicts/lists of a config; agent hyper-parameters go to ``agent.params``."""
+    parts = key.split(".")
+    if parts[0] == "agent" and len(parts) >= 2 and parts[1] not in ("name", "params"):
+        parts.insert(1, "params")
+    node: Any = data
+    kind: Any = RunConfig  # the annotation of `node`; None inside free-form mappings (kwargs, params)
+    for depth, part in enumerate(parts):
+        so_far = ".".join(parts[: depth + 1])
+        is_last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"'{so_far}': index {part} is out of range, the list has {len(node)} items")
+            kind = _list_item_type(kind)
+            if is_last:
+                node[int(part)] = value
+                return
+            child = node[int(part)]
+        else:
+            if dataclasses.is_dataclass(kind):
+                _check_known(kind, part, ".".join(parts[:depth]))
+                kind = typing.get_type_hints(kind)[part]
+            else:
+                kind = None
+            if is_last:
+                node[part] = value
+                return
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+        if isinstance(child, str) and kind in _SHORTHAND_SECTIONS:
+            child = {"name": child}
+            if isinstance(node, list):
+                node[int(part)] = child
+            else:
+                node[part] = child
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"cannot set '{key}': '{so_far}' is {child!r}, not a section")
+        node = child
+
+
+def _check_known(cls: type, key: str, section: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key in names:
+        return
+    full = f"{section}.{key}" if section else key
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
+    where = f"'{section}'" if section else "a run config"
+    raise ConfigError(f"unknown key '{full}'{hint}; valid keys in {where}: {', '.join(names)}")
+
+
+def _build(cls: type[T], data: Any, where: str) -> T:
+    """Check ``data`` against the dataclass ``cls`` field by field and construct it."""
+    section = where.rstrip(".") or "the run config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"'{section}' must be a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        _check_known(cls, str(key), where.rstrip("."))
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{where}{name}")
+    return cls(**values)
+
+
+def _convert(kind: Any, value: Any, key: str) -> Any:
+    """Return ``value`` checked against the annotation ``kind``, or raise naming the key."""
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{key}.")
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise _type_error(key, kind, value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, kind, value)
+        (item_kind,) = typing.get_args(kind)
+        return [_convert(item_kind, item, f"{key}.{i}") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(key, kind, value)
+        return {str(k): v for k, v in value.items()}
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and (type(value) is not kind):
+        raise _type_error(key, kind, value)
+    return value
+
+
+def _type_error(key: str, kind: Any, value: Any) -> ConfigError:
+    return ConfigError(f"'{key}' must be {_type_name(kind)}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(kind))
+    if origin is list:
+        item = typing.get_args(kind)[0]
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return "a list of " + plural.get(item, "mappings")
+    if origin is dict:
+        return "a mapping"
+    if kind is type(None):
+        return "null"
+    if dataclasses.is_dataclass(kind):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+
+
+def _with_defaults(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with missing keys filled from ``defaults``, recursively through mappings (lists replace)."""
+    merged = dict(defaults)
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _with_defaults(dict(merged[key]), dict(value))
+        else:
+            merged[key] = value
+    return merged
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check the values that types alone cannot (ranges, budgets); return ``config`` unchanged.
+
+    Raises:
+        ConfigError: naming the key, its value and the accepted range.
+    """
+    def require(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{key}' is {value!r}; it must be {accepted}")
+
+    budget = config.budget
+    require(budget.updates is None or budget.updates >= 1, "budget.updates", budget.updates, ">= 1 or null")
+    require(budget.time_limit_s is None or budget.time_limit_s > 0, "budget.time_limit_s",
+            budget.time_limit_s, "> 0 or null")
+    if budget.updates is None and budget.time_limit_s is None:
+        raise ConfigError("'budget.updates' and 'budget.time_limit_s' are both null; set at least one "
+                          "so training ends, e.g. --set budget.updates=100")
+    require(budget.group_size >= 1, "budget.group_size", budget.group_size, ">= 1")
+    require(budget.num_envs >= 1 and budget.num_envs % budget.group_size == 0, "budget.num_envs",
+            budget.num_envs, f"a positive multiple of budget.group_size ({budget.group_size})")
+    sampling = config.sampling
+    require(sampling.temperature > 0, "sampling.temperature", sampling.temperature, "> 0")
+    require(0 < sampling.top_p <= 1, "sampling.top_p", sampling.top_p, "in (0, 1]")
+    require(sampling.top_k >= 0, "sampling.top_k", sampling.top_k, ">= 0 (0 keeps all tokens)")
+    require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", sampling.max_new_tokens, ">= 1")
+    require(config.lora.r >= 1, "lora.r", config.lora.r, ">= 1")
+    require(0 <= config.lora.dropout < 1, "lora.dropout", config.lora.dropout, "in [0, 1)")
+    require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")
+    for index, reward in enumerate(config.rewards):
+        require(bool(reward.name), f"rewards.{index}.name", reward.name, "a registered reward name")
+    require(config.eval.num_prompts >= 0, "eval.num_prompts", config.eval.num_prompts, ">= 0")
+    require(config.eval.every >= 0, "eval.every", config.eval.every, ">= 0 (0: only before and after)")
+    require(config.logging.log_every >= 1, "logging.log_every", config.logging.log_every, ">= 1")
+    require(config.logging.samples_every >= 0, "logging.samples_every", config.logging.samples_every, ">= 0")
+    require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every, ">= 0 (0: only at the end)")
+    require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", config.checkpoint.keep_last, ">= 1")
+    return config
+
+
+def _list_item_type(kind: Any) -> Any:
+    if typing.get_origin(kind) is list:
+        return typing.get_args(kind)[0]
+    return None

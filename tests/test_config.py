@@ -1,0 +1,101 @@
+"""Run configs: YAML loading, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rlfb.config import RunConfig, config_from_dict, field_help, load_config, parse_yaml
+from rlfb.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_sections_and_shorthands_load(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+task: arithmetic
+model: rlfb-tiny
+rewards:
+  - exact_match
+  - {name: length, weight: -0.1, kwargs: {target: 5}}
+agent: {name: grpo, learning_rate: 1e-4, epochs: 2}
+budget: {updates: 7, num_envs: 8, group_size: 4}
+seed: 3
+""")
+    config = load_config(path)
+    assert config.task.name == "arithmetic"
+    assert config.model.name == "rlfb-tiny"
+    assert [(r.name, r.weight, r.kwargs) for r in config.rewards] == [
+        ("exact_match", 1.0, {}), ("length", -0.1, {"target": 5})]
+    assert config.agent.name == "grpo"
+    assert config.agent.params == {"learning_rate": 1e-4, "epochs": 2}  # 1e-4 read as a float
+    assert (config.budget.updates, config.budget.num_envs, config.budget.group_size) == (7, 8, 4)
+    assert config.sampling.max_new_tokens == RunConfig().sampling.max_new_tokens  # defaults fill the rest
+    assert config.seed == 3
+
+
+def test_overrides_are_yaml_typed_and_reach_lists_and_agent_params(tmp_path: Path) -> None:
+    path = write(tmp_path, "rewards: [sentiment]\nagent: {name: ppo}\n")
+    config = load_config(path, ["budget.updates=5", "sampling.temperature=0.7", "rewards.0.weight=2",
+                                "agent.kl_coef=0.05", "lora.target_modules=[c_attn, c_fc]", "task=arithmetic",
+                                "budget.time_limit_s=null"])
+    assert config.budget.updates == 5
+    assert config.sampling.temperature == 0.7
+    assert config.rewards[0].weight == 2.0 and isinstance(config.rewards[0].weight, float)
+    assert config.agent.params == {"kl_coef": 0.05}
+    assert config.lora.target_modules == ["c_attn", "c_fc"]
+    assert config.task.name == "arithmetic"
+    assert config.budget.time_limit_s is None
+
+
+@pytest.mark.parametrize("data, overrides, message", [
+    ({"budget": {"updatse": 3}}, [], r"unknown key 'budget.updatse' \(did you mean 'budget.updates'\?\)"),
+    ({}, ["budget.updatse=3"], r"unknown key 'budget.updatse' .*valid keys in 'budget': updates"),
+    ({"sampel": {}}, [], r"unknown key 'sampel' \(did you mean 'sampling'\?\)"),
+    ({}, ["rewards.0.wieght=1"], r"unknown key 'rewards.0.wieght' \(did you mean 'rewards.0.weight'"),
+    ({}, ["budget.updates=many"], r"'budget.updates' must be an integer or null, got str 'many'"),
+    ({"seed": 1.5}, [], r"'seed' must be an integer, got float 1.5"),
+    ({"lora": {"alpha": True}}, [], r"'lora.alpha' must be a number, got bool True"),
+    ({"logging": {"tensorboard": "yes please"}}, [], r"'logging.tensorboard' must be true or false"),
+    ({"rewards": [3]}, [], r"'rewards.0' must be a mapping, got int 3"),
+    ({}, ["rewards.4.weight=1"], r"'rewards.4': index 4 is out of range"),
+    ({}, ["budget.updates"], r"override 'budget.updates' is not of the form key=value"),
+    ({"budget": {"updates": None}}, [], r"set at least one"),
+    ({"budget": {"num_envs": 6, "group_size": 4}}, [], r"'budget.num_envs' is 6; it must be a positive multiple"),
+    ({"sampling": {"temperature": 0}}, [], r"'sampling.temperature' is 0.0; it must be > 0"),
+])
+def test_bad_configs_raise_naming_the_key(data: dict, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data, overrides)
+
+
+def test_missing_file_and_non_mapping_raise(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_resolved_yaml_round_trips() -> None:
+    config = config_from_dict({"task": "arithmetic", "agent": {"name": "grpo", "clip": 0.2}},
+                              ["rewards=[exact_match, {name: length, weight: 0.5}]"])
+    assert config_from_dict(parse_yaml(config.to_yaml())) == config
+
+
+def test_every_field_has_help_text() -> None:
+    helps = field_help()
+    assert "budget.updates" in helps and "agent.params" in helps
+    assert all(text.split(": ", 1)[1] for text in helps.values())
+
+
+@pytest.mark.parametrize("name", ["sentiment_ppo", "sentiment_reinforce", "arithmetic_grpo"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert config.model.name == "rlfb-tiny"
