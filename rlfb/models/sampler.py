@@ -1,0 +1,366 @@
+"""Batched token sampling for the policy: temperature, top-k, top-p, a KV cache, per-row EOS.
+
+One loop serves rollouts and evaluation alike. :class:`TokenSampler` is the incremental form the
+vector environment needs (the agent samples a token, steps the env, then advances the sampler);
+:func:`generate` is the whole loop in one call.
+
+Conventions:
+    * Prompts are **left-padded**: every row's last column is a real token, so the next-token logits
+      of every row sit at the right edge. Columns that no row attends to are trimmed before the first
+      forward pass, so a prompt region padded to a fixed width costs nothing extra.
+    * ``position_ids = cumsum(attention_mask) - 1``: the first real token of each row is position 0,
+      whatever its padding, so a padded row sees exactly what it would see alone.
+    * ``logprobs`` are ``log softmax(logits / temperature)`` at the sampled token, *before* top-k /
+      top-p truncation. Truncation is a sampling device; the unfiltered value is what a training-time
+      forward pass over the completion recomputes, so the PPO ratio starts at exactly 1. With
+      ``temperature == 0`` (greedy) they are ``log softmax(logits)``.
+    * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on, and
+      its later columns are masked out of the cache's attention.
+
+The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
+dropout does not perturb sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
+
+
+@dataclass
+class SamplingConfig:
+    """How the policy picks each next token.
+
+    Attributes:
+        temperature: Divides the logits before the softmax; 0 means greedy (argmax).
+        top_k: Keep only the k most likely tokens; 0 keeps all.
+        top_p: Nucleus sampling: keep the smallest set of most likely tokens whose probability mass
+            reaches ``top_p``; 1.0 keeps all.
+        max_new_tokens: Most tokens generated per row.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether sampling reduces to argmax (temperature 0 or top-k 1)."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class Generation:
+    """The completions of one batch of prompts.
+
+    Attributes:
+        completion_ids: (B, T) sampled tokens, ``pad_token_id`` after each row's EOS; T is the number of
+            steps taken (at most ``max_new_tokens``; fewer when every row stopped early).
+        completion_mask: (B, T) 1 for real tokens, EOS included; 0 for padding after it.
+        logprobs: (B, T) log-prob of each sampled token (see the module docstring); 0 where masked.
+    """
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set the logits of tokens outside the top-k and the top-p nucleus to ``-inf``.
+
+    Args:
+        logits: (B, V) next-token logits (already temperature-scaled).
+        top_k: Keep the k largest logits per row; 0 keeps all. Ties at the k-th value are kept.
+        top_p: Keep the smallest prefix of the descending-probability order whose mass reaches top_p;
+            the most likely token is always kept. 1.0 keeps all.
+
+    Returns:
+        (B, V) filtered logits (a new tensor).
+
+    Example:
+        >>> logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+        >>> filter_logits(logits, top_p=0.75).isfinite().tolist()
+        [[True, True, False, False]]
+        >>> filter_logits(logits, top_k=1).isfinite().tolist()
+        [[True, False, False, False]]
+    """
+    filtered = logits.clone()
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        filtered = filtered.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_index = torch.sort(filtered, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # A token is dropped when the mass strictly before it already reaches top_p; the first token
+        # has zero mass before it, so it always survives.
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_index, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    return filtered
+
+
+def _choose_tokens(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row from (B, V) logits; returns (tokens (B,), logprobs (B,))."""
+    if sampling.greedy:
+        scaled = logits if sampling.temperature == 0 else logits / sampling.temperature
+        tokens = torch.argmax(logits, dim=-1)
+    else:
+        scaled = logits / sampling.temperature
+        probs = torch.softmax(filter_logits(scaled, sampling.top_k, sampling.top_p), dim=-1)
+        tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs
+
+
+def _trim_unattended_columns(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop leading and trailing columns that no row attends to (they change nothing but cost time)."""
+    attended = attention_mask.bool().any(dim=0).nonzero()
+    if attended.numel() == 0:
+        raise ValueError("every prompt is empty (attention_mask is all zeros); give each row a token")
+    first, last = int(attended[0]), int(attended[-1])
+    return input_ids[:, first : last + 1], attention_mask[:, first : last + 1]
+
+
+def _default_token_id(model: Any, name: str) -> int | list[int] | None:
+    for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+class TokenSampler:
+    """Incremental batched sampler that keeps the model's KV cache between steps.
+
+    Usage with the vector environment (one token per step, every row in lockstep)::
+
+        sampler.start(obs["input_ids"], obs["attention_mask"])
+        while not sampler.done:
+            tokens, logprobs = sampler.sample()
+            obs, rewards, terminated, truncated, info = venv.step(tokens)
+            sampler.advance(tokens)
+
+    Args:
+        model: A Hugging Face causal LM (or a peft model around one) that accepts ``cache=``,
+            ``position_ids=`` and ``logits_to_keep=``.
+        sampling: Temperature, top-k, top-p and the token budget.
+        generator: Source of randomness for reproducible sampling (on the model's device).
+        eos_token_id: Token id (or ids) that end a row; default: the model's generation config.
+        pad_token_id: Token given to finished rows; default: the model's, else the first EOS id.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=32, n_embd=8, n_layer=1, n_head=2)).eval()
+        >>> sampler = TokenSampler(model, SamplingConfig(max_new_tokens=3), eos_token_id=0)
+        >>> sampler.start(torch.tensor([[5, 6], [0, 7]]), torch.tensor([[1, 1], [0, 1]]))
+        >>> tokens, logprobs = sampler.sample()
+        >>> tokens.shape, bool((logprobs <= 0).all())
+        (torch.Size([2]), True)
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None = None,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> None:
+        self.model = model
+        self.sampling = sampling
+        self.generator = generator
+        eos = eos_token_id if eos_token_id is not None else _default_token_id(model, "eos_token_id")
+        if eos is None:
+            raise ValueError("no eos_token_id given and the model's config has none; pass eos_token_id=")
+        self.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else _default_token_id(model, "pad_token_id")
+        self.pad_token_id = int(pad) if isinstance(pad, int) else self.eos_token_ids[0]
+        self.finished: torch.Tensor | None = None
+        self.num_generated = 0
+        self._cache: Any = None
+        self._next_logits: torch.Tensor | None = None
+        self._attention_mask: torch.Tensor | None = None
+        self._next_position: torch.Tensor | None = None
+        self._eos: torch.Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once every row has finished or ``max_new_tokens`` tokens were generated."""
+        return self._next_logits is None
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Encode a batch of left-padded prompts and cache their keys and values.
+
+        Args:
+            input_ids: (B, P) prompt token ids; may be a fixed-width observation whose trailing columns
+                are unattended (they are trimmed).
+            attention_mask: (B, P) 1 for real tokens.
+
+        Raises:
+            ValueError: A row's prompt does not end at the right edge (right padding), or all are empty.
+        """
+        device = self._device()
+        input_ids, attention_mask = _trim_unattended_columns(
+            torch.as_tensor(input_ids, device=device), torch.as_tensor(attention_mask, device=device)
+        )
+        attention_mask = attention_mask.long()
+        if not bool(attention_mask[:, -1].all()):
+            bad_rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"rows {bad_rows} do not end with a real token: prompts must be left-padded "
+                "(tokenizer.padding_side = 'left') and contain at least one token"
+            )
+        # Left padding shifts each row; positions restart at 0 on each row's first real token.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._cache = outputs.cache
+        self._next_logits = outputs.logits[:, -1, :].float()  # (B, V)
+        self._attention_mask = attention_mask
+        self._next_position = attention_mask.sum(dim=-1)  # (B,) one past the last real position
+        self._eos = torch.tensor(self.eos_token_ids, device=device)
+        self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+        self.num_generated = 0
+
+    @torch.no_grad()
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the next token of every row.
+
+        Returns:
+            tokens (B,) int64 (``pad_token_id`` for finished rows) and their log-probs (B,) (0 there).
+
+        Raises:
+            RuntimeError: Called before :meth:`start` or after the sampler is :attr:`done`.
+        """
+        if self._next_logits is None or self.finished is None:
+            raise RuntimeError("nothing to sample: call start() first (or the batch is done)")
+        tokens, logprobs = _choose_tokens(self._next_logits, self.sampling, self.generator)
+        tokens = tokens.masked_fill(self.finished, self.pad_token_id)
+        logprobs = logprobs.masked_fill(self.finished, 0.0)
+        return tokens, logprobs
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append the tokens just taken and run one cached forward step.
+
+        Args:
+            tokens: (B,) the tokens of this step (normally what :meth:`sample` returned). Tokens of
+                already finished rows are ignored.
+        """
+        if self._next_logits is None or self.finished is None or self._eos is None:
+            raise RuntimeError("advance() needs an active batch: call start() first")
+        assert self._attention_mask is not None and self._next_position is not None
+        tokens = torch.as_tensor(tokens, device=self.finished.device).long()
+        active = ~self.finished
+        self.finished = self.finished | torch.isin(tokens, self._eos)
+        self.num_generated += 1
+        if self.num_generated >= self.sampling.max_new_tokens or bool(self.finished.all()):
+            self._release()
+            return
+        tokens = tokens.masked_fill(~active, self.pad_token_id)
+        # A finished row's new column is masked so its padding never enters anyone's attention.
+        self._attention_mask = torch.cat([self._attention_mask, active.long()[:, None]], dim=-1)
+        outputs = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self._attention_mask,
+            position_ids=self._next_position[:, None],
+            cache=self._cache,
+            use_cache=True,
+        )
+        self._next_position = self._next_position + active.long()
+        self._cache = outputs.cache
+        self._next_logits = outputs.logits[:, -1, :].float()
+
+    def _release(self) -> None:
+        """Drop the cache and logits as soon as the batch is done (memory back before the update)."""
+        self._cache = None
+        self._next_logits = None
+        self._attention_mask = None
+        self._next_position = None
+
+    def _device(self) -> torch.device:
+        device = getattr(self.model, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        return next(self.model.parameters()).device
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample completions for a batch of left-padded prompts with the KV cache.
+
+    Args:
+        model: A Hugging Face causal LM (or peft model).
+        input_ids: (B, P) left-padded prompt ids.
+        attention_mask: (B, P) 1 for real tokens.
+        sampling: Temperature, top-k, top-p, max_new_tokens.
+        eos_token_id: Token id (or ids) that end a row.
+        pad_token_id: Token written after a row's EOS.
+        generator: Source of randomness; the same seed gives the same tokens.
+
+    Returns:
+        A :class:`Generation` with (B, T) completion ids, mask and log-probs.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=32, n_embd=8, n_layer=1, n_head=2)).eval()
+        >>> out = generate(model, torch.tensor([[3, 4]]), torch.tensor([[1, 1]]),
+        ...                SamplingConfig(temperature=0, max_new_tokens=4), eos_token_id=15, pad_token_id=15)
+        >>> out.completion_ids.shape[1] <= 4
+        True
+    """
+    sampler = TokenSampler(
+        model, sampling, generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
+    sampler.start(input_ids, attention_mask)
+    assert sampler.finished is not None
+    steps_tokens, steps_logprobs, steps_active = [], [], []
+    while not sampler.done:
+        steps_active.append(~sampler.finished)
+        tokens, logprobs = sampler.sample()
+        steps_tokens.append(tokens)
+        steps_logprobs.append(logprobs)
+        sampler.advance(tokens)
+    return Generation(
+        completion_ids=torch.stack(steps_tokens, dim=1),  # (B, T)
+        completion_mask=torch.stack(steps_active, dim=1).long(),  # (B, T)
+        logprobs=torch.stack(steps_logprobs, dim=1),  # (B, T)
+    )
