@@ -1,0 +1,244 @@
+"""The agent interface, the gradient-step guard shared by the backprop agents, and masked statistics.
+
+An :class:`Agent` turns a :class:`~rlfb.agents.rollout.Rollout` into an update of its policy and reports
+metrics named ``train/...`` (documented in docs/metrics.md). The interface assumes no backprop, so an
+evolution-strategies agent fits it; PPO and REINFORCE share a :class:`GradientStepper` by composition.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from rlfb.agents.rollout import Rollout
+from rlfb.errors import ConfigError, RlfbError
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+class DegenerateUpdateError(RlfbError, RuntimeError):
+    """Several updates in a row produced a NaN or inf loss or gradient."""
+
+
+class Agent(abc.ABC):
+    """Base class of rlfb agents: ``update(rollout) -> metrics`` plus a resumable state.
+
+    Subclasses set ``name`` and implement :meth:`update`, :meth:`state_dict` and :meth:`load_state_dict`.
+    """
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """Improve the policy from one batch of completions.
+
+        Args:
+            rollout: Completions sampled from the current policy, with their rewards.
+
+        Returns:
+            Metric name (``train/...``) -> value.
+        """
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the policy weights needed to resume exactly (optimizer, schedules, ...)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_mapping(config_class: type[ConfigT], values: Mapping[str, Any], agent_name: str) -> ConfigT:
+    """Build an agent config dataclass from a mapping, naming unknown keys and the known ones.
+
+    Raises:
+        ConfigError: On a key the config does not have.
+    """
+    known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for agent {agent_name!r}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return config_class(**dict(values))
+
+
+# ------------------------------------------------------------------------------- masked statistics
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (over everything, or along ``dim``)."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; masked-out entries become 0."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(variance + eps) * mask
+
+
+# ------------------------------------------------------------------------------- gradient steps
+class GradientStepper:
+    """AdamW, a learning-rate schedule, gradient clipping and the degenerate-update guard.
+
+    A step whose loss or gradient norm is NaN or inf is skipped: gradients are zeroed, the weights and the
+    optimizer state stay untouched. The agent then abandons the rest of that update and calls
+    :meth:`finish_update`, which counts it, warns, and raises :class:`DegenerateUpdateError` after
+    ``max_consecutive_skips`` degenerate updates in a row (the weights are still those of the last good
+    step, so the last checkpoint is valid).
+
+    Args:
+        parameters: The trainable parameters.
+        learning_rate: Peak learning rate.
+        lr_schedule: ``"constant"`` or ``"linear"`` (decay to 0 over ``total_updates`` updates).
+        total_updates: Number of :meth:`finish_update` calls of the run; needed by ``"linear"``.
+        max_grad_norm: Clip the global gradient norm to this (``None``: no clipping, norm still logged).
+        adam_eps: Adam's epsilon.
+        max_consecutive_skips: Degenerate updates in a row before giving up.
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[nn.Parameter],
+        learning_rate: float,
+        lr_schedule: str = "constant",
+        total_updates: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        adam_eps: float = 1e-5,
+        max_consecutive_skips: int = 3,
+    ) -> None:
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+        if lr_schedule == "linear" and not total_updates:
+            raise ConfigError("lr_schedule 'linear' needs total_updates (the number of updates of the run)")
+        if learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.max_grad_norm = max_grad_norm
+        self.max_consecutive_skips = max_consecutive_skips
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, eps=adam_eps, weight_decay=0.0)
+        horizon = float(total_updates or 1)
+        if lr_schedule == "linear":
+            # lr_u = lr * (1 - u / U), floored so the last updates still move (CleanRL-style annealing).
+            factor = lambda update: max(1.0 - update / horizon, 0.0)  # noqa: E731
+        else:
+            factor = lambda update: 1.0  # noqa: E731
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.skipped_updates = 0
+        self.consecutive_skips = 0
+        self.current_update_skipped = False
+        self.last_grad_norm = 0.0
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite."""
+        if not torch.isfinite(loss).all():
+            self._mark_degenerate(f"loss is {loss.item()}")
+            return False
+        loss.backward()
+        return True
+
+    def step(self) -> bool:
+        """Clip and apply the accumulated gradients; False (and skipped) when their norm is not finite."""
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        if not math.isfinite(grad_norm):
+            self._mark_degenerate(f"gradient norm is {grad_norm}")
+            return False
+        self.last_grad_norm = grad_norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _mark_degenerate(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.current_update_skipped = True
+        warnings.warn(f"skipping a degenerate update: {what}", RuntimeWarning, stacklevel=3)
+
+    def finish_update(self) -> None:
+        """Advance the schedule and apply the consecutive-degenerate-update rule."""
+        self.scheduler.step()
+        if self.current_update_skipped:
+            self.skipped_updates += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        self.current_update_skipped = False
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise DegenerateUpdateError(
+                f"{self.consecutive_skips} updates in a row had a NaN or inf loss or gradient and were skipped; "
+                "the policy weights are those of the last good update. Try a lower learning_rate, a smaller "
+                "max_grad_norm, a larger kl_coef, or check the reward functions for NaN/inf."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "skipped_updates": self.skipped_updates,
+            "consecutive_skips": self.consecutive_skips,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+
+
+# ------------------------------------------------------------------------------- construction by name
+# name -> (module:class, config class, preset options). "rloo" and "grpo" are REINFORCE with a group
+# baseline; k = 4 completions per prompt unless the config says otherwise.
+AGENT_PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": {},
+    "reinforce": {},
+    "rloo": {"baseline": "rloo", "group_size": 4},
+    "grpo": {"baseline": "grpo", "group_size": 4},
+}
+
+
+def make_agent(name: str, policy: Any, config: Mapping[str, Any] | None = None) -> Agent:
+    """Build an agent by name: ``"ppo"``, ``"reinforce"``, ``"rloo"`` or ``"grpo"``.
+
+    Args:
+        name: Agent name.
+        policy: The :class:`~rlfb.models.policy.Policy` to train.
+        config: Options of the agent's config dataclass (``PPOConfig`` or ``ReinforceConfig``).
+
+    Returns:
+        The agent.
+
+    Raises:
+        ConfigError: On an unknown name or option, naming the known ones.
+    """
+    from rlfb.agents.ppo import PPOAgent, PPOConfig
+    from rlfb.agents.reinforce import ReinforceAgent, ReinforceConfig
+
+    if name not in AGENT_PRESETS:
+        raise ConfigError(f"unknown agent {name!r}; known: {', '.join(AGENT_PRESETS)}")
+    options = dict(AGENT_PRESETS[name])
+    for key, value in (config or {}).items():
+        if key == "baseline" and key in options and value != options[key]:
+            raise ConfigError(f"agent {name!r} uses baseline {options[key]!r}; got baseline={value!r}")
+        options[key] = value
+    if name == "ppo":
+        return PPOAgent(policy, config_from_mapping(PPOConfig, options, name))
+    return ReinforceAgent(policy, config_from_mapping(ReinforceConfig, options, name))

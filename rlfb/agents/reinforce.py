@@ -1,0 +1,262 @@
+"""REINFORCE with a baseline: moving average, leave-one-out (RLOO) or group-normalised (GRPO).
+
+The whole completion is one action (a bandit over sequences), so the policy gradient is
+
+    grad J = E[ A(x, y) * sum_t grad log pi(y_t | x, y_<t) ]                 (Williams 1992)
+
+with the sequence advantage A = R - b. The baselines b:
+
+* ``"ema"``: b is an exponential moving average of past batch-mean returns, updated after use so that it
+  never depends on the sample it is subtracted from (the plainest variance reduction; Williams 1992).
+* ``"rloo"``: k completions per prompt; b_i = mean of the other k-1 returns of the same prompt,
+  i.e. A_i = k/(k-1) * (R_i - mean_j R_j) (Kool et al. 2019; Ahmadian et al. 2024, eq. 5).
+* ``"grpo"``: k completions per prompt; A_i = (R_i - mean_j R_j) / (std_j R_j + eps)
+  (Shao et al. 2024, "DeepSeekMath", section 4.1.2, outcome supervision).
+
+KL to the reference either enters the return, R = score - beta * sum_t (log pi - log pi_ref)_t
+(``kl_penalty="reward"``, as in Ziegler et al. 2019 and Ahmadian et al. 2024), or is a loss term
+beta * mean_t k3_t with k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (``kl_penalty="loss"``,
+Shao et al. 2024, eq. 4; Schulman 2020). One gradient step per rollout: the samples are on-policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rlfb.agents.base import Agent, GradientStepper, masked_mean
+from rlfb.agents.kl import make_kl_controller
+from rlfb.agents.rollout import Rollout, evaluate_rollout
+from rlfb.errors import ConfigError
+from rlfb.models.policy import Policy
+
+BASELINES = ("ema", "rloo", "grpo")
+KL_PENALTIES = ("reward", "loss")
+
+
+@dataclasses.dataclass
+class ReinforceConfig:
+    """REINFORCE hyper-parameters.
+
+    Attributes:
+        learning_rate: AdamW learning rate (tuned on the built-in tiny model).
+        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
+        total_updates: Number of updates of the run (for the linear schedule).
+        baseline: "ema", "rloo" or "grpo".
+        group_size: Completions per prompt k (>= 2 for "rloo" and "grpo"; rows i*k .. i*k+k-1 share a prompt).
+        baseline_decay: EMA decay of the moving-average baseline, b <- d * b + (1 - d) * mean(R).
+        kl_coef: KL beta, or the adaptive controller's initial beta.
+        kl_target: Target KL (nats per completion) of the adaptive controller; None = fixed beta.
+        kl_horizon: Adaptive controller horizon in samples (10000: Ziegler et al. 2019).
+        kl_penalty: "reward" (KL in the return) or "loss" (k3 KL term in the loss, as GRPO).
+        entropy_coef: Entropy bonus weight.
+        max_grad_norm: Global gradient-norm clip.
+        temperature: Sampling temperature; logits are divided by it in every forward pass.
+        minibatch_size: Rows per forward/backward chunk (gradients accumulate; one optimizer step per
+            rollout); None = the whole batch at once.
+        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+    """
+
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    total_updates: int | None = None
+    baseline: str = "ema"
+    group_size: int = 1
+    baseline_decay: float = 0.9
+    kl_coef: float = 0.1
+    kl_target: float | None = 3.0
+    kl_horizon: float = 10000.0
+    kl_penalty: str = "reward"
+    entropy_coef: float = 0.0
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+    minibatch_size: int | None = None
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ConfigError(f"unknown kl_penalty {self.kl_penalty!r}; known: {', '.join(KL_PENALTIES)}")
+        if self.baseline in ("rloo", "grpo") and self.group_size < 2:
+            raise ConfigError(
+                f"baseline {self.baseline!r} needs group_size >= 2 completions per prompt, got {self.group_size}"
+            )
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+# ------------------------------------------------------------------------------- group advantages
+def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out advantages: A_i = R_i - mean_{j != i} R_j within each group of ``group_size``.
+
+    Args:
+        returns: (B,) with B a multiple of ``group_size``, groups consecutive.
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    others_mean = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def grpo_advantages(returns: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Group-normalised advantages: A_i = (R_i - mean_g R) / (std_g R + eps), sample std (n - 1).
+
+    A group whose returns are all equal gets advantage 0: it carries no signal about which completion
+    is better (Shao et al. 2024).
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    mean = groups.mean(1, keepdim=True)
+    std = groups.std(1, keepdim=True)
+    return ((groups - mean) / (std + eps)).reshape(-1)
+
+
+def check_groups(rollout: Rollout, group_size: int) -> None:
+    """Raise ConfigError unless the rollout is made of consecutive groups of ``group_size`` equal prompts."""
+    if rollout.batch_size % group_size:
+        raise ConfigError(
+            f"batch of {rollout.batch_size} completions is not a multiple of group_size={group_size}; "
+            "make num_envs a multiple of group_size"
+        )
+    for first in range(0, rollout.batch_size, group_size):
+        group = rollout.prompts[first : first + group_size]
+        if any(prompt != group[0] for prompt in group):
+            raise ConfigError(
+                f"rows {first}..{first + group_size - 1} of the rollout do not share one prompt; create the "
+                f"vector env with group_size={group_size} so each group of {group_size} rows repeats a prompt"
+            )
+
+
+# ------------------------------------------------------------------------------- the agent
+class ReinforceAgent(Agent):
+    """REINFORCE with a moving-average or group baseline (see the module docstring).
+
+    Args:
+        policy: A :class:`~rlfb.models.policy.Policy` (a value head, if any, is not used).
+        config: Hyper-parameters.
+    """
+
+    name = "reinforce"
+
+    def __init__(self, policy: Policy, config: ReinforceConfig | None = None) -> None:
+        self.config = config or ReinforceConfig()
+        self.policy = policy
+        c = self.config
+        parameters = [p for p in policy.model.parameters() if p.requires_grad]
+        self.stepper = GradientStepper(
+            parameters,
+            learning_rate=c.learning_rate,
+            lr_schedule=c.lr_schedule,
+            total_updates=c.total_updates,
+            max_grad_norm=c.max_grad_norm,
+            max_consecutive_skips=c.max_consecutive_skips,
+        )
+        self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
+        self.baseline_value = 0.0
+        self.updates = 0
+
+    def advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """(B,) sequence advantages A = R - b for the configured baseline (EMA state is not changed)."""
+        c = self.config
+        if c.baseline == "ema":
+            return returns - self.baseline_value
+        check_groups(rollout, c.group_size)
+        if c.baseline == "rloo":
+            return rloo_advantages(returns, c.group_size)
+        return grpo_advantages(returns, c.group_size)
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        c = self.config
+        mask = rollout.completion_mask.float()  # (B, T)
+        old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=c.minibatch_size)
+        kl = (old.logprobs - old.reference_logprobs) * mask  # (B, T) k1 per token
+        sequence_kl = kl.sum(1)  # (B,)
+        kl_coef = self.kl_controller.value
+
+        # R = score + sum_t dense_t  [- beta * sum_t kl_t when the KL is part of the reward]
+        returns = rollout.scores.float()
+        if rollout.per_token_rewards is not None:
+            returns = returns + (rollout.per_token_rewards * mask).sum(1)
+        if c.kl_penalty == "reward":
+            returns = returns - kl_coef * sequence_kl
+        advantages = self.advantages(returns, rollout)  # (B,)
+
+        # One step: loss = -sum_{i,t} A_i log pi(y_it) / N_tokens  [+ beta * k3 mean]  [- c_H * entropy],
+        # normalised by the batch's token count (a constant within the batch, so no per-sequence length
+        # bias; Liu et al. 2025 "Understanding R1-Zero-Like Training"). Chunks accumulate gradients.
+        total_tokens = mask.sum().clamp(min=1)
+        chunk = c.minibatch_size or rollout.batch_size
+        sums = {"train/policy_loss": 0.0, "train/entropy": 0.0, "train/kl_loss": 0.0}
+        finite = True
+        for first in range(0, rollout.batch_size, chunk):
+            rows = torch.arange(first, min(first + chunk, rollout.batch_size), device=mask.device)
+            batch = rollout.select(rows)
+            batch_mask = mask[rows]
+            forward = self.policy.forward_logprobs_values(
+                batch.input_ids, batch.attention_mask, batch.completion_start,
+                temperature=c.temperature, with_values=False,
+            )  # fmt: skip
+            assert forward.entropy is not None
+            policy_loss = -(advantages[rows].unsqueeze(1) * forward.logprobs * batch_mask).sum() / total_tokens
+            entropy = (forward.entropy * batch_mask).sum() / total_tokens
+            loss = policy_loss - c.entropy_coef * entropy
+            kl_loss = torch.zeros(())
+            if c.kl_penalty == "loss":
+                # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024, eq. 4)
+                log_ratio = old.reference_logprobs[rows] - forward.logprobs
+                kl_loss = ((torch.exp(log_ratio) - log_ratio - 1.0) * batch_mask).sum() / total_tokens
+                loss = loss + kl_coef * kl_loss
+            if not self.stepper.backward(loss):
+                finite = False
+                break
+            sums["train/policy_loss"] += float(policy_loss)
+            sums["train/entropy"] += float(entropy)
+            sums["train/kl_loss"] += float(kl_loss)
+        if finite:
+            self.stepper.step()
+
+        mean_return = float(returns.mean())
+        baseline_used = self.baseline_value
+        if c.baseline == "ema":
+            # Updated after use: b_{n+1} = d * b_n + (1 - d) * mean(R_n)
+            self.baseline_value = c.baseline_decay * self.baseline_value + (1 - c.baseline_decay) * mean_return
+        self.kl_controller.update(float(sequence_kl.mean()), rollout.batch_size)
+        learning_rate = self.stepper.learning_rate
+        self.stepper.finish_update()
+        self.updates += 1
+
+        metrics = dict(sums)
+        metrics.update(
+            {
+                "train/kl": float(sequence_kl.mean()),
+                "train/kl_coef": kl_coef,
+                "train/return_mean": mean_return,
+                "train/advantage_mean": float(advantages.mean()),
+                "train/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+                "train/grad_norm": self.stepper.last_grad_norm,
+                "train/learning_rate": learning_rate,
+                "train/skipped_updates": float(self.stepper.skipped_updates),
+            }
+        )
+        if c.baseline == "ema":
+            metrics["train/baseline"] = baseline_used
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "stepper": self.stepper.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "baseline_value": self.baseline_value,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.stepper.load_state_dict(state["stepper"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.baseline_value = float(state["baseline_value"])
+        self.updates = int(state["updates"])
