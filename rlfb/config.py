@@ -61,8 +61,8 @@ class ModelConfig:
 class LoraConfig:
     """The LoRA adapter (Hu et al. 2021): ``W + (alpha / r) * B @ A`` on the target modules."""
 
-    r: int = field(default=8, metadata=_help("rank of the update matrices"))
-    alpha: float = field(default=16.0, metadata=_help("scale numerator: the update is scaled by alpha / r"))
+    r: int = field(default=16, metadata=_help("rank of the update matrices"))
+    alpha: float = field(default=32.0, metadata=_help("scale numerator: the update is scaled by alpha / r"))
     dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input during training"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "module names to adapt; default: the attention and MLP projections the model family uses"))
@@ -110,8 +110,9 @@ class BudgetConfig:
     time_limit_s: float | None = field(default=None, metadata=_help(
         "wall-clock limit of the training loop in seconds (evaluation excluded)"))
     num_envs: int = field(default=16, metadata=_help("completions per rollout (the batch size)"))
-    group_size: int = field(default=1, metadata=_help(
-        "completions per prompt; group-baseline agents (rloo, grpo) need > 1"))
+    group_size: int | None = field(default=None, metadata=_help(
+        "completions per prompt (consecutive rows share one); null: the agent's default "
+        "(4 for rloo and grpo, 1 otherwise)"))
 
 
 @dataclass
@@ -417,9 +418,10 @@ def validate(config: RunConfig) -> RunConfig:
     if budget.updates is None and budget.time_limit_s is None:
         raise ConfigError("'budget.updates' and 'budget.time_limit_s' are both null; set at least one "
                           "so training ends, e.g. --set budget.updates=100")
-    require(budget.group_size >= 1, "budget.group_size", budget.group_size, ">= 1")
-    require(budget.num_envs >= 1 and budget.num_envs % budget.group_size == 0, "budget.num_envs",
-            budget.num_envs, f"a positive multiple of budget.group_size ({budget.group_size})")
+    group_size = budget.group_size or 1
+    require(group_size >= 1, "budget.group_size", budget.group_size, ">= 1 or null")
+    require(budget.num_envs >= 1 and budget.num_envs % group_size == 0, "budget.num_envs",
+            budget.num_envs, f"a positive multiple of budget.group_size ({group_size})")
     sampling = config.sampling
     require(sampling.temperature > 0, "sampling.temperature", sampling.temperature, "> 0")
     require(0 < sampling.top_p <= 1, "sampling.top_p", sampling.top_p, "in (0, 1]")

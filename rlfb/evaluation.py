@@ -1,0 +1,174 @@
+"""Evaluation on held-out prompts: rewards, KL to the reference, fluency, length, diversity, samples.
+
+The trainer evaluates before training, every ``eval.every`` updates, and at the end, always on the same
+prompts with the same sampling seed, so "before" and "after" differ only by the adapter. ``rlfb eval``
+runs the same function on a run directory or a base model.
+
+What is measured (docs/metrics.md has healthy values):
+
+* ``reward/LABEL``: mean of each reward component, and ``reward/total`` (the weighted sum).
+* ``kl``: mean over completions of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] at temperature 1, the
+  k1 estimate of KL(pi || pi_ref) in nats per completion (0 before training: the adapter starts at zero).
+* ``fluency``: mean over all completion tokens of log pi_ref(a_t|s_t), the base model's log-likelihood
+  per token; a collapsing policy writes text the base model finds unlikely, and this falls.
+* ``completion_length``: mean tokens per completion, EOS included.
+* ``distinct_1`` / ``distinct_2``: distinct word uni/bigrams over all completions divided by their count
+  (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlfb.models.sampler import SamplingConfig, generate
+
+_WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation of one policy; :meth:`metrics` gives the logged scalars."""
+
+    rewards: dict[str, float]
+    kl: float
+    fluency: float
+    completion_length: float
+    distinct_1: float
+    distinct_2: float
+    num_prompts: int
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """Scalar metrics named as in docs/metrics.md (``eval/reward/sentiment``, ``eval/kl``, ...)."""
+        result = {f"{prefix}reward/{name}": value for name, value in self.rewards.items()}
+        result.update({f"{prefix}kl": self.kl, f"{prefix}fluency": self.fluency,
+                       f"{prefix}completion_length": self.completion_length,
+                       f"{prefix}distinct_1": self.distinct_1, f"{prefix}distinct_2": self.distinct_2})
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rewards": self.rewards, "kl": self.kl, "fluency": self.fluency,
+                "completion_length": self.completion_length, "distinct_1": self.distinct_1,
+                "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples}
+
+
+@torch.no_grad()
+def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: Any,
+                    sampling: SamplingConfig, seed: int, batch_size: int = 64,
+                    num_samples: int = 3) -> EvalResult:
+    """Sample one completion per held-out row and measure it.
+
+    Args:
+        policy: a :class:`rlfb.models.policy.Policy` (adapter enabled = the policy, disabled = reference).
+        rows: task rows, ``{"prompt": str, **extra columns}`` (extra columns go to the rewards).
+        reward_set: a :class:`rlfb.rewards.RewardSet`; its running normalization is left untouched.
+        sampling: how to sample (the run's sampling settings).
+        seed: seed of a generator used only here, so evaluation never moves the training RNG streams.
+        batch_size: prompts per generation batch.
+        num_samples: completions kept as text samples.
+
+    Returns:
+        The :class:`EvalResult`.
+    """
+    if not rows:
+        raise ValueError("evaluation needs at least one held-out prompt")
+    tokenizer = policy.tokenizer
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    prompts, completions, completion_ids, prompt_ids = [], [], [], []
+    kl_per_completion, reference_logprobs_all = [], []
+    for first in range(0, len(rows), batch_size):
+        batch_rows = rows[first:first + batch_size]
+        batch_prompts = [row["prompt"] for row in batch_rows]
+        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        input_ids = encoded["input_ids"].to(policy.device)  # (B, P), left-padded
+        attention_mask = encoded["attention_mask"].to(policy.device)
+        generation = generate(policy.model, input_ids, attention_mask, sampling,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              generator=generator)
+        mask = generation.completion_mask.to(policy.device)  # (B, T)
+        full_ids = torch.cat([input_ids, generation.completion_ids.to(policy.device)], dim=1)
+        full_mask = torch.cat([attention_mask, mask], dim=1)
+        start = input_ids.shape[1]
+        # KL and fluency are properties of the models, so both are measured at temperature 1.
+        logprobs = policy.forward_logprobs_values(full_ids, full_mask, start, with_values=False,
+                                                  with_entropy=False).logprobs  # (B, T)
+        reference = policy.reference_logprobs(full_ids, full_mask, start)  # (B, T)
+        maskf = mask.float()
+        kl_per_completion.extend(((logprobs - reference) * maskf).sum(1).tolist())
+        for row in range(len(batch_rows)):
+            length = int(mask[row].sum())
+            ids = generation.completion_ids[row, :length].tolist()
+            completion_ids.append(ids)
+            prompt_ids.append(input_ids[row][attention_mask[row].bool()].tolist())
+            completions.append(tokenizer.decode(ids, skip_special_tokens=True))
+            reference_logprobs_all.extend(reference[row, :length].tolist())
+        prompts.extend(batch_prompts)
+
+    columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+    updating = getattr(reward_set, "update_normalization", None)
+    if updating is not None:
+        reward_set.update_normalization = False  # evaluation must not shift the training reward scale
+    try:
+        result = reward_set(prompts, completions, completion_ids=completion_ids, **columns)
+    finally:
+        if updating is not None:
+            reward_set.update_normalization = updating
+    rewards = {"total": _nanmean(result.total)}
+    rewards.update({name: _nanmean(values) for name, values in result.components.items()})
+    lengths = [len(ids) for ids in completion_ids]
+    samples = [{"prompt": p, "completion": c, "reward": float(r)}
+               for p, c, r in list(zip(prompts, completions, result.total))[:num_samples]]
+    return EvalResult(
+        rewards=rewards,
+        kl=float(np.mean(kl_per_completion)),
+        fluency=float(np.mean(reference_logprobs_all)) if reference_logprobs_all else float("nan"),
+        completion_length=float(np.mean(lengths)),
+        distinct_1=distinct_n(completions, 1),
+        distinct_2=distinct_n(completions, 2),
+        num_prompts=len(rows),
+        samples=samples,
+    )
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams over all ``texts`` / total n-grams (0 when there are none).
+
+    Example:
+        >>> distinct_n(["the film was good", "the film was bad"], 2)
+        0.6666666666666666
+    """
+    grams = [tuple(words[i:i + n]) for words in (_WORD.findall(text.lower()) for text in texts)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def comparison_table(before: EvalResult, after: EvalResult) -> str:
+    """A plain-text table of every measure before and after training, then sample completions."""
+    rows = [(f"reward/{name}", before.rewards.get(name, math.nan), after.rewards.get(name, math.nan))
+            for name in after.rewards]
+    rows += [("kl (nats/completion)", before.kl, after.kl),
+             ("fluency (base log-lik/token)", before.fluency, after.fluency),
+             ("completion length (tokens)", before.completion_length, after.completion_length),
+             ("distinct-1", before.distinct_1, after.distinct_1),
+             ("distinct-2", before.distinct_2, after.distinct_2)]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"held-out evaluation on {after.num_prompts} prompts",
+             f"{'':<{width}}  {'before':>9}  {'after':>9}  {'change':>9}"]
+    lines += [f"{name:<{width}}  {old:>9.3f}  {new:>9.3f}  {new - old:>+9.3f}" for name, old, new in rows]
+    for label, result in (("before", before), ("after", after)):
+        lines.append(f"samples {label}:")
+        lines += [f"  [{s['reward']:+.2f}] {s['prompt']}|{s['completion']}" for s in result.samples]
+    return "\n".join(lines)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")

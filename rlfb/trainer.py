@@ -1,0 +1,413 @@
+"""The training loop: rollout -> rewards -> update -> log -> checkpoint, in one readable place.
+
+    config -> task, policy (base LM + LoRA + value head), rewards, agent, vector env
+    evaluate on held-out prompts ("before")
+    repeat until the budget is spent:
+        rollout = collect_rollout(venv, policy, sampling, generator)   # the env scores each completion
+        metrics = agent.update(rollout)
+        log metrics, samples; evaluate every eval.every updates; checkpoint every checkpoint.every
+    save final/, evaluate again ("after"), print the before/after table
+
+Determinism: every random number comes from a seeded generator (Python, NumPy, torch, the sampling
+generator, the env's ``np_random``, the agent's minibatch generator), and a checkpoint stores all their
+states, so on CPU a resumed run writes the same metrics as an uninterrupted one (the ``time/`` metrics
+aside). Evaluation draws from its own generator and never moves the training streams.
+
+Interrupts: the first Ctrl-C lets the current update finish, then saves a checkpoint and returns
+(``TrainResult.interrupted``); a second one stops at once. A ``KeyboardInterrupt`` raised while the
+rollout is collected or between updates also saves (the state of the last completed update).
+
+Rank-awareness: only the main process logs, writes checkpoints and evaluates, so a multi-process
+trainer (each rank rolling out its share) can reuse this loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlfb import checkpoint as ckpt
+from rlfb.config import RunConfig, load_config
+from rlfb.errors import ConfigError
+from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
+from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
+
+EVAL_FILE = "eval.json"
+SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
+AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A callback sees the update number and its metrics after each update; returning False stops training.
+Callback = Callable[[int, dict[str, float]], "bool | None"]
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` returns."""
+
+    run_dir: Path
+    step: int
+    before: EvalResult | None
+    after: EvalResult | None
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CUDA included)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialized ``torch.distributed`` group."""
+    distributed = torch.distributed
+    return not (distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0)
+
+
+class Trainer:
+    """Trains a LoRA adapter as the run config says; see the module docstring for the loop.
+
+    Args:
+        config: the run config.
+        resume_from: a run directory (or checkpoint) to continue; its metrics files are kept and
+            continued. ``None`` starts a fresh run directory under ``config.output_dir``.
+        callbacks: called after each update with (update, metrics); returning False stops training.
+
+    Example:
+        >>> from rlfb.config import load_config  # doctest: +SKIP
+        >>> result = Trainer(load_config("configs/sentiment_ppo.yaml")).train()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: RunConfig, resume_from: str | Path | None = None,
+                 callbacks: Sequence[Callback] = ()) -> None:
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.is_main_process = is_main_process()
+        self.resume_checkpoint = ckpt.find_checkpoint(resume_from) if resume_from is not None else None
+        if self.resume_checkpoint is not None:
+            self.run_dir = self.resume_checkpoint.parent
+            if self.run_dir.name == ckpt.CHECKPOINTS_DIR:
+                self.run_dir = self.run_dir.parent
+        else:
+            self.run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
+                                        config.logging.run_name)
+        self.step = 0
+        self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
+        self._stop_requested = False
+        self._phase = "setup"
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (),
+               callbacks: Sequence[Callback] = ()) -> Trainer:
+        """Continue a run from its own saved config (plus ``overrides``, e.g. a larger budget)."""
+        return cls(load_config(Path(run_dir) / ckpt.CONFIG_FILE, overrides), resume_from=run_dir,
+                   callbacks=callbacks)
+
+    # ------------------------------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        """Task, rewards, policy, agent, vector env, generators: everything seeded from ``config.seed``."""
+        import gymnasium
+
+        from rlfb.agents import AGENT_PRESETS, make_agent
+        from rlfb.agents.rollout import collect_rollout
+        from rlfb.envs.tasks import make_task
+        from rlfb.models.policy import LoraSettings, Policy, resolve_device
+        from rlfb.models.sampler import SamplingConfig
+        from rlfb.rewards import RewardSet, RewardSpec
+
+        config = self.config
+        seed_everything(config.seed)  # before the policy: LoRA's A matrices are drawn from torch's RNG
+        self.device = resolve_device(config.device)
+        self._collect_rollout = collect_rollout
+        task_spec: Any = {"name": config.task.name, **config.task.kwargs} if config.task.kwargs else config.task.name
+        self.task = make_task(task_spec)
+        self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
+                                     for r in config.rewards])
+        agent_name = config.agent.name
+        if agent_name not in AGENT_PRESETS:
+            raise ConfigError(f"unknown agent '{agent_name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
+        if config.model.dtype is not None and config.model.dtype not in DTYPES:
+            raise ConfigError(f"'model.dtype' is {config.model.dtype!r}; known: {', '.join(DTYPES)}")
+        lora = config.lora
+        self.policy = Policy.from_pretrained(
+            config.model.name,
+            lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules),
+            value_head=agent_name in AGENTS_WITH_VALUE_HEAD, device=self.device,
+            dtype=DTYPES.get(config.model.dtype or ""))
+        if self.reward_set.needs_scorer:
+            self.reward_set.bind_scorer(self.policy.scorer)
+        self.group_size = config.budget.group_size or int(AGENT_PRESETS[agent_name].get("group_size", 1))
+        if config.budget.num_envs % self.group_size:
+            raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
+                              f"group size {self.group_size} of agent '{agent_name}'")
+        self.agent = make_agent(agent_name, self.policy, self._agent_options())
+        self.sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                                       top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)
+        self.venv = gymnasium.make_vec(
+            "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
+            task=task_spec, model=config.model.name, rewards=self.reward_set, group_size=self.group_size,
+            max_new_tokens=config.sampling.max_new_tokens, device=str(self.device))
+        self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
+
+    def _agent_options(self) -> dict[str, Any]:
+        """The agent's hyper-parameters, plus what the run config decides for it (temperature, budget...)."""
+        config = self.config
+        options = dict(config.agent.params)
+        decided = {"temperature": config.sampling.temperature, "total_updates": config.budget.updates,
+                   "seed": config.seed}
+        if config.agent.name != "ppo":
+            decided["group_size"] = self.group_size
+        known = _agent_option_names(config.agent.name)
+        for key, value in decided.items():
+            if key not in known:
+                continue
+            if key in options and options[key] != value and key != "seed":
+                where = {"temperature": "sampling.temperature", "total_updates": "budget.updates",
+                         "group_size": "budget.group_size"}[key]
+                raise ConfigError(f"'agent.{key}' is {options[key]!r} but '{where}' is {value!r}; "
+                                  f"set only '{where}'")
+            options.setdefault(key, value)
+        return options
+
+    def _numpy_generators(self) -> dict[str, np.random.Generator]:
+        return {"env": self.venv.unwrapped.np_random}
+
+    def _capture(self) -> dict[str, Any]:
+        """Everything that changes during one iteration besides the weights: RNG streams, reward stats."""
+        return {"rng": ckpt.capture_rng_state({"sampling": self.generator}, self._numpy_generators()),
+                "rewards": self.reward_set.state_dict()}
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _write_checkpoint(self, directory: Path, captured: dict[str, Any] | None = None) -> None:
+        captured = captured or self._capture()
+        self.policy.save(directory / "adapter")  # peft adapter files + value_head.safetensors
+        ckpt.save_torch_state(directory / ckpt.AGENT_STATE_FILE,
+                              {"agent": self.agent.state_dict(), "rewards": captured["rewards"]})
+        ckpt.save_torch_state(directory / ckpt.RNG_STATE_FILE, captured["rng"])
+        (directory / ckpt.CONFIG_FILE).write_text(self.config.to_yaml())
+        ckpt.write_trainer_state(directory, {"step": self.step, "elapsed_s": self.elapsed_s})
+
+    def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path:
+        """Write ``checkpoints/step_N`` atomically (the state of the last completed update)."""
+        manager = ckpt.CheckpointManager(self.run_dir, self.config.checkpoint.keep_last, self.is_main_process)
+        return manager.save(self.step, lambda directory: self._write_checkpoint(directory, captured))
+
+    def _restore(self, checkpoint: Path) -> None:
+        self.policy.load_adapter(checkpoint / "adapter")
+        state = ckpt.load_torch_state(checkpoint / ckpt.AGENT_STATE_FILE)
+        self.agent.load_state_dict(state["agent"])
+        self.reward_set.load_state_dict(state["rewards"])
+        ckpt.restore_rng_state(ckpt.load_torch_state(checkpoint / ckpt.RNG_STATE_FILE),
+                               {"sampling": self.generator}, self._numpy_generators())
+        trainer_state = ckpt.read_trainer_state(checkpoint)
+        self.step, self.elapsed_s = int(trainer_state["step"]), float(trainer_state["elapsed_s"])
+
+    # ------------------------------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        """Run until ``budget.updates`` or ``budget.time_limit_s``; see the module docstring."""
+        config = self.config
+        self._build()
+        resumed = self.resume_checkpoint is not None
+        if resumed:
+            self._restore(self.resume_checkpoint)
+        elif self.is_main_process:
+            (self.run_dir / ckpt.CONFIG_FILE).write_text(config.to_yaml())
+        self.logger = self._make_logger(truncate_after=self.step if resumed else None)
+        try:
+            before = self._load_eval("before") if resumed else None
+            if before is None:
+                self.logger.log_hyperparameters(config.to_dict())
+                before = self._evaluate(step=0, label="before")
+            with self._graceful_interrupts():
+                interrupted, captured = self._loop()
+            if interrupted:
+                saved = self.save_checkpoint(captured) if captured is not False else None
+                self._say(f"interrupted at update {self.step}; "
+                          + (f"saved {saved}. " if saved else "the update in progress was lost. ")
+                          + f"Continue with: rlfb train CONFIG --resume {self.run_dir}")
+                return TrainResult(self.run_dir, self.step, before, None, interrupted=True, checkpoint=saved)
+            final = ckpt.save_atomically(self.run_dir / ckpt.FINAL_DIR, self._write_checkpoint) \
+                if self.is_main_process else None
+            after = self._evaluate(step=self.step, label="after")
+            if before is not None and after is not None:
+                table = comparison_table(before, after)
+                self.logger.log_text("eval/comparison", f"```\n{table}\n```", self.step)
+                self._say(table)
+            return TrainResult(self.run_dir, self.step, before, after, checkpoint=final)
+        finally:
+            self.logger.close()
+            self.venv.close()
+
+    def _loop(self) -> tuple[bool, Any]:
+        """Updates until the budget is spent; returns (interrupted, what to checkpoint on interrupt).
+
+        The second value is None (checkpoint the current state), a captured pre-rollout state, or False
+        (an update was cut half-way: nothing consistent to save).
+        """
+        config = self.config
+        progress = self._progress_bar()
+        captured: dict[str, Any] | None = None
+        try:
+            while not self._budget_spent():
+                captured = self._capture()
+                self._phase = "rollout"
+                started = time.perf_counter()
+                rollout = self._collect_rollout(self.venv, self.policy, self.sampling, self.generator)
+                rollout_s = time.perf_counter() - started
+                self._phase = "update"
+                metrics = self.agent.update(rollout)
+                update_s = time.perf_counter() - started - rollout_s
+                self.step += 1
+                self.elapsed_s += rollout_s + update_s
+                self._phase = "log"
+                metrics.update(rollout_metrics(rollout, self.reward_set.names))
+                tokens = float(rollout.completion_mask.sum())
+                metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
+                                "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
+                                "time/elapsed_s": self.elapsed_s})
+                self._log(metrics, rollout)
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
+                                     kl=f"{metrics.get('train/kl', float('nan')):.2f}", refresh=False)
+                if config.eval.every and self.step % config.eval.every == 0 and not self._budget_spent():
+                    self._evaluate(self.step, label=None)
+                if config.checkpoint.every and self.step % config.checkpoint.every == 0 \
+                        and not self._budget_spent():
+                    started = time.perf_counter()
+                    self.save_checkpoint()
+                    self.logger.record("time/checkpoint_s", time.perf_counter() - started)
+                keep_going = [callback(self.step, metrics) for callback in self.callbacks]
+                if any(result is False for result in keep_going):
+                    break
+                if self._stop_requested:
+                    return True, None
+        except KeyboardInterrupt:
+            if self._phase == "update":
+                return True, False
+            return True, (captured if self._phase == "rollout" else None)
+        finally:
+            progress.close()
+            self._phase = "done"
+        return False, None
+
+    def _budget_spent(self) -> bool:
+        budget = self.config.budget
+        return ((budget.updates is not None and self.step >= budget.updates)
+                or (budget.time_limit_s is not None and self.elapsed_s >= budget.time_limit_s))
+
+    def _log(self, metrics: dict[str, float], rollout: Any) -> None:
+        logging_config = self.config.logging
+        if self.step % logging_config.log_every == 0:
+            self.logger.record_many(metrics)
+            self.logger.dump(self.step)
+        if logging_config.samples_every and self.step % logging_config.samples_every == 0:
+            scores = rollout.scores.tolist()
+            self.logger.log_samples("samples/rollout", rollout.prompts[:SAMPLES_LOGGED],
+                                    rollout.completions[:SAMPLES_LOGGED], scores[:SAMPLES_LOGGED], self.step)
+
+    def _evaluate(self, step: int, label: str | None) -> EvalResult | None:
+        """Evaluate on the held-out prompts, log ``eval/...`` at ``step``; label it in eval.json if given."""
+        if not self.eval_rows or not self.is_main_process:
+            return None
+        started = time.perf_counter()
+        result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
+                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples)
+        self.logger.record_many(result.metrics())
+        self.logger.record("time/eval_s", time.perf_counter() - started)
+        self.logger.dump(step)
+        self.logger.log_samples("samples/eval", [s["prompt"] for s in result.samples],
+                                [s["completion"] for s in result.samples],
+                                [s["reward"] for s in result.samples], step)
+        if label is not None:
+            path = self.run_dir / EVAL_FILE
+            saved = json.loads(path.read_text()) if path.is_file() else {}
+            saved[label] = {"step": step, **result.to_dict()}
+            path.write_text(json.dumps(saved, indent=2) + "\n")
+        return result
+
+    def _load_eval(self, label: str) -> EvalResult | None:
+        path = self.run_dir / EVAL_FILE
+        if not path.is_file() or label not in (saved := json.loads(path.read_text())):
+            return None
+        data = dict(saved[label])
+        data.pop("step", None)
+        return EvalResult(**data)
+
+    # ------------------------------------------------------------------------------------- user-facing
+    def _make_logger(self, truncate_after: int | None) -> Logger:
+        writers: list[Any] = [JsonlWriter(self.run_dir, truncate_after=truncate_after)]
+        if self.config.logging.tensorboard:
+            purge_step = truncate_after + 1 if truncate_after is not None else None
+            writers.append(TensorBoardWriter(self.run_dir, purge_step=purge_step))
+        if not self.config.logging.progress_bar:
+            writers.append(ConsoleWriter())
+        return Logger(writers, is_main_process=self.is_main_process)
+
+    def _progress_bar(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.budget.updates, initial=self.step, unit="update", dynamic_ncols=True,
+                    desc=self.run_dir.name,
+                    disable=not (self.config.logging.progress_bar and self.is_main_process))
+
+    def _say(self, text: str) -> None:
+        if self.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
+
+    @contextlib.contextmanager
+    def _graceful_interrupts(self) -> Iterator[None]:
+        """First Ctrl-C: finish the current update, then stop and save. Second: stop now."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+            self._say("Ctrl-C: stopping after this update and saving a checkpoint (Ctrl-C again to stop now)")
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def rollout_metrics(rollout: Any, reward_names: Sequence[str]) -> dict[str, float]:
+    """``rollout/...`` metrics of one batch: total reward, each component, completion length."""
+    scores = rollout.scores.double()
+    lengths = rollout.completion_mask.sum(1).double()
+    metrics = {"rollout/reward_mean": float(scores.mean()), "rollout/reward_std": float(scores.std(unbiased=False)),
+               "rollout/completion_length": float(lengths.mean())}
+    for name in reward_names:
+        values = rollout.reward_components[name].double()
+        finite = values[~torch.isnan(values)]
+        metrics[f"rollout/reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
+    return metrics
+
+
+def _agent_option_names(agent_name: str) -> set[str]:
+    """The option names of an agent's config dataclass."""
+    import dataclasses
+
+    from rlfb.agents import PPOConfig, ReinforceConfig
+
+    config_class = PPOConfig if agent_name == "ppo" else ReinforceConfig
+    return {field.name for field in dataclasses.fields(config_class)}
