@@ -22,11 +22,14 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlfb.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, find_checkpoint
+from rlfb.config import RunConfig, load_config
 from rlfb.models.sampler import SamplingConfig, generate
 
 _WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
@@ -172,3 +175,51 @@ def _nanmean(values: np.ndarray) -> float:
     values = np.asarray(values, dtype=np.float64)
     finite = values[~np.isnan(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def load_policy(run_dir_or_model: str | Path, device: str = "auto") -> tuple[Any, RunConfig | None]:
+    """The trained policy of a run directory (or checkpoint), or a base model with an identity adapter.
+
+    A run directory resolves to its newest checkpoint (``final/`` at the end of training); the adapter is
+    loaded with ``PeftModel.from_pretrained``, exactly as plain peft code would.
+
+    Returns:
+        (policy without a value head, the run's config or None for a base model).
+    """
+    from peft import PeftModel
+
+    from rlfb.models.loading import load_model
+    from rlfb.models.policy import Policy
+
+    path = Path(run_dir_or_model)
+    if path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / TRAINER_STATE_FILE).is_file()):
+        checkpoint = find_checkpoint(path)
+        config = load_config(checkpoint / CONFIG_FILE)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            config.model.dtype or "")
+        model, tokenizer = load_model(config.model.name, device=device, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(checkpoint / "adapter"))
+        return Policy(model, tokenizer, value_head=False, device=device), config
+    model, tokenizer = load_model(str(run_dir_or_model), device=device)
+    return Policy(model, tokenizer, value_head=False, device=device), None
+
+
+@torch.no_grad()
+def sample_completions(policy: Any, prompts: Sequence[str], sampling: SamplingConfig, seed: int,
+                       num_samples: int = 1) -> list[list[str]]:
+    """``num_samples`` completions of each prompt, reproducible from ``seed``.
+
+    Returns:
+        One list of ``num_samples`` completions per prompt.
+    """
+    tokenizer = policy.tokenizer
+    repeated = [prompt for prompt in prompts for _ in range(num_samples)]
+    encoded = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    generation = generate(policy.model, encoded["input_ids"].to(policy.device),
+                          encoded["attention_mask"].to(policy.device), sampling,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          generator=generator)
+    texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(generation.completion_ids, generation.completion_mask)]
+    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
