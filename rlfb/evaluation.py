@@ -89,7 +89,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     for first in range(0, len(rows), batch_size):
         batch_rows = rows[first:first + batch_size]
         batch_prompts = [row["prompt"] for row in batch_rows]
-        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True)  # as the env does
         input_ids = encoded["input_ids"].to(policy.device)  # (B, P), left-padded
         attention_mask = encoded["attention_mask"].to(policy.device)
         generation = generate(policy.model, input_ids, attention_mask, sampling,
@@ -214,7 +214,7 @@ def sample_completions(policy: Any, prompts: Sequence[str], sampling: SamplingCo
     """
     tokenizer = policy.tokenizer
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
-    encoded = tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = tokenizer(repeated, return_tensors="pt", padding=True)  # as the env does
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     generation = generate(policy.model, encoded["input_ids"].to(policy.device),
                           encoded["attention_mask"].to(policy.device), sampling,

@@ -275,7 +275,7 @@ class Trainer:
                 self.step += 1
                 self.elapsed_s += rollout_s + update_s
                 self._phase = "log"
-                metrics.update(rollout_metrics(rollout, self.reward_set.names))
+                metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
                 tokens = float(rollout.completion_mask.sum())
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
@@ -390,12 +390,14 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
 
-def rollout_metrics(rollout: Any, reward_names: Sequence[str]) -> dict[str, float]:
-    """``rollout/...`` metrics of one batch: total reward, each component, completion length."""
+def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
+    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations."""
     scores = rollout.scores.double()
-    lengths = rollout.completion_mask.sum(1).double()
+    mask = rollout.completion_mask.bool()
+    ended = ((rollout.completion_ids == eos_token_id) & mask).any(1)  # (B,) the completion has its EOS
     metrics = {"rollout/reward_mean": float(scores.mean()), "rollout/reward_std": float(scores.std(unbiased=False)),
-               "rollout/completion_length": float(lengths.mean())}
+               "rollout/completion_length": float(mask.sum(1).double().mean()),
+               "rollout/truncated_fraction": float((~ended).double().mean())}
     for name in reward_names:
         values = rollout.reward_components[name].double()
         finite = values[~torch.isnan(values)]
