@@ -23,14 +23,6 @@ from rlfb.errors import ModelNotFoundError
 from rlfb.rewards.registry import register
 
 
-def _resolve_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_reward_model(path: str, device: str = "auto") -> tuple[Any, Any, bool]:
     """Load a reward model and its tokenizer for scoring.
 
@@ -46,6 +38,8 @@ def load_reward_model(path: str, device: str = "auto") -> tuple[Any, Any, bool]:
     except OSError as error:
         raise ModelNotFoundError(f"reward model {path!r} is not a model directory or a reachable hub id "
                                  f"({error}); train one with `rlfb reward-model train CONFIG`") from error
+    from rlfb.models.loading import resolve_device
+
     is_token_level = any(name.endswith("ForTokenClassification") for name in (config.architectures or []))
     model_class = AutoModelForTokenClassification if is_token_level else AutoModelForSequenceClassification
     model = model_class.from_pretrained(path)
@@ -56,7 +50,7 @@ def load_reward_model(path: str, device: str = "auto") -> tuple[Any, Any, bool]:
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "left"  # keep the completion's end when prompt + completion is too long
-    model.to(_resolve_device(device)).eval().requires_grad_(False)
+    model.to(resolve_device(device)).eval().requires_grad_(False)
     return model, tokenizer, is_token_level
 
 
