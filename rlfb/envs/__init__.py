@@ -1,1 +1,34 @@
-"""rlfb.envs"""
+"""Text generation as Gymnasium environments; importing this module registers their ids.
+
+* ``rlfb/TextGeneration-v0``: one token per step (:class:`~rlfb.envs.token_env.TextGenerationEnv`); its
+  batched form, :class:`~rlfb.envs.vector_env.TextGenerationVectorEnv`, comes from
+  ``gymnasium.make_vec(..., vectorization_mode="vector_entry_point")``.
+* ``rlfb/Completion-v0``: one whole completion per step (:class:`~rlfb.envs.completion_env.CompletionEnv`).
+
+Prompts come from tasks (:mod:`rlfb.envs.tasks`). See docs/envs.md. Entry points are strings, so this
+import stays cheap: torch and transformers load when an environment is made.
+
+Example:
+    >>> import gymnasium as gym
+    >>> import rlfb.envs
+    >>> sorted(env_id for env_id in gym.registry if env_id.startswith("rlfb/"))
+    ['rlfb/Completion-v0', 'rlfb/TextGeneration-v0']
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+__all__ = ["ENV_IDS"]
+
+ENV_IDS: dict[str, dict[str, str]] = {
+    "rlfb/TextGeneration-v0": {
+        "entry_point": "rlfb.envs.token_env:TextGenerationEnv",
+        "vector_entry_point": "rlfb.envs.vector_env:TextGenerationVectorEnv",
+    },
+    "rlfb/Completion-v0": {"entry_point": "rlfb.envs.completion_env:CompletionEnv"},
+}
+
+for _env_id, _entry_points in ENV_IDS.items():
+    if _env_id not in registry:  # importlib.reload must not re-register (Gymnasium would warn)
+        register(id=_env_id, **_entry_points)

@@ -1,0 +1,287 @@
+"""What the text environments share: settings, choosing and encoding prompts, scoring finished episodes.
+
+Layout of an observation (all environments): ``{"input_ids", "attention_mask"}``, each of fixed length
+``max_prompt_tokens + max_new_tokens``. Columns ``[0, max_prompt_tokens)`` hold the prompt, **left-padded**
+(so every prompt ends at column ``max_prompt_tokens - 1``); columns from ``max_prompt_tokens`` on hold the
+completion so far, followed by padding. The real tokens of a row are therefore contiguous and
+``attention_mask`` is 1 exactly on them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from gymnasium import spaces
+
+from rlfb.envs.tasks import SPLITS, Task, make_task
+from rlfb.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlfb.rewards import RewardSet
+
+__all__ = ["EpisodeScores", "EpisodeScorer", "PromptSource", "PromptTruncationWarning", "TextEnvSettings",
+           "check_options", "observation_space"]
+
+# Tokenizers without a real limit report a huge model_max_length (1e30); only smaller values are checked.
+_UNSET_MODEL_MAX_LENGTH = 1_000_000
+
+
+class PromptTruncationWarning(UserWarning):
+    """A prompt was longer than ``max_prompt_tokens`` and lost its first tokens."""
+
+
+def resolve_tokenizer(model: str | None, tokenizer: Any | None) -> Any:
+    """The tokenizer object given, else the one of ``model`` (a built-in name, a local dir or a hub id)."""
+    if tokenizer is not None:
+        return tokenizer
+    if model is None:
+        raise ConfigError("a text environment needs model= (a name such as 'rlfb-tiny') or tokenizer=")
+    from rlfb.models.loading import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+@dataclass
+class TextEnvSettings:
+    """Everything an environment derives from its keyword arguments, checked once.
+
+    Built by :meth:`from_kwargs`; see the environments for the meaning of each argument.
+    """
+
+    task: Task
+    tokenizer: Any
+    rewards: RewardSet
+    max_prompt_tokens: int
+    max_new_tokens: int
+    split: str
+    vocab_size: int
+    eos_token_id: int
+    pad_token_id: int
+
+    @classmethod
+    def from_kwargs(cls, task: str | Mapping[str, Any] | Task, model: str | None, tokenizer: Any | None,
+                    rewards: Any, max_prompt_tokens: int, max_new_tokens: int, split: str,
+                    vocab_size: int | None) -> TextEnvSettings:
+        if max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        if max_new_tokens < 2:
+            # One token would make every episode end on its first step; Gymnasium's checker rejects that.
+            raise ConfigError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        task = make_task(task)
+        tokenizer = resolve_tokenizer(model, tokenizer)
+        context = getattr(tokenizer, "model_max_length", None)
+        if isinstance(context, int) and context < _UNSET_MODEL_MAX_LENGTH \
+                and max_prompt_tokens + max_new_tokens > context:
+            raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds "
+                              f"the model's context window of {context} tokens; lower one of them")
+        eos_token_id = tokenizer.eos_token_id
+        if eos_token_id is None:
+            raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before making the environment")
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
+        return cls(task=task, tokenizer=tokenizer, rewards=build_rewards(rewards, task),
+                   max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, split=split,
+                   vocab_size=int(vocab_size) if vocab_size is not None else len(tokenizer),
+                   eos_token_id=int(eos_token_id), pad_token_id=int(pad_token_id))
+
+    @property
+    def observation_length(self) -> int:
+        """Columns of an observation: prompt region + completion region."""
+        return self.max_prompt_tokens + self.max_new_tokens
+
+
+def build_rewards(rewards: Any, task: Task) -> RewardSet:
+    """A RewardSet from anything RewardSet accepts (or one), falling back on the task's default rewards."""
+    from rlfb.rewards import RewardSet
+
+    if rewards is None:
+        if not task.default_rewards:
+            raise ConfigError(f"task {task.name!r} has no default reward; pass rewards=[...] "
+                              "(see `rlfb rewards` for the registered ones)")
+        rewards = list(task.default_rewards)
+    return RewardSet.coerce(rewards)
+
+
+def observation_space(settings: TextEnvSettings, length: int | None = None) -> spaces.Dict:
+    """The fixed-shape token observation: ``input_ids`` and ``attention_mask`` of ``length`` columns."""
+    length = settings.observation_length if length is None else length
+    return spaces.Dict({
+        "input_ids": spaces.Box(0, settings.vocab_size - 1, shape=(length,), dtype=np.int64),
+        "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
+    })
+
+
+def check_options(options: Mapping[str, Any] | None, known: Sequence[str]) -> dict[str, Any]:
+    """The reset options as a dict; an unknown key is a clear error rather than silently ignored."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {unknown}; known: {', '.join(known)}")
+    return options
+
+
+class PromptSource:
+    """Chooses the rows of a reset and encodes their prompts into the left-padded prompt region.
+
+    Args:
+        settings: The environment's settings.
+    """
+
+    def __init__(self, settings: TextEnvSettings) -> None:
+        self.settings = settings
+        self.num_truncated_prompts = 0
+        self._warned = False
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        return self.settings.task.rows(split) if split in SPLITS else self._bad_split(split)
+
+    def choose(self, rng: np.random.Generator, count: int, split: str | None = None,
+               indices: Sequence[int] | None = None,
+               prompts: Sequence[str | Mapping[str, Any]] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Pick ``count`` rows: pinned ``prompts``, rows at ``indices`` of the split, or a random draw.
+
+        A random draw takes distinct rows while the split has enough (with replacement otherwise), using
+        only ``rng``, so a seeded reset is reproducible.
+
+        Returns:
+            The rows and their indices in the split (-1 for pinned prompts).
+        """
+        split = split or self.settings.split
+        if split not in SPLITS:
+            self._bad_split(split)
+        if prompts is not None and indices is not None:
+            raise ValueError("reset options 'prompts' and 'indices' exclude each other; give one")
+        if prompts is not None:
+            pinned = [self._pinned_row(prompt) for prompt in prompts]
+            self._check_count(len(pinned), count, "prompts")
+            return pinned, np.full(count, -1, dtype=np.int64)
+        table = getattr(self.settings.task, split)
+        if indices is not None:
+            chosen = np.asarray(indices, dtype=np.int64).reshape(-1)
+            self._check_count(len(chosen), count, "indices")
+            if chosen.size and (chosen.min() < 0 or chosen.max() >= len(table)):
+                raise ValueError(f"reset option 'indices' {chosen.tolist()} out of range for the {split} split "
+                                 f"of task {self.settings.task.name!r} ({len(table)} rows)")
+        else:
+            chosen = rng.choice(len(table), size=count, replace=count > len(table)).astype(np.int64)
+        return [dict(table[index]) for index in chosen], chosen
+
+    def encode(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize the prompts of ``rows`` into (R, max_prompt_tokens) left-padded ids and mask.
+
+        A prompt longer than ``max_prompt_tokens`` keeps its last tokens (left truncation); it is counted in
+        :attr:`num_truncated_prompts` and the first one triggers a :class:`PromptTruncationWarning`.
+        An empty prompt becomes the tokenizer's BOS (or EOS) token, so every row has a token to continue.
+        """
+        settings = self.settings
+        tokenizer, width = settings.tokenizer, settings.max_prompt_tokens
+        encoded = tokenizer([row["prompt"] for row in rows])["input_ids"]
+        start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else settings.eos_token_id
+        input_ids = np.full((len(rows), width), settings.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, ids in enumerate(encoded):
+            ids = list(ids) or [start_token]
+            if len(ids) > width:
+                self._note_truncation(len(ids))
+                ids = ids[-width:]
+            input_ids[row, width - len(ids):] = ids
+            attention_mask[row, width - len(ids):] = 1
+        return input_ids, attention_mask
+
+    def _note_truncation(self, length: int) -> None:
+        self.num_truncated_prompts += 1
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"a prompt of {length} tokens is longer than max_prompt_tokens={self.settings.max_prompt_tokens}; "
+                "keeping its last tokens (left truncation). Later truncations are only counted, in "
+                "env.num_truncated_prompts; raise max_prompt_tokens to keep whole prompts",
+                PromptTruncationWarning, stacklevel=4)
+
+    @staticmethod
+    def _pinned_row(prompt: str | Mapping[str, Any]) -> dict[str, Any]:
+        if isinstance(prompt, str):
+            return {"prompt": prompt}
+        if isinstance(prompt, Mapping) and isinstance(prompt.get("prompt"), str):
+            return dict(prompt)
+        raise ValueError(f"a pinned prompt must be a string or a mapping with a 'prompt' string, got {prompt!r}")
+
+    @staticmethod
+    def _check_count(given: int, expected: int, option: str) -> None:
+        if given != expected:
+            raise ValueError(f"reset option {option!r} has {given} entries; this reset needs {expected} "
+                             "(one per prompt group being reset)")
+
+    @staticmethod
+    def _bad_split(split: str) -> Any:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+
+
+@dataclass
+class EpisodeScores:
+    """Rewards of a batch of finished episodes (numpy, one entry per episode).
+
+    Attributes:
+        prompts, completions: The texts given to the reward functions.
+        score: (E,) the RewardSet's total (weighted sequence rewards); NaN where no reward scored.
+        components: label -> (E,) unweighted component scores, NaN where a reward returned None.
+        token_rewards: Per-token (dense) rewards, one array per episode aligned with its tokens, or None.
+        returns: (E,) what the episode's terminal step pays: score (NaN -> 0) + sum of its token_rewards.
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    score: np.ndarray
+    components: dict[str, np.ndarray]
+    token_rewards: list[np.ndarray] | None
+    returns: np.ndarray
+
+
+class EpisodeScorer:
+    """Decodes finished completions once and calls the reward functions once per batch."""
+
+    def __init__(self, settings: TextEnvSettings) -> None:
+        self.settings = settings
+
+    def score(self, rows: Sequence[Mapping[str, Any]], completion_ids: Sequence[Sequence[int]],
+              texts: Sequence[str] | None = None) -> EpisodeScores:
+        """Score finished episodes.
+
+        Args:
+            rows: The task rows of the episodes (prompt + extra columns).
+            completion_ids: The tokens each episode took, EOS included when it terminated.
+            texts: The completions as text when the agent gave text; default: decoded from the ids
+                (special tokens, EOS included, skipped, as TRL does).
+        """
+        settings = self.settings
+        if texts is None:
+            texts = settings.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        texts = list(texts)
+        prompts = [row["prompt"] for row in rows]
+        column_names = dict.fromkeys(settings.task.columns)
+        for row in rows:
+            column_names.update(dict.fromkeys(key for key in row if key != "prompt"))
+        columns = {name: [row.get(name) for row in rows] for name in column_names}
+        result = settings.rewards(prompts, texts, completion_ids=[list(ids) for ids in completion_ids], **columns)
+        returns = np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0)
+        if result.per_token is not None:
+            returns = returns + np.array([float(np.sum(tokens)) for tokens in result.per_token])
+        return EpisodeScores(prompts=prompts, completions=texts, score=np.asarray(result.total, dtype=np.float64),
+                             components={name: np.asarray(values, dtype=np.float64)
+                                         for name, values in result.components.items()},
+                             token_rewards=result.per_token, returns=returns)
+
+    def info(self, scores: EpisodeScores, index: int) -> dict[str, Any]:
+        """The episode-end info entries of one episode (see docs/envs.md for the keys)."""
+        info: dict[str, Any] = {"prompt": scores.prompts[index], "completion": scores.completions[index],
+                                "score": float(scores.score[index])}
+        for name, values in scores.components.items():
+            info[f"reward/{name}"] = float(values[index])
+        if scores.token_rewards is not None:
+            info["token_rewards"] = np.array(scores.token_rewards[index], dtype=np.float64)
+        return info
