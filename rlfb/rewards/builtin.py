@@ -23,6 +23,9 @@ from rlfb.rewards.registry import register
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+(?:'\w+)?")
+# Keyword arguments every reward gets that are not task columns (left out of "columns given" messages).
+_NOT_COLUMNS = frozenset({"prompts", "completions", "completion_ids", "prompt_ids", "log_metric", "log_extra",
+                          "trainer_state"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,8 +57,8 @@ class SentimentReward:
 
 def _answers(kwargs: dict[str, Any], column: str, reward: str) -> Sequence[Any]:
     if column not in kwargs:
-        columns = sorted(key for key in kwargs if key not in ("prompts", "completions", "completion_ids"))
-        raise KeyError(f"{reward} needs the task column {column!r} (the arithmetic task has 'answer'); "
+        columns = sorted(key for key in kwargs if key not in _NOT_COLUMNS)
+        raise ValueError(f"{reward} needs the task column {column!r} (the arithmetic task has 'answer'); "
                        f"columns given: {columns}")
     return kwargs[column]
 
@@ -103,7 +106,7 @@ class NumericMatchReward:
 def _units(completion: str, ids: Sequence[int] | None, unit: str) -> int:
     if unit == "tokens":
         if ids is None:
-            raise KeyError("length with unit='tokens' needs completion_ids")
+            raise ValueError("length with unit='tokens' needs completion_ids")
         return len(ids)
     if unit == "words":
         return len(completion.split())
@@ -168,7 +171,7 @@ class RepetitionReward:
                  completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float]:
         if self.unit == "tokens":
             if completion_ids is None:
-                raise KeyError("repetition with unit='tokens' needs completion_ids")
+                raise ValueError("repetition with unit='tokens' needs completion_ids")
             sequences: list[Sequence[Any]] = list(completion_ids)
         else:
             sequences = [_WORD.findall(text.lower()) for text in completions]

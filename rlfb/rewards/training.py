@@ -95,7 +95,7 @@ class RewardModelConfig:
 
 
 def load_reward_model_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RewardModelConfig:
-    """Read a reward-model YAML config (relative data paths are taken from the config's folder).
+    """Read a reward-model YAML config; ``overrides`` replace its values (relative paths are from the cwd).
 
     Raises:
         ConfigError: unknown keys, missing required keys, or invalid values.
