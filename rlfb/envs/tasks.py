@@ -288,6 +288,8 @@ def _load_split(path: str, split: str, config_name: str | None) -> Any:
             if builder is None:
                 raise DatasetError(f"cannot read {path!r}: unknown file type {local.suffix!r}; "
                                    f"use one of {sorted(_FILE_BUILDERS)}")
+            if _is_blank(local):
+                raise DatasetError(f"dataset {path!r} is empty; it needs at least one prompt")
             return datasets.load_dataset(builder, data_files=str(local), split=split)
         if local.is_dir():
             return datasets.load_dataset(str(local), split=split)
@@ -296,9 +298,19 @@ def _load_split(path: str, split: str, config_name: str | None) -> Any:
         return datasets.load_dataset(path, config_name, split=split)
     except DatasetError:
         raise
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # how `datasets` says a split has no rows
+            raise DatasetError(f"dataset {path!r} (split {split!r}) is empty; it needs at least one prompt") \
+                from error
+        raise DatasetError(f"could not load dataset {path!r} (split {split!r}): {error}") from error
     except Exception as error:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         raise DatasetError(f"could not load dataset {path!r} (split {split!r}): {type(error).__name__}: {error}") \
             from error
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a small file holds nothing but whitespace (`datasets` fails obscurely on those)."""
+    return path.stat().st_size <= 65536 and not path.read_bytes().strip()
 
 
 def _preview(value: Any, limit: int = 60) -> str:

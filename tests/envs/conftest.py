@@ -43,33 +43,40 @@ def build_tiny_model_dir(directory: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory with a tiny tokenizer and random GPT-2 (loadable by name like any local model)."""
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+def env_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory with a tiny tokenizer and random GPT-2 (loadable by path like any local model)."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("env-model"))
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+def env_model_path(env_model_dir: Path) -> str:
+    """The same directory as a string, as the environments' ``model=`` argument takes it."""
+    return str(env_model_dir)
+
+
+@pytest.fixture(scope="session")
+def env_tokenizer(env_model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(env_model_dir)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_model_dir: Path) -> Any:
+def env_model(env_model_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-def constant_reward(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
-    """1.0 for every completion (a reward that needs no extra package)."""
-    return [1.0 for _ in completions]
+    return AutoModelForCausalLM.from_pretrained(env_model_dir).eval()
 
 
 def length_reward(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
                   **kwargs: Any) -> list[float]:
-    """Number of tokens taken, so tests can predict the reward exactly."""
+    """Number of tokens taken (EOS included), so tests can predict the reward exactly."""
     return [float(len(ids)) for ids in completion_ids]
+
+
+@pytest.fixture
+def token_count_reward() -> Any:
+    """:func:`length_reward`, labelled ``length_reward`` in info."""
+    return length_reward
