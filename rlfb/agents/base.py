@@ -132,13 +132,10 @@ class GradientStepper:
         self.max_grad_norm = max_grad_norm
         self.max_consecutive_skips = max_consecutive_skips
         self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, eps=adam_eps, weight_decay=0.0)
-        horizon = float(total_updates or 1)
-        if lr_schedule == "linear":
-            # lr_u = lr * (1 - u / U), floored so the last updates still move (CleanRL-style annealing).
-            factor = lambda update: max(1.0 - update / horizon, 0.0)  # noqa: E731
-        else:
-            factor = lambda update: 1.0  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.peak_learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.total_updates = total_updates
+        self.updates_done = 0
         self.skipped_updates = 0
         self.consecutive_skips = 0
         self.current_update_skipped = False
@@ -146,7 +143,16 @@ class GradientStepper:
 
     @property
     def learning_rate(self) -> float:
+        """The learning rate of the current update."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def _apply_schedule(self) -> None:
+        # "linear": lr_u = lr * max(1 - u / U, 0) for update u of U (annealing, Huang et al. 2022 detail 4)
+        factor = 1.0
+        if self.lr_schedule == "linear" and self.total_updates:
+            factor = max(1.0 - self.updates_done / self.total_updates, 0.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.peak_learning_rate * factor
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite."""
@@ -175,7 +181,8 @@ class GradientStepper:
 
     def finish_update(self) -> None:
         """Advance the schedule and apply the consecutive-degenerate-update rule."""
-        self.scheduler.step()
+        self.updates_done += 1
+        self._apply_schedule()
         if self.current_update_skipped:
             self.skipped_updates += 1
             self.consecutive_skips += 1
@@ -192,14 +199,15 @@ class GradientStepper:
     def state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "updates_done": self.updates_done,
             "skipped_updates": self.skipped_updates,
             "consecutive_skips": self.consecutive_skips,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.updates_done = int(state["updates_done"])
+        self._apply_schedule()
         self.skipped_updates = int(state["skipped_updates"])
         self.consecutive_skips = int(state["consecutive_skips"])
 

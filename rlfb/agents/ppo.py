@@ -308,10 +308,10 @@ class PPOAgent(Agent):
         if not (self.stepper.backward(loss) and self.stepper.step()):
             return None
         return {
-            "train/loss": float(loss),
-            "train/policy_loss": float(policy_loss),
-            "train/value_loss": float(value_loss),
-            "train/entropy": float(entropy),
+            "train/loss": loss.item(),
+            "train/policy_loss": policy_loss.item(),
+            "train/value_loss": value_loss.item(),
+            "train/entropy": entropy.item(),
             "train/clip_fraction": float(clip_fraction),
             "train/value_clip_fraction": float(value_clip_fraction),
             "train/approx_kl": float(approx_kl),

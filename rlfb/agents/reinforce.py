@@ -213,9 +213,9 @@ class ReinforceAgent(Agent):
             if not self.stepper.backward(loss):
                 finite = False
                 break
-            sums["train/policy_loss"] += float(policy_loss)
-            sums["train/entropy"] += float(entropy)
-            sums["train/kl_loss"] += float(kl_loss)
+            sums["train/policy_loss"] += policy_loss.item()
+            sums["train/entropy"] += entropy.item()
+            sums["train/kl_loss"] += kl_loss.item()
         if finite:
             self.stepper.step()
 

@@ -43,6 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rlfb.errors import ConfigError, ModelNotFoundError
+from rlfb.models.loading import load_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +97,6 @@ class PolicyForward(NamedTuple):
     logprobs: torch.Tensor
     values: torch.Tensor | None
     entropy: torch.Tensor | None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Return the torch device for ``device``; ``"auto"`` is CUDA when available, else CPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
@@ -162,11 +154,17 @@ class Policy:
             self.model = model
         else:
             target_modules = lora.target_modules or default_target_modules(model)
+            # GPT-2 style Conv1D layers store the weight transposed; peft must be told.
+            conv1d_targets = any(
+                isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in target_modules
+                for name, module in model.named_modules()
+            )
             config = LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
                 target_modules=target_modules,
+                fan_in_fan_out=conv1d_targets,
                 task_type="CAUSAL_LM",
             )
             self.model = get_peft_model(model, config)
@@ -205,8 +203,6 @@ class Policy:
         Returns:
             The policy, in eval mode, on ``device``.
         """
-        from rlfb.models.loading import load_model
-
         model, tokenizer = load_model(name_or_path, device=resolve_device(device), dtype=dtype)
         return cls(model, tokenizer, lora=lora, value_head=value_head, device=device)
 

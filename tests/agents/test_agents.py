@@ -1,0 +1,154 @@
+"""Agents learn on a toy bandit, resume exactly, skip degenerate updates, and explain bad configs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import contains_token, make_rollout, sample_rollout, tiny_policy
+
+from rlfb.agents import DegenerateUpdateError, PPOAgent, PPOConfig, ReinforceAgent, make_agent
+from rlfb.errors import ConfigError
+
+TARGET_TOKEN = 5
+
+
+def mean_reward(policy, generator: torch.Generator, group_size: int = 1) -> float:
+    rollout = sample_rollout(policy, contains_token(TARGET_TOKEN), 64, generator, group_size=group_size)
+    return float(rollout.scores.mean())
+
+
+@pytest.mark.parametrize(
+    ("agent_name", "options", "updates"),
+    [
+        ("ppo", {"learning_rate": 1e-2}, 8),
+        ("reinforce", {"learning_rate": 1e-2}, 12),
+        ("rloo", {"learning_rate": 1e-2, "group_size": 4}, 12),
+        ("grpo", {"learning_rate": 1e-2, "group_size": 4}, 16),
+    ],
+)
+def test_agent_learns_to_emit_the_rewarded_token(agent_name: str, options: dict, updates: int) -> None:
+    # Reward 1 when the 4-token completion contains token 5: about 10% of random completions do.
+    policy = tiny_policy(seed=0, value_head=agent_name == "ppo")
+    agent = make_agent(agent_name, policy, options)
+    group_size = getattr(agent.config, "group_size", 1)
+    generator = torch.Generator().manual_seed(0)
+    before = mean_reward(policy, torch.Generator().manual_seed(123), group_size)
+    for _ in range(updates):
+        agent.update(sample_rollout(policy, contains_token(TARGET_TOKEN), 32, generator, group_size=group_size))
+    after = mean_reward(policy, torch.Generator().manual_seed(123), group_size)
+    assert before < 0.3
+    assert after > 0.6, f"{agent_name}: mean reward {before:.2f} -> {after:.2f}"
+
+
+def test_ppo_update_raises_the_probability_of_the_rewarded_completion() -> None:
+    policy = tiny_policy(seed=1)
+    agent = PPOAgent(policy, PPOConfig(learning_rate=1e-2, kl_coef=0.0, kl_target=None))
+    completions = torch.tensor([[5, 0], [7, 0], [8, 0], [9, 0]]).repeat(2, 1)
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0, 0.0, 0.0] * 2))
+    before = policy.forward_logprobs_values(rollout.input_ids, rollout.attention_mask, 1).logprobs[0, 0]
+    metrics = agent.update(rollout)
+    after = policy.forward_logprobs_values(rollout.input_ids, rollout.attention_mask, 1).logprobs[0, 0]
+    assert after > before + 0.5
+    assert metrics["train/epochs"] == 4.0
+    assert metrics["train/skipped_updates"] == 0.0
+    assert {"train/policy_loss", "train/value_loss", "train/clip_fraction", "train/kl", "train/kl_coef"} <= set(metrics)
+
+
+def test_early_stop_on_approximate_kl_cuts_the_epochs() -> None:
+    policy = tiny_policy(seed=1)
+    agent = PPOAgent(policy, PPOConfig(learning_rate=0.1, early_stop_kl=1e-6, kl_target=None))
+    completions = torch.tensor([[5, 0], [7, 0], [8, 0], [9, 0]])
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert agent.update(rollout)["train/epochs"] == 1.0
+
+
+@pytest.mark.parametrize("agent_name", ["ppo", "grpo"])
+def test_state_dict_round_trip_gives_an_identical_next_update(agent_name: str) -> None:
+    options = {"learning_rate": 1e-2, "group_size": 2} if agent_name == "grpo" else {"learning_rate": 1e-2}
+    policy = tiny_policy(seed=2, value_head=agent_name == "ppo")
+    agent = make_agent(agent_name, policy, options)
+    generator = torch.Generator().manual_seed(0)
+    reward = contains_token(TARGET_TOKEN)
+    agent.update(sample_rollout(policy, reward, 8, generator, group_size=2))
+    next_rollout = sample_rollout(policy, reward, 8, generator, group_size=2)
+
+    # Resume: a fresh policy with the same weights and a fresh agent loaded from the state dict.
+    resumed_policy = tiny_policy(seed=99, value_head=agent_name == "ppo")
+    resumed_policy.model.load_state_dict(policy.model.state_dict())
+    if policy.value_head is not None:
+        resumed_policy.value_head.load_state_dict(policy.value_head.state_dict())
+    resumed = make_agent(agent_name, resumed_policy, options)
+    resumed.load_state_dict(copy.deepcopy(agent.state_dict()))
+
+    original_metrics = agent.update(next_rollout)
+    resumed_metrics = resumed.update(next_rollout)
+    assert resumed_metrics == original_metrics
+    for (name, a), b in zip(policy.model.named_parameters(), resumed_policy.model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_scores_skip_the_update_and_consecutive_ones_stop_the_run() -> None:
+    policy = tiny_policy(seed=3)
+    agent = make_agent("ppo", policy, {"max_consecutive_skips": 2})
+    completions = torch.tensor([[5, 0], [7, 0]])
+    good = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0]))
+    bad = make_rollout(completions, torch.ones_like(completions), torch.tensor([float("nan"), 0.0]))
+    weights = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+
+    with pytest.warns(RuntimeWarning, match="skipping a degenerate update: loss is nan"):
+        metrics = agent.update(bad)
+    assert metrics["train/skipped_updates"] == 1.0
+    assert all(torch.equal(p, weights[name]) for name, p in policy.model.named_parameters())
+
+    agent.update(good)  # a good update resets the consecutive count
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        agent.update(bad)
+        with pytest.raises(DegenerateUpdateError, match="2 updates in a row .* Try a lower learning_rate"):
+            agent.update(bad)
+
+
+def test_reinforce_skips_infinite_loss() -> None:
+    policy = tiny_policy(seed=3, value_head=False)
+    agent = ReinforceAgent(policy)
+    completions = torch.tensor([[5, 0], [7, 0]])
+    bad = make_rollout(completions, torch.ones_like(completions), torch.tensor([float("inf"), 0.0]))
+    with pytest.warns(RuntimeWarning, match="degenerate"):
+        assert agent.update(bad)["train/skipped_updates"] == 1.0
+
+
+def test_unknown_agent_option_or_baseline_is_explained() -> None:
+    policy = tiny_policy(value_head=False)
+    with pytest.raises(ConfigError, match="unknown agent 'ppo2'; known: ppo, reinforce, rloo, grpo"):
+        make_agent("ppo2", policy, {})
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) 'lr' for agent 'reinforce'; known: .*learning_rate"):
+        make_agent("reinforce", policy, {"lr": 0.1})
+    with pytest.raises(ConfigError, match="unknown baseline 'mean'; known: ema, rloo, grpo"):
+        make_agent("reinforce", policy, {"baseline": "mean"})
+    with pytest.raises(ConfigError, match="needs group_size >= 2"):
+        make_agent("grpo", policy, {"group_size": 1})
+    with pytest.raises(ConfigError, match="PPO needs a policy with a value head"):
+        make_agent("ppo", policy, {})
+    with pytest.raises(ConfigError, match="lr_schedule 'linear' needs total_updates"):
+        make_agent("reinforce", policy, {"lr_schedule": "linear"})
+
+
+def test_group_agent_rejects_rows_that_do_not_share_a_prompt() -> None:
+    agent = make_agent("rloo", tiny_policy(value_head=False), {"group_size": 2})
+    completions = torch.tensor([[5, 0], [7, 0], [8, 0], [9, 0]])
+    rollout = make_rollout(
+        completions, torch.ones_like(completions), torch.zeros(4), prompts=["a", "a", "b", "c"]
+    )
+    with pytest.raises(ConfigError, match="rows 2..3 of the rollout do not share one prompt.*group_size=2"):
+        agent.update(rollout)
+
+
+def test_linear_schedule_decays_the_learning_rate() -> None:
+    agent = make_agent("reinforce", tiny_policy(value_head=False), {"lr_schedule": "linear", "total_updates": 4})
+    completions = torch.tensor([[5, 0], [7, 0]])
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0]))
+    rates = [agent.update(rollout)["train/learning_rate"] for _ in range(3)]
+    assert rates == pytest.approx([1e-3, 0.75e-3, 0.5e-3])

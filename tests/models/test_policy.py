@@ -1,0 +1,157 @@
+"""The Policy: LoRA targets, one copy of the base weights, the reference, values, save/load."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlfb.errors import ConfigError, ModelNotFoundError
+from rlfb.models.policy import LoraSettings, Policy, default_target_modules
+
+VOCAB = 16
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; a shared machine makes torch's thread pool stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, initializer_range=0.2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def sequences() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows: a left-padded prompt of 2 tokens (row 1) and completions of 3 tokens."""
+    input_ids = torch.tensor([[3, 4, 5, 6, 7, 8], [0, 9, 5, 1, 2, 2]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    return input_ids, attention_mask
+
+
+def base_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Completion log-probs under a plain HF model, computed independently of the Policy."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logprobs = torch.log_softmax(logits[:, start - 1 : -1], -1)
+    return logprobs.gather(-1, input_ids[:, start:, None]).squeeze(-1)
+
+
+def test_default_target_modules_follow_the_architecture() -> None:
+    assert default_target_modules(gpt2()) == ["c_attn"]
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2)
+    )  # fmt: skip
+    assert default_target_modules(llama) == ["q_proj", "v_proj"]
+
+
+def test_unknown_architecture_falls_back_to_attention_names_or_explains() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query = nn.Linear(4, 4)
+            self.dense = nn.Linear(4, 4)
+
+    assert default_target_modules(Attention()) == ["query"]
+    with pytest.raises(ConfigError, match=r"Linear layers found: dense, out.*lora.target_modules"):
+        default_target_modules(nn.ModuleDict({"dense": nn.Linear(4, 4), "out": nn.Linear(4, 4)}))
+
+
+def test_reference_is_the_same_weights_with_the_adapter_disabled() -> None:
+    base = gpt2()
+    base_pointers = {name: p.data_ptr() for name, p in base.named_parameters()}
+    base_count = sum(p.numel() for p in base.parameters())
+    input_ids, attention_mask = sequences()
+    expected = base_logprobs(gpt2(), input_ids, attention_mask, start=3)  # an identical, separate copy
+
+    policy = Policy(base, tokenizer=None, lora=LoraSettings(r=4), device="cpu")
+
+    # One copy: every base tensor is still the original storage, and the only new parameters are LoRA's.
+    wrapped = {
+        name.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for name, p in policy.model.named_parameters()
+        if "lora_" not in name
+    }
+    assert {name: p.data_ptr() for name, p in wrapped.items()} == base_pointers
+    assert sum(p.numel() for p in wrapped.values()) == base_count
+    assert all(not p.requires_grad for p in wrapped.values())
+
+    # Before training the policy, the reference and the untouched base model agree.
+    reference = policy.reference_logprobs(input_ids, attention_mask, 3)
+    torch.testing.assert_close(reference, expected)
+    current = policy.forward_logprobs_values(input_ids, attention_mask, 3).logprobs
+    torch.testing.assert_close(current, expected)
+
+    # A few steps on the adapter move the policy; the reference stays the base model.
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=0.05)
+    for _ in range(3):
+        loss = -policy.forward_logprobs_values(input_ids, attention_mask, 3).logprobs.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trained = policy.forward_logprobs_values(input_ids, attention_mask, 3).logprobs
+    assert (trained - expected).abs().max() > 0.1
+    torch.testing.assert_close(policy.reference_logprobs(input_ids, attention_mask, 3), expected)
+
+
+def test_left_padding_does_not_change_logprobs() -> None:
+    policy = Policy(gpt2(), tokenizer=None, device="cpu")
+    unpadded = policy.forward_logprobs_values(torch.tensor([[9, 5, 1, 2]]), torch.ones(1, 4, dtype=torch.long), 2)
+    padded = policy.forward_logprobs_values(
+        torch.tensor([[0, 0, 9, 5, 1, 2]]), torch.tensor([[0, 0, 1, 1, 1, 1]]), 4
+    )
+    torch.testing.assert_close(padded.logprobs, unpadded.logprobs)
+    torch.testing.assert_close(padded.entropy, unpadded.entropy)
+
+
+def test_outputs_shapes_value_head_and_temperature() -> None:
+    policy = Policy(gpt2(), tokenizer=None, device="cpu")
+    input_ids, attention_mask = sequences()
+    out = policy.forward_logprobs_values(input_ids, attention_mask, 3)
+    assert out.logprobs.shape == out.values.shape == out.entropy.shape == (2, 3)
+    assert torch.all(out.values == 0)  # zero-initialised head
+    assert torch.all(out.entropy > 0) and torch.all(out.entropy <= torch.log(torch.tensor(float(VOCAB))) + 1e-5)
+    hot = policy.forward_logprobs_values(input_ids, attention_mask, 3, temperature=2.0)
+    assert torch.all(hot.entropy > out.entropy)  # a higher temperature flattens the distribution
+    no_head = Policy(gpt2(), tokenizer=None, value_head=False, device="cpu")
+    assert no_head.forward_logprobs_values(input_ids, attention_mask, 3).values is None
+
+
+def test_save_and_load_adapter_round_trip(tmp_path: Path) -> None:
+    input_ids, attention_mask = sequences()
+    trained = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=4), device="cpu")
+    with torch.no_grad():
+        for name, parameter in trained.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+        trained.value_head.bias.fill_(1.5)
+    trained.save(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    fresh = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=4), device="cpu")
+    fresh.load_adapter(tmp_path / "adapter")
+    expected = trained.forward_logprobs_values(input_ids, attention_mask, 3)
+    loaded = fresh.forward_logprobs_values(input_ids, attention_mask, 3)
+    torch.testing.assert_close(loaded.logprobs, expected.logprobs)
+    torch.testing.assert_close(loaded.values, expected.values)
+
+    with pytest.raises(ModelNotFoundError, match="no LoRA adapter in"):
+        fresh.load_adapter(tmp_path / "missing")
+
+
+def test_lora_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="lora.r must be a positive integer, got 0"):
+        LoraSettings(r=0)
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
+        LoraSettings(dropout=1.0)
