@@ -60,7 +60,7 @@ class CompletionEnv(gym.Env[dict[str, np.ndarray], Any]):
 
     def __init__(self, task: str | Mapping[str, Any] | Task = "sentiment", model: str | None = "rlfb-tiny", *,
                  tokenizer: Any | None = None, rewards: Any = None, action_type: str = "tokens",
-                 max_new_tokens: int = 32, max_prompt_tokens: int = 64, split: str = "train",
+                 max_new_tokens: int = 32, max_prompt_tokens: int | None = None, split: str = "train",
                  charset: str | None = None, max_chars: int | None = None, vocab_size: int | None = None,
                  render_mode: str | None = None) -> None:
         if action_type not in ACTION_TYPES:

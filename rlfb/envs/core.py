@@ -28,6 +28,8 @@ __all__ = ["EpisodeScores", "EpisodeScorer", "PromptSource", "PromptTruncationWa
 
 # Tokenizers without a real limit report a huge model_max_length (1e30); only smaller values are checked.
 _UNSET_MODEL_MAX_LENGTH = 1_000_000
+# Default width of the prompt region: room for a few sentences; observations stay small.
+DEFAULT_PROMPT_TOKENS = 64
 
 
 class PromptTruncationWarning(UserWarning):
@@ -64,10 +66,8 @@ class TextEnvSettings:
 
     @classmethod
     def from_kwargs(cls, task: str | Mapping[str, Any] | Task, model: str | None, tokenizer: Any | None,
-                    rewards: Any, max_prompt_tokens: int, max_new_tokens: int, split: str,
+                    rewards: Any, max_prompt_tokens: int | None, max_new_tokens: int, split: str,
                     vocab_size: int | None) -> TextEnvSettings:
-        if max_prompt_tokens < 1:
-            raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         if max_new_tokens < 2:
             # One token would make every episode end on its first step; Gymnasium's checker rejects that.
             raise ConfigError(f"max_new_tokens must be >= 2, got {max_new_tokens}")
@@ -75,11 +75,7 @@ class TextEnvSettings:
             raise ConfigError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
         task = make_task(task)
         tokenizer = resolve_tokenizer(model, tokenizer)
-        context = getattr(tokenizer, "model_max_length", None)
-        if isinstance(context, int) and context < _UNSET_MODEL_MAX_LENGTH \
-                and max_prompt_tokens + max_new_tokens > context:
-            raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds "
-                              f"the model's context window of {context} tokens; lower one of them")
+        max_prompt_tokens = prompt_width(max_prompt_tokens, max_new_tokens, tokenizer)
         eos_token_id = tokenizer.eos_token_id
         if eos_token_id is None:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before making the environment")
@@ -93,6 +89,31 @@ class TextEnvSettings:
     def observation_length(self) -> int:
         """Columns of an observation: prompt region + completion region."""
         return self.max_prompt_tokens + self.max_new_tokens
+
+
+def prompt_width(max_prompt_tokens: int | None, max_new_tokens: int, tokenizer: Any) -> int:
+    """The width of the prompt region: as given, or by default what the context window leaves (at most 64).
+
+    The context window is the tokenizer's ``model_max_length`` when it states a real one. Prompt plus
+    completion must fit in it, so a prompt longer than ``context - max_new_tokens`` is left-truncated.
+
+    Raises:
+        ConfigError: The width is below 1, or does not fit in the context window with max_new_tokens.
+    """
+    context = getattr(tokenizer, "model_max_length", None)
+    context = context if isinstance(context, int) and context < _UNSET_MODEL_MAX_LENGTH else None
+    if max_prompt_tokens is None:
+        max_prompt_tokens = DEFAULT_PROMPT_TOKENS if context is None else min(DEFAULT_PROMPT_TOKENS,
+                                                                               context - max_new_tokens)
+        if max_prompt_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                              f"window of {context} tokens; lower max_new_tokens")
+    if max_prompt_tokens < 1:
+        raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if context is not None and max_prompt_tokens + max_new_tokens > context:
+        raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds "
+                          f"the model's context window of {context} tokens; lower one of them")
+    return max_prompt_tokens
 
 
 def build_rewards(rewards: Any, task: Task) -> RewardSet:

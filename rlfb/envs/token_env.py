@@ -52,7 +52,8 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         tokenizer: A ready tokenizer instead of ``model``.
         rewards: Anything :class:`rlfb.rewards.RewardSet` accepts, or a RewardSet; default: the task's.
         max_new_tokens: Tokens before truncation (>= 2).
-        max_prompt_tokens: Width of the prompt region; longer prompts are left-truncated (counted, warned once).
+        max_prompt_tokens: Width of the prompt region; longer prompts are left-truncated (counted, warned
+            once). Default: 64, or less when the tokenizer's context window needs room for max_new_tokens.
         split: "train" or "eval": where prompts are drawn from.
         dense_reward: Optional per-token reward ``fn(tokens (1,), observation) -> (1,)`` (torch tensors).
         vocab_size: Size of the action space; default ``len(tokenizer)``.
@@ -63,7 +64,7 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
 
     def __init__(self, task: str | Mapping[str, Any] | Task = "sentiment", model: str | None = "rlfb-tiny", *,
                  tokenizer: Any | None = None, rewards: Any = None, max_new_tokens: int = 32,
-                 max_prompt_tokens: int = 64, split: str = "train", dense_reward: DenseReward | None = None,
+                 max_prompt_tokens: int | None = None, split: str = "train", dense_reward: DenseReward | None = None,
                  vocab_size: int | None = None, render_mode: str | None = None) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"unknown render_mode {render_mode!r}; supported: {self.metadata['render_modes']}")
@@ -73,6 +74,16 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         self._episodes = TokenEpisodes(self.settings, 1, torch.device("cpu"), dense_reward)
         self.observation_space = observation_space(self.settings)
         self.action_space = spaces.Discrete(self.settings.vocab_size)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Width of the prompt region of an observation."""
+        return self.settings.max_prompt_tokens
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens per episode before truncation."""
+        return self.settings.max_new_tokens
 
     @property
     def num_truncated_prompts(self) -> int:

@@ -62,7 +62,8 @@ class TextGenerationVectorEnv(VectorEnv):
         tokenizer: A ready tokenizer instead of ``model``.
         rewards: Anything :class:`rlfb.rewards.RewardSet` accepts, or a RewardSet; default: the task's.
         max_new_tokens: Tokens per episode before truncation.
-        max_prompt_tokens: Width of the prompt region; longer prompts are left-truncated (counted, warned once).
+        max_prompt_tokens: Width of the prompt region; longer prompts are left-truncated (counted, warned
+            once). Default: 64, or less when the tokenizer's context window needs room for max_new_tokens.
         group_size: Consecutive groups of this many rows share one prompt (group-baseline agents).
         split: "train" or "eval": where prompts are drawn from (a reset option can override it once).
         device: "auto" (CUDA when available), "cpu", "cuda", ... Put it where the policy model lives.
@@ -74,7 +75,7 @@ class TextGenerationVectorEnv(VectorEnv):
 
     def __init__(self, num_envs: int = 1, task: str | Mapping[str, Any] | Task = "sentiment",
                  model: str | None = "rlfb-tiny", *, tokenizer: Any | None = None, rewards: Any = None,
-                 max_new_tokens: int = 32, max_prompt_tokens: int = 64, group_size: int = 1, split: str = "train",
+                 max_new_tokens: int = 32, max_prompt_tokens: int | None = None, group_size: int = 1, split: str = "train",
                  device: str | torch.device = "auto", dense_reward: DenseReward | None = None,
                  vocab_size: int | None = None) -> None:
         if num_envs < 1:

@@ -234,6 +234,7 @@ class TokenSampler:
                 f"rows {bad_rows} do not end with a real token: prompts must be left-padded "
                 "(tokenizer.padding_side = 'left') and contain at least one token"
             )
+        self._check_context(attention_mask)
         # Left padding shifts each row; positions restart at 0 on each row's first real token.
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         outputs = self.model(
@@ -299,6 +300,17 @@ class TokenSampler:
         self._next_position = self._next_position + active.long()
         self._cache = outputs.cache
         self._next_logits = outputs.logits[:, -1, :].float()
+
+    def _check_context(self, attention_mask: torch.Tensor) -> None:
+        """Fail clearly (not with an index error deep in the model) when prompt + completion exceed the context."""
+        config = getattr(self.model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        longest_prompt = int(attention_mask.sum(dim=-1).max())
+        if isinstance(context, int) and longest_prompt + self.sampling.max_new_tokens > context:
+            raise ValueError(
+                f"a prompt of {longest_prompt} tokens plus max_new_tokens={self.sampling.max_new_tokens} exceeds the "
+                f"model's context window of {context} positions; shorten the prompts (max_prompt_tokens) "
+                "or lower max_new_tokens")
 
     def _release(self) -> None:
         """Drop the cache and logits as soon as the batch is done (memory back before the update)."""

@@ -150,6 +150,13 @@ def test_bad_settings_are_clear_errors(make_env: Any, env_tokenizer: Any) -> Non
         make_env(task=Task("plain", train=({"prompt": "a"},), eval=({"prompt": "b"},)), rewards=None)
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 2"):
         make_env(max_new_tokens=1)
+    with pytest.raises(ConfigError, match="max_new_tokens=300 leaves no room for a prompt"):
+        make_env(max_prompt_tokens=None, max_new_tokens=300)
+
+
+def test_default_prompt_width_leaves_room_for_the_completion(make_env: Any) -> None:
+    assert make_env(max_prompt_tokens=None, max_new_tokens=32).max_prompt_tokens == 64
+    assert make_env(max_prompt_tokens=None, max_new_tokens=220).max_prompt_tokens == 256 - 220
 
 
 def test_tokenizer_object_works_without_a_model_name(env_tokenizer: Any, token_count_reward: Any) -> None:

@@ -156,3 +156,9 @@ def test_trailing_unattended_columns_change_nothing(model: GPT2LMHeadModel) -> N
 def test_sampling_config_rejects_bad_values(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_prompt_plus_completion_beyond_the_context_is_a_clear_error(model: GPT2LMHeadModel) -> None:
+    sampler = TokenSampler(model, SamplingConfig(max_new_tokens=60), eos_token_id=EOS)
+    with pytest.raises(ValueError, match="a prompt of 5 tokens plus max_new_tokens=60 exceeds .* 64 positions"):
+        sampler.start(torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))

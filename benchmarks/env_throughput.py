@@ -1,0 +1,174 @@
+"""Throughput and memory of the token-per-step vector environment with rlfb's sampler.
+
+Prints the three targets of the environment issue, each a ratio measured in this one run:
+
+1. 64 episodes x 32 new tokens through ``rlfb/TextGeneration-v0`` (vector env + :class:`TokenSampler`)
+   against ``model.generate`` on the same prompts and sampling settings: speed-up >= 1.2x.
+2. The same rollout with ``max_new_tokens`` 64 instead of 32: time ratio <= 2.3x (the KV cache keeps the
+   cost per token flat; recomputing the whole sequence each step would cost ~4x).
+3. 1,000 resets of the 64-row vector env: resident memory and Python heap stay flat.
+
+Both sides of (1) generate exactly ``max_new_tokens`` tokens per row: the episodes' end-of-text token is
+swapped for a new special token the model has no logit for, so no row stops early on either side and the
+work is identical. Each time is the median of ``--repeats`` interleaved runs after one warm-up run.
+
+Usage:
+    python benchmarks/env_throughput.py                 # the built-in model rlfb-tiny (built on first use)
+    python benchmarks/env_throughput.py --model gpt2 --device cuda
+    python benchmarks/env_throughput.py --random-model  # a random ~3M-parameter GPT-2, no build needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+import rlfb  # noqa: F401  (registers the environments)
+from rlfb.models.sampler import SamplingConfig, TokenSampler
+
+NUM_ENVS = 64
+PROMPT_TOKENS = 16  # the sentiment openings are 3-8 tokens; 16 leaves room without wasting the context
+NEVER_TOKEN = "<|rlfb-benchmark-never|>"  # stands in for EOS so that every row runs to max_new_tokens
+SPEEDUP_TARGET, SCALING_TARGET = 1.2, 2.3
+
+
+def token_count(prompts: list[str], completions: list[str], completion_ids: list[list[int]],
+                **kwargs: Any) -> list[float]:
+    """A reward that costs nothing, so the rollout time is the environment's and the sampler's."""
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from rlfb.models.loading import load_model, load_tokenizer, resolve_device
+
+    device = resolve_device(args.device)
+    if not args.random_model:
+        model, tokenizer = load_model(args.model, device=device)
+        return model.eval(), tokenizer, args.model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load_tokenizer(args.model)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=256, n_layer=3, n_head=4,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).to(device).eval(), tokenizer, "random GPT-2 (3 layers x 256)"
+
+
+def make_venv(tokenizer: Any, device: torch.device, max_new_tokens: int) -> Any:
+    return gym.make_vec("rlfb/TextGeneration-v0", num_envs=NUM_ENVS, vectorization_mode="vector_entry_point",
+                        task="sentiment", model=None, tokenizer=tokenizer, rewards=[token_count],
+                        max_new_tokens=max_new_tokens, max_prompt_tokens=PROMPT_TOKENS, device=device)
+
+
+def env_rollout(venv: Any, model: Any, sampling: SamplingConfig, seed: int) -> int:
+    """Reset every row, then sample and step until every row has finished; returns the steps taken."""
+    obs, _ = venv.reset(seed=seed)
+    sampler = TokenSampler(model, sampling, torch.Generator(device=venv.device).manual_seed(seed),
+                           eos_token_id=venv.eos_token_id, pad_token_id=venv.pad_token_id)
+    sampler.start(obs["input_ids"], obs["attention_mask"])
+    steps = 0
+    while not venv.all_finished:
+        tokens, _ = sampler.sample()
+        venv.step(tokens)
+        steps += 1
+        if not venv.all_finished:
+            sampler.advance(tokens)
+    return steps
+
+
+def hf_generate(venv: Any, model: Any, sampling: SamplingConfig, seed: int) -> int:
+    """``model.generate`` on the prompts the environment draws for the same seed."""
+    obs, _ = venv.reset(seed=seed)
+    input_ids = obs["input_ids"][:, :PROMPT_TOKENS]
+    attention_mask = obs["attention_mask"][:, :PROMPT_TOKENS]
+    first = int(attention_mask.any(dim=0).nonzero()[0])  # same trimming of all-padding columns as the sampler
+    torch.manual_seed(seed)
+    output = model.generate(input_ids=input_ids[:, first:], attention_mask=attention_mask[:, first:],
+                            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                            eos_token_id=venv.eos_token_id, pad_token_id=venv.pad_token_id)
+    return output.shape[1] - (PROMPT_TOKENS - first)
+
+
+def median_seconds(runs: dict[str, Callable[[int], int]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each run, interleaved so that load from other processes hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(repeats + 1):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(repeat)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat > 0:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def resident_mib() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="rlfb-tiny", help="model name or path (default: rlfb-tiny)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--resets", type=int, default=1000)
+    parser.add_argument("--random-model", action="store_true", help="time a random ~3M GPT-2 instead")
+    args = parser.parse_args()
+
+    model, tokenizer, label = load(args)
+    tokenizer.add_special_tokens({"eos_token": NEVER_TOKEN})  # no logit in the model: never sampled
+    device = next(model.parameters()).device
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    print(f"model: {label} ({parameters / 1e6:.2f}M parameters) on {device}, torch threads {torch.get_num_threads()}")
+    sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32)
+    long_sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64)
+    venv_32, venv_64 = make_venv(tokenizer, device, 32), make_venv(tokenizer, device, 64)
+    assert env_rollout(venv_32, model, sampling, 0) == 32 and hf_generate(venv_32, model, sampling, 0) == 32
+
+    times = median_seconds({
+        "env": lambda seed: env_rollout(venv_32, model, sampling, seed),
+        "generate": lambda seed: hf_generate(venv_32, model, sampling, seed),
+        "env_64": lambda seed: env_rollout(venv_64, model, long_sampling, seed),
+    }, args.repeats, device)
+    speedup = times["generate"] / times["env"]
+    scaling = times["env_64"] / times["env"]
+    print(f"1. {NUM_ENVS} episodes x 32 tokens: vector env + rlfb sampler {times['env']:.3f} s, model.generate "
+          f"{times['generate']:.3f} s -> speed-up {speedup:.2f}x (target >= {SPEEDUP_TARGET}x) "
+          f"{'PASS' if speedup >= SPEEDUP_TARGET else 'MISS'}")
+    print(f"2. max_new_tokens 64 vs 32: {times['env_64']:.3f} s / {times['env']:.3f} s = {scaling:.2f}x "
+          f"(target <= {SCALING_TARGET}x) {'PASS' if scaling <= SCALING_TARGET else 'MISS'}")
+
+    for _ in range(100):
+        venv_32.reset()
+    gc.collect()
+    tracemalloc.start()
+    resident_before, heap_before = resident_mib(), tracemalloc.get_traced_memory()[0]
+    for _ in range(args.resets):
+        venv_32.reset()
+    gc.collect()
+    resident_after, heap_after = resident_mib(), tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    ratio = resident_after / resident_before
+    heap_growth_kib = (heap_after - heap_before) / 1024
+    flat = ratio <= 1.01 and heap_growth_kib < 256
+    print(f"3. {args.resets} resets of {NUM_ENVS} rows: resident memory {resident_before:.1f} -> "
+          f"{resident_after:.1f} MiB ({ratio:.3f}x), Python heap {heap_growth_kib:+.1f} KiB "
+          f"(target: flat, <= 1.01x and < 256 KiB) {'PASS' if flat else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()
