@@ -7,12 +7,15 @@ log-probs and values the agents need (see its docstring for why the sampler's ow
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from rlfb.models.policy import Policy
+from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 
 class Rollout(NamedTuple):
@@ -136,5 +139,119 @@ def evaluate_rollout(
     )
 
 
-def _as_float_tensor(values: Any, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(values, dtype=np.float32), device=device)
+def collect_rollout(
+    venv: Any,
+    policy: Policy,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> Rollout:
+    """Reset the vector env and step it token by token with a KV-cached sampler until every row ends.
+
+    Args:
+        venv: A ``rlfb/TextGeneration-v0`` vector env (``gymnasium.make_vec(...,
+            vectorization_mode="vector_entry_point")``), on the policy's device.
+        policy: Samples the tokens (adapter enabled).
+        sampling: Temperature, top-k, top-p; the token budget is the env's ``max_new_tokens``.
+        generator: Randomness of the sampler (on the policy's device).
+        seed: Passed to ``venv.reset`` (seeds the prompt choice).
+        options: Passed to ``venv.reset`` (e.g. ``{"split": "eval"}`` or pinned prompts).
+
+    Returns:
+        The :class:`Rollout`. Scores are the env's ``score`` (NaN, where no reward applied, -> 0).
+        ``per_token_rewards`` holds the dense rewards (per-token reward functions and the env's
+        ``dense_reward``) at their tokens; None when there are none.
+    """
+    env = venv.unwrapped
+    budget = dataclasses.replace(sampling, max_new_tokens=env.max_new_tokens)
+    observation, _ = venv.reset(seed=seed, options=options)
+    prompt_width = env.max_prompt_tokens
+    prompt_ids = observation["input_ids"][:, :prompt_width]
+    prompt_mask = observation["attention_mask"][:, :prompt_width]
+    # Columns no row attends to (the prompt region is padded to a fixed width) cost compute in every
+    # later forward pass; drop them.
+    first_used = int(prompt_mask.bool().any(0).nonzero()[0])
+    prompt_ids, prompt_mask = prompt_ids[:, first_used:], prompt_mask[:, first_used:]
+
+    sampler = TokenSampler(
+        policy.model, budget, generator, eos_token_id=env.eos_token_id, pad_token_id=env.pad_token_id
+    )
+    batch = env.num_envs
+    ended_info: dict[str, np.ndarray] = {}
+    tokens_per_step, logprobs_per_step, active_per_step, rewards_per_step = [], [], [], []
+    with policy.autocast():
+        sampler.start(prompt_ids, prompt_mask)
+        while not env.all_finished:
+            active_per_step.append(~env.finished)
+            tokens, logprobs = sampler.sample()
+            _, rewards, _, _, info = venv.step(tokens)
+            tokens_per_step.append(tokens)
+            logprobs_per_step.append(logprobs)
+            rewards_per_step.append(torch.as_tensor(rewards, dtype=torch.float32))
+            _merge_ended(ended_info, info)
+            if not sampler.done:
+                sampler.advance(tokens)
+
+    device = policy.device
+    completion_mask = torch.stack(active_per_step, 1).long().to(device)  # (B, T)
+    scores = torch.as_tensor(np.nan_to_num(ended_info["score"], nan=0.0), dtype=torch.float32, device=device)
+    components = {
+        key.removeprefix("reward/"): torch.as_tensor(values, dtype=torch.float32, device=device)
+        for key, values in ended_info.items()
+        if key.startswith("reward/")
+    }
+    return Rollout(
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        completion_ids=torch.stack(tokens_per_step, 1).to(device),
+        completion_mask=completion_mask,
+        sampled_logprobs=torch.stack(logprobs_per_step, 1).float().to(device),
+        scores=scores,
+        reward_components=components,
+        per_token_rewards=_dense_rewards(
+            torch.stack(rewards_per_step, 1).to(device), completion_mask, scores, ended_info.get("token_rewards")
+        ),
+        prompts=[str(text) for text in ended_info["prompt"]],
+        completions=[str(text) for text in ended_info["completion"]],
+        group_size=int(getattr(env, "group_size", 1)),
+    )
+
+
+def _merge_ended(collected: dict[str, np.ndarray], info: Mapping[str, Any]) -> None:
+    """Copy the entries of rows that ended on this step (``_key`` masks) into ``collected``."""
+    for key, values in info.items():
+        if key.startswith("_") or f"_{key}" not in info:
+            continue
+        ended = np.asarray(info[f"_{key}"], dtype=bool)
+        if key not in collected:
+            collected[key] = np.array(values, copy=True)
+        else:
+            collected[key][ended] = np.asarray(values)[ended]
+
+
+def _dense_rewards(
+    step_rewards: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, token_rewards: np.ndarray | None
+) -> torch.Tensor | None:
+    """(B, T) dense rewards at their tokens, or None.
+
+    The env pays each step its ``dense_reward`` and, on the last step, the score plus the sum of the reward
+    functions' per-token rewards. Here the score goes back out (the agents add it themselves) and the
+    per-token rewards go to the tokens that earned them, which gives the value function better credit.
+    """
+    last = (mask.sum(1) - 1).clamp(min=0)  # (B,)
+    dense = step_rewards * mask
+    paid_at_end = scores.clone()
+    placed = torch.zeros_like(dense)
+    if token_rewards is not None:
+        for row, values in enumerate(token_rewards):
+            if values is None or len(values) == 0:
+                continue
+            values_tensor = torch.as_tensor(np.asarray(values, dtype=np.float32), device=dense.device)
+            placed[row, : len(values_tensor)] = values_tensor
+            paid_at_end[row] += values_tensor.sum()
+    dense = dense.scatter_add(1, last.unsqueeze(1), -paid_at_end.unsqueeze(1)) + placed
+    if token_rewards is None and bool((dense.abs() < 1e-6).all()):
+        return None
+    return dense * mask
