@@ -1,0 +1,165 @@
+"""Measure the training targets of the shipped configs: several seeds, mean and std.
+
+    python benchmarks/train_targets.py                         # all three configs, seeds 0 1 2
+    python benchmarks/train_targets.py configs/sentiment_ppo.yaml --seeds 0
+    python benchmarks/train_targets.py configs/sentiment_ppo.yaml --minutes 20 --seeds 0   # stability run
+
+For every run it prints the held-out evaluation before and after training (the config's first reward
+component), the KL to the reference, distinct-2 relative to the base model, and wall time; then the mean
+and std over seeds, and whether each target is met. ``--minutes M`` trains for M minutes whatever the
+config's update budget and evaluates every ``--eval-every`` updates to check stability: the KL stays
+within 2x the agent's target and the base model's log-likelihood per token (``eval/fluency``) never
+falls more than 1 nat below its start.
+
+Targets (on 2 CPU cores, the base model already built):
+    sentiment_ppo        <= 5 min; sentiment >= 0.7; KL <= 4 nats; distinct-2 >= 0.6x the base model's
+    sentiment_reinforce  <= 5 min; sentiment >= 0.6
+    arithmetic_grpo      <= 10 min; exact-match accuracy +15 points or more
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlfb.config import load_config
+from rlfb.logging import read_metrics
+from rlfb.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIGS = ["configs/sentiment_ppo.yaml", "configs/sentiment_reinforce.yaml", "configs/arithmetic_grpo.yaml"]
+
+
+@dataclass
+class Target:
+    """What one config must reach (None: not a target of that config)."""
+
+    max_minutes: float
+    min_after: float | None = None  # held-out mean of the main reward component after training
+    min_gain: float | None = None  # after - before
+    max_kl: float | None = None  # nats per completion
+    min_distinct2_ratio: float | None = None  # distinct-2 after / before
+
+
+TARGETS = {
+    "sentiment_ppo": Target(max_minutes=5, min_after=0.7, max_kl=4.0, min_distinct2_ratio=0.6),
+    "sentiment_reinforce": Target(max_minutes=5, min_after=0.6),
+    "arithmetic_grpo": Target(max_minutes=10, min_gain=0.15),
+}
+
+
+def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Train one seed; return its measures."""
+    config = load_config(ROOT / config_path if not Path(config_path).exists() else config_path,
+                         [f"seed={seed}", f"output_dir={output_dir}", "logging.progress_bar=false",
+                          "logging.tensorboard=false", *overrides])
+    started = time.perf_counter()
+    result = Trainer(config).train()
+    wall_s = time.perf_counter() - started
+    assert result.before is not None and result.after is not None, "the config evaluates no prompts"
+    component = config.rewards[0].label or config.rewards[0].name
+    rows = read_metrics(result.run_dir)
+    train_kl = [row["train/kl"] for row in rows if "train/kl" in row]
+    fluency = [row["eval/fluency"] for row in rows if "eval/fluency" in row]
+    eval_kl = [row["eval/kl"] for row in rows if "eval/kl" in row]
+    kl_target = config.agent.params.get("kl_target", 3.0)
+    return {
+        "before": result.before.rewards[component],
+        "after": result.after.rewards[component],
+        "gain": result.after.rewards[component] - result.before.rewards[component],
+        "kl": result.after.kl,
+        "distinct2_ratio": result.after.distinct_2 / max(result.before.distinct_2, 1e-9),
+        "fluency_drop": result.before.fluency - min(fluency),
+        "max_eval_kl": max(eval_kl),
+        # A 10-update moving average: single batches of 32 are noisy, drift is what matters.
+        "max_train_kl_avg10": max(_moving_average(train_kl, 10), default=float("nan")),
+        "kl_target": float(kl_target) if kl_target is not None else float("nan"),
+        "updates": result.step,
+        "train_s": rows[-1].get("time/elapsed_s", float("nan")) if rows else float("nan"),
+        "wall_s": wall_s,
+        "run_dir": str(result.run_dir),
+    }
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[i - window:i]) / window for i in range(window, len(values) + 1)]
+
+
+def summarize(name: str, runs: list[dict[str, Any]], target: Target | None, stability: bool) -> bool:
+    keys = ["before", "after", "gain", "kl", "distinct2_ratio", "fluency_drop", "max_eval_kl",
+            "max_train_kl_avg10", "updates", "train_s", "wall_s"]
+    print(f"\n== {name}: {len(runs)} seed(s)")
+    for key in keys:
+        values = [run[key] for run in runs]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        per_seed = "  ".join(f"{value:.3f}" for value in values)
+        print(f"{key:>20}: mean {statistics.mean(values):8.3f}  std {spread:7.3f}   seeds: {per_seed}")
+    checks: list[tuple[str, bool]] = []
+    mean = {key: statistics.mean(run[key] for run in runs) for key in keys}
+    if stability:
+        kl_target = runs[0]["kl_target"]
+        checks.append((f"max eval KL {mean['max_eval_kl']:.2f} <= 2 x target {2 * kl_target:.1f}",
+                       all(run["max_eval_kl"] <= 2 * kl_target for run in runs)))
+        checks.append((f"max 10-update mean train KL {mean['max_train_kl_avg10']:.2f} <= {2 * kl_target:.1f}",
+                       all(run["max_train_kl_avg10"] <= 2 * kl_target for run in runs)))
+        checks.append((f"fluency drop {mean['fluency_drop']:.2f} <= 1 nat/token",
+                       all(run["fluency_drop"] <= 1.0 for run in runs)))
+    elif target is not None:
+        checks.append((f"wall time {mean['wall_s'] / 60:.1f} min <= {target.max_minutes} min",
+                       mean["wall_s"] <= target.max_minutes * 60))
+        if target.min_after is not None:
+            checks.append((f"after {mean['after']:.3f} >= {target.min_after}", mean["after"] >= target.min_after))
+        if target.min_gain is not None:
+            checks.append((f"gain {mean['gain']:.3f} >= {target.min_gain}", mean["gain"] >= target.min_gain))
+        if target.max_kl is not None:
+            checks.append((f"KL {mean['kl']:.2f} <= {target.max_kl}", mean["kl"] <= target.max_kl))
+        if target.min_distinct2_ratio is not None:
+            checks.append((f"distinct-2 ratio {mean['distinct2_ratio']:.2f} >= {target.min_distinct2_ratio}",
+                           mean["distinct2_ratio"] >= target.min_distinct2_ratio))
+    for text, ok in checks:
+        print(f"  [{'PASS' if ok else 'MISS'}] {text}")
+    return all(ok for _, ok in checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS, help="run configs (default: all three)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="train this long whatever the update budget (stability run)")
+    parser.add_argument("--eval-every", type=int, default=25, help="updates between evaluations with --minutes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the targets assume 2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--output-dir", default=None, help="where runs go (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = list(args.overrides)
+    if args.minutes is not None:
+        overrides += ["budget.updates=null", f"budget.time_limit_s={args.minutes * 60}",
+                      f"eval.every={args.eval_every}", "checkpoint.every=0"]
+    output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="rlfb-bench-"))
+    print(f"runs in {output_dir}; torch threads {torch.get_num_threads()}; overrides {overrides}")
+    all_ok = True
+    for config_path in args.configs:
+        name = Path(config_path).stem
+        runs = []
+        for seed in args.seeds:
+            measures = run_once(config_path, seed, output_dir, overrides)
+            print(f"{name} seed {seed}: " + ", ".join(
+                f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in measures.items()), flush=True)
+            runs.append(measures)
+        all_ok &= summarize(name, runs, TARGETS.get(name), stability=args.minutes is not None)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
