@@ -12,7 +12,7 @@ from rlfb.agents.base import AGENT_PRESETS, Agent, DegenerateUpdateError, Gradie
 from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
 from rlfb.agents.ppo import PPOAgent, PPOConfig
 from rlfb.agents.reinforce import ReinforceAgent, ReinforceConfig
-from rlfb.agents.rollout import Rollout, RolloutEvaluation, evaluate_rollout
+from rlfb.agents.rollout import Rollout, RolloutEvaluation, collect_rollout, evaluate_rollout
 
 __all__ = [
     "AGENT_PRESETS",
@@ -27,6 +27,7 @@ __all__ = [
     "ReinforceConfig",
     "Rollout",
     "RolloutEvaluation",
+    "collect_rollout",
     "evaluate_rollout",
     "make_agent",
     "make_kl_controller",

@@ -42,7 +42,7 @@ class FixedKLController:
 
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
-    Preferences", section 2.2):
+    Preferences"; the log-space proportional controller, in the form of their lm-human-preferences code):
 
         e_t = clip(KL_t / KL_target - 1, -0.2, 0.2)
         beta_{t+1} = beta_t * (1 + K_beta * e_t),   with K_beta = n_samples / horizon
@@ -56,7 +56,7 @@ class AdaptiveKLController:
         horizon: Number of samples over which beta may change by ~e^{0.2}; larger is slower.
     """
 
-    PROPORTIONAL_ERROR_CLIP = 0.2  # Ziegler et al. 2019, section 2.2
+    PROPORTIONAL_ERROR_CLIP = 0.2  # Ziegler et al. 2019
 
     def __init__(self, initial_coef: float, target: float, horizon: float) -> None:
         if initial_coef <= 0:

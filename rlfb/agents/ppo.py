@@ -5,7 +5,7 @@ bottom (docs/algorithms.md gives the source of every step):
 
 1. Old log-probs, reference log-probs and values in no-grad passes over the full sequences.
 2. Per-token rewards: r_t = -beta * (log pi_old - log pi_ref)_t  (+ dense rewards)  (+ score at the last
-   token) -- Ziegler et al. 2019, eq. 2, spread over tokens as in their code and Stiennon et al. 2020.
+   token) -- Ziegler et al. 2019, spread over tokens as in their code and Stiennon et al. 2020.
 3. GAE(gamma, lambda) advantages and returns (Schulman et al. 2016); advantages whitened over the batch.
 4. ``epochs`` passes over shuffled minibatches: clipped surrogate + clipped value loss - entropy bonus
    (Schulman et al. 2017), gradient clipping; optional early stop when the approximate KL between the
@@ -160,7 +160,7 @@ def clipped_surrogate_loss(
 def clipped_value_loss(
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss (Ziegler et al. 2019 code; Huang et al. 2022 detail 9); returns (loss, clip_fraction).
+    """Clipped value loss (Huang et al. 2022 detail 9; lm-human-preferences); returns (loss, clip_fraction).
 
     V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
     loss   = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)

@@ -9,14 +9,14 @@ with the sequence advantage A = R - b. The baselines b:
 * ``"ema"``: b is an exponential moving average of past batch-mean returns, updated after use so that it
   never depends on the sample it is subtracted from (the plainest variance reduction; Williams 1992).
 * ``"rloo"``: k completions per prompt; b_i = mean of the other k-1 returns of the same prompt,
-  i.e. A_i = k/(k-1) * (R_i - mean_j R_j) (Kool et al. 2019; Ahmadian et al. 2024, eq. 5).
+  i.e. A_i = k/(k-1) * (R_i - mean_j R_j) (Kool et al. 2019; Ahmadian et al. 2024).
 * ``"grpo"``: k completions per prompt; A_i = (R_i - mean_j R_j) / (std_j R_j + eps)
-  (Shao et al. 2024, "DeepSeekMath", section 4.1.2, outcome supervision).
+  (Shao et al. 2024, "DeepSeekMath", GRPO with outcome supervision).
 
 KL to the reference either enters the return, R = score - beta * sum_t (log pi - log pi_ref)_t
 (``kl_penalty="reward"``, as in Ziegler et al. 2019 and Ahmadian et al. 2024), or is a loss term
 beta * mean_t k3_t with k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (``kl_penalty="loss"``,
-Shao et al. 2024, eq. 4; Schulman 2020). One gradient step per rollout: the samples are on-policy.
+Shao et al. 2024; Schulman 2020). One gradient step per rollout: the samples are on-policy.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class ReinforceAgent(Agent):
             loss = policy_loss - c.entropy_coef * entropy
             kl_loss = torch.zeros(())
             if c.kl_penalty == "loss":
-                # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024, eq. 4)
+                # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024)
                 log_ratio = old.reference_logprobs[rows] - forward.logprobs
                 kl_loss = ((torch.exp(log_ratio) - log_ratio - 1.0) * batch_mask).sum() / total_tokens
                 loss = loss + kl_coef * kl_loss
