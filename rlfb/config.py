@@ -235,6 +235,23 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     return validate(_build(RunConfig, _normalize(RunConfig, data, ""), ""))
 
 
+def check_section(cls: type, values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Check free-form ``values`` (e.g. agent hyper-parameters) against the dataclass ``cls``.
+
+    Returns:
+        The values, converted where YAML is looser than Python (an integer where a float is expected).
+
+    Raises:
+        ConfigError: an unknown key (with the closest valid one) or a wrong type, named ``section.key``.
+    """
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        _check_known(cls, str(key), section)
+        checked[key] = _convert(hints[key], value, f"{section}.{key}")
+    return checked
+
+
 def field_help(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
     """Every dotted key of a config class with its type and help text (for docs and errors)."""
     result = {}

@@ -24,6 +24,7 @@ trainer (each rank rolling out its share) can reuse this loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import signal
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from rlfb import checkpoint as ckpt
-from rlfb.config import RunConfig, load_config
+from rlfb.config import RunConfig, check_section, load_config
 from rlfb.errors import ConfigError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
@@ -93,21 +94,39 @@ class Trainer:
 
     def __init__(self, config: RunConfig, resume_from: str | Path | None = None,
                  callbacks: Sequence[Callback] = ()) -> None:
+        from rlfb.agents import AGENT_PRESETS
+
         self.config = config
         self.callbacks = list(callbacks)
         self.is_main_process = is_main_process()
+        # Everything checkable without loading a model is checked here, before a run directory exists.
+        agent_name = config.agent.name
+        if agent_name not in AGENT_PRESETS:
+            raise ConfigError(f"unknown agent '{agent_name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
+        if config.model.dtype is not None and config.model.dtype not in DTYPES:
+            raise ConfigError(f"'model.dtype' is {config.model.dtype!r}; known: {', '.join(DTYPES)}")
+        self.group_size = config.budget.group_size or int(AGENT_PRESETS[agent_name].get("group_size", 1))
+        if config.budget.num_envs % self.group_size:
+            raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
+                              f"group size {self.group_size} of agent '{agent_name}'")
+        self.agent_options = self._agent_options()
         self.resume_checkpoint = ckpt.find_checkpoint(resume_from) if resume_from is not None else None
+        self._run_dir: Path | None = None
         if self.resume_checkpoint is not None:
-            self.run_dir = self.resume_checkpoint.parent
-            if self.run_dir.name == ckpt.CHECKPOINTS_DIR:
-                self.run_dir = self.run_dir.parent
-        else:
-            self.run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
-                                        config.logging.run_name)
+            self._run_dir = self.resume_checkpoint.parent
+            if self._run_dir.name == ckpt.CHECKPOINTS_DIR:
+                self._run_dir = self._run_dir.parent
         self.step = 0
         self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
         self._stop_requested = False
         self._phase = "setup"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (created when :meth:`train` starts a fresh run)."""
+        if self._run_dir is None:
+            raise RuntimeError("the run directory is created when train() starts")
+        return self._run_dir
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (),
@@ -121,7 +140,7 @@ class Trainer:
         """Task, rewards, policy, agent, vector env, generators: everything seeded from ``config.seed``."""
         import gymnasium
 
-        from rlfb.agents import AGENT_PRESETS, make_agent
+        from rlfb.agents import make_agent
         from rlfb.agents.rollout import collect_rollout
         from rlfb.envs.tasks import make_task
         from rlfb.models.policy import LoraSettings, Policy, resolve_device
@@ -137,10 +156,6 @@ class Trainer:
         self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
                                      for r in config.rewards])
         agent_name = config.agent.name
-        if agent_name not in AGENT_PRESETS:
-            raise ConfigError(f"unknown agent '{agent_name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
-        if config.model.dtype is not None and config.model.dtype not in DTYPES:
-            raise ConfigError(f"'model.dtype' is {config.model.dtype!r}; known: {', '.join(DTYPES)}")
         lora = config.lora
         self.policy = Policy.from_pretrained(
             config.model.name,
@@ -149,16 +164,13 @@ class Trainer:
             dtype=DTYPES.get(config.model.dtype or ""))
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)
-        self.group_size = config.budget.group_size or int(AGENT_PRESETS[agent_name].get("group_size", 1))
-        if config.budget.num_envs % self.group_size:
-            raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
-                              f"group size {self.group_size} of agent '{agent_name}'")
-        self.agent = make_agent(agent_name, self.policy, self._agent_options())
+        self.agent = make_agent(agent_name, self.policy, self.agent_options)
         self.sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                                        top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)
         self.venv = gymnasium.make_vec(
             "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
-            task=task_spec, model=config.model.name, rewards=self.reward_set, group_size=self.group_size,
+            task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
+            group_size=self.group_size,
             max_new_tokens=config.sampling.max_new_tokens, device=str(self.device))
         self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -172,7 +184,9 @@ class Trainer:
                    "seed": config.seed}
         if config.agent.name != "ppo":
             decided["group_size"] = self.group_size
-        known = _agent_option_names(config.agent.name)
+        config_class = agent_config_class(config.agent.name)
+        options = check_section(config_class, options, "agent")
+        known = {field.name for field in dataclasses.fields(config_class)}
         for key, value in decided.items():
             if key not in known:
                 continue
@@ -222,6 +236,9 @@ class Trainer:
         """Run until ``budget.updates`` or ``budget.time_limit_s``; see the module docstring."""
         config = self.config
         self._build()
+        if self._run_dir is None:
+            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
+                                         config.logging.run_name)
         resumed = self.resume_checkpoint is not None
         if resumed:
             self._restore(self.resume_checkpoint)
@@ -405,11 +422,8 @@ def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int
     return metrics
 
 
-def _agent_option_names(agent_name: str) -> set[str]:
-    """The option names of an agent's config dataclass."""
-    import dataclasses
-
+def agent_config_class(agent_name: str) -> type:
+    """The config dataclass whose fields are the hyper-parameters of agent ``agent_name``."""
     from rlfb.agents import PPOConfig, ReinforceConfig
 
-    config_class = PPOConfig if agent_name == "ppo" else ReinforceConfig
-    return {field.name for field in dataclasses.fields(config_class)}
+    return PPOConfig if agent_name == "ppo" else ReinforceConfig

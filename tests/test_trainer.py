@@ -176,8 +176,12 @@ def test_cli_train_eval_and_errors(tiny_model_dir: Path, tmp_path: Path,
 
 
 def test_agent_options_are_checked_by_the_agent(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="learning_rat"):
+    with pytest.raises(ConfigError, match=r"unknown key 'agent.learning_rat' \(did you mean 'agent.learning_rate'"):
         Trainer(tiny_config(tiny_model_dir, tmp_path, "agent.learning_rat=0.1")).train()
+    with pytest.raises(ConfigError, match="'agent.epochs' must be an integer, got str 'four'"):
+        Trainer(tiny_config(tiny_model_dir, tmp_path, "agent.epochs=four")).train()
+    with pytest.raises(ConfigError, match="unknown key 'agent.baseline'"):  # a REINFORCE option, not PPO's
+        Trainer(tiny_config(tiny_model_dir, tmp_path, "agent.baseline=ema")).train()
     with pytest.raises(ConfigError, match="'agent.temperature' is 0.5 but 'sampling.temperature' is 1.0"):
         Trainer(tiny_config(tiny_model_dir, tmp_path, "agent.temperature=0.5")).train()
 
