@@ -1,0 +1,366 @@
+"""The built-in offline base model ``rlfb-tiny``: its recipe, its build, and its cache.
+
+``rlfb-tiny`` is a small GPT-2 causal LM that rlfb pretrains itself, on first use, from the seeded grammar in
+:mod:`rlfb.models.corpus` (review sentences and arithmetic lines). No download, no GPU: the build takes a few
+minutes on a laptop CPU and is bit-for-bit reproducible for a given recipe on a given machine.
+
+Cache layout (``RLFB_HOME`` defaults to ``~/.cache/rlfb``)::
+
+    $RLFB_HOME/models/rlfb-tiny-<recipe hash[:12]>/
+        config.json, model.safetensors, generation_config.json   <- save_pretrained
+        tokenizer.json, tokenizer_config.json                    <- the byte-level BPE tokenizer
+        rlfb_build.json                                          <- written last: marks the entry complete
+
+A build happens in a temporary sibling directory and is renamed into place only after ``rlfb_build.json``
+is written, so a reader never sees a half-written entry, and of two concurrent builds one wins the rename
+and the other uses the winner's entry. A directory without the marker (say, copied by hand and
+interrupted) is treated as absent: it is removed and rebuilt, never loaded.
+
+Example:
+    >>> recipe = TinyModelRecipe(steps=2)
+    >>> recipe.fingerprint() == TinyModelRecipe(steps=2).fingerprint() != TinyModelRecipe().fingerprint()
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rlfb.models import corpus
+
+# Bump when the build code changes what a recipe produces, so old cache entries are not reused.
+BUILD_FORMAT_VERSION = 1
+MARKER_FILE = "rlfb_build.json"
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelRecipe:
+    """Everything that determines the weights of a built-in model; its hash keys the cache entry.
+
+    Attributes:
+        grammar_seed: Seeds the pretraining corpus drawn from :mod:`rlfb.models.corpus`.
+        n_documents: Number of corpus documents (review sentences plus arithmetic lines).
+        arithmetic_share: Fraction of the documents that are arithmetic lines.
+        wrong_answer_share: Fraction of the arithmetic lines with a deliberately wrong answer.
+        vocab_size: Size of the byte-level BPE vocabulary (256 bytes + merges + the end-of-text token).
+        n_layer: Transformer blocks.
+        n_embd: Hidden size.
+        n_head: Attention heads.
+        n_positions: Longest sequence the model accepts (prompt plus completion).
+        steps: Optimizer steps of pretraining.
+        batch_size: Documents per step.
+        learning_rate: Peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        warmup_steps: Steps of linear warm-up.
+        weight_decay: AdamW weight decay on matrices.
+        seed: Seeds the weight initialization and the order of batches.
+        num_threads: CPU threads of the build; fixed because the summation order of a matrix product
+            depends on it, and bit-identical weights need the same order.
+    """
+
+    grammar_seed: int = 0
+    n_documents: int = 60_000
+    arithmetic_share: float = 0.5
+    wrong_answer_share: float = 0.25
+    vocab_size: int = 512
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 64
+    steps: int = 1500
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    num_threads: int = 2
+
+    def fingerprint(self) -> str:
+        """Returns the sha256 hex digest of the recipe and the build format version."""
+        payload = json.dumps({"format": BUILD_FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+BUILTIN_RECIPES: dict[str, TinyModelRecipe] = {"rlfb-tiny": TinyModelRecipe()}
+
+
+# ----------------------------------------------------------------------------------------------- cache
+def rlfb_home() -> Path:
+    """Returns rlfb's cache root: ``$RLFB_HOME`` if set, else ``~/.cache/rlfb``."""
+    return Path(os.environ.get("RLFB_HOME") or Path.home() / ".cache" / "rlfb").expanduser()
+
+
+def cache_path(name: str, recipe: TinyModelRecipe) -> Path:
+    """Returns the cache directory of a built-in model built from ``recipe`` (it may not exist yet)."""
+    return rlfb_home() / "models" / f"{name}-{recipe.fingerprint()[:12]}"
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """Returns the build record of a complete cache entry, or None if ``path`` is not one."""
+    try:
+        record = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not (path / "model.safetensors").is_file():
+        return None
+    return record
+
+
+def is_complete(path: Path, recipe: TinyModelRecipe) -> bool:
+    """Whether ``path`` holds a finished build of exactly ``recipe``."""
+    record = read_marker(path)
+    return record is not None and record.get("recipe_hash") == recipe.fingerprint()
+
+
+def ensure_built(name: str = "rlfb-tiny", recipe: TinyModelRecipe | None = None, *, rebuild: bool = False,
+                 progress: bool = True) -> Path:
+    """Returns the cache directory of a built-in model, building it first if needed.
+
+    Args:
+        name: A key of :data:`BUILTIN_RECIPES` (or any name, when ``recipe`` is given).
+        recipe: Overrides the registered recipe (tests build much smaller variants this way).
+        rebuild: Build again even if a complete entry exists (the new one replaces it).
+        progress: Show a progress bar on stderr while pretraining.
+
+    Returns:
+        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
+
+    Raises:
+        KeyError: If ``name`` is not a built-in model and no recipe is given.
+    """
+    recipe = recipe or BUILTIN_RECIPES[name]
+    final = cache_path(name, recipe)
+    if not rebuild and is_complete(final, recipe):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    try:
+        if progress:
+            print(f"rlfb: building {name} into {final} (first use; a few minutes on CPU)", file=sys.stderr)
+        build_model(recipe, staging, name=name, progress=progress)
+        _publish(staging, final, recipe, replace=rebuild)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _publish(staging: Path, final: Path, recipe: TinyModelRecipe, *, replace: bool) -> None:
+    """Moves a finished build into place with an atomic rename; a concurrent winner's entry is kept."""
+    for _ in range(5):
+        if final.exists() and (replace or not is_complete(final, recipe)):
+            # A half-written entry (or one we were asked to replace): move it aside, then delete it, so the
+            # name is free for an atomic rename and no reader sees a partly deleted directory.
+            graveyard = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+            with contextlib.suppress(OSError):
+                os.rename(final, graveyard)
+                shutil.rmtree(graveyard, ignore_errors=True)
+            replace = False
+        try:
+            os.rename(staging, final)  # atomic on POSIX; fails if `final` is a non-empty directory
+            return
+        except OSError:
+            if is_complete(final, recipe):
+                return  # another process finished first: use its entry
+    raise OSError(f"could not move the build of {final.name} into {final.parent}; "
+                  f"remove {final} and try again")
+
+
+def _remove_abandoned_builds(final: Path) -> None:
+    """Deletes staging directories of builds whose process no longer runs (killed mid-build)."""
+    for leftover in final.parent.glob(f".{final.name}.*"):
+        try:
+            pid = int(leftover.name.split("-")[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _process_alive(pid):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def directory_size(path: Path) -> int:
+    """Total size in bytes of the files under ``path``."""
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 of a saved model's tensors (names, dtypes, shapes and bytes, in name order).
+
+    Hashes the tensors rather than the file, so metadata written by safetensors cannot hide or fake a
+    difference in the weights.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- build
+def train_tokenizer(documents: list[str], vocab_size: int):  # -> PreTrainedTokenizerFast
+    """Trains a byte-level BPE tokenizer on the corpus; digits are always single tokens.
+
+    Splitting numbers into digits lets the model learn addition digit by digit ("42" is "4", "2"), instead
+    of memorizing a token per number.
+
+    Args:
+        documents: The corpus documents.
+        vocab_size: Target vocabulary size, the end-of-text token included.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with bos = eos = pad = unk = ``"<|endoftext|>"``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                   pad_token=END_OF_TEXT, unk_token=END_OF_TEXT,
+                                   model_max_length=1024, padding_side="left")
+
+
+def _learning_rate(step: int, recipe: TinyModelRecipe) -> float:
+    """Linear warm-up, then cosine decay from the peak to 10% of it."""
+    if step < recipe.warmup_steps:
+        return recipe.learning_rate * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = "rlfb-tiny",
+                progress: bool = True) -> dict[str, Any]:
+    """Generates the corpus, trains the tokenizer, pretrains the model and saves all of it.
+
+    Args:
+        recipe: What to build.
+        output_dir: An existing, empty directory; receives the model, the tokenizer and the marker file
+            (written last).
+        name: Recorded in the marker file.
+        progress: Show a tqdm progress bar on stderr.
+
+    Returns:
+        The build record written to ``rlfb_build.json``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    documents = corpus.pretraining_corpus(recipe.n_documents, recipe.grammar_seed, recipe.arithmetic_share,
+                                          recipe.wrong_answer_share)
+    tokenizer = train_tokenizer(documents, recipe.vocab_size)
+    eos_id = tokenizer.eos_token_id
+    # Each document is its own row starting at position 0, exactly like a prompt at sampling time, and
+    # ends with end-of-text so that sampling stops by itself.
+    encoded = [ids[: recipe.n_positions - 1] + [eos_id] for ids in tokenizer(documents)["input_ids"]]
+
+    with _torch_threads(recipe.num_threads):
+        torch.manual_seed(recipe.seed)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.n_positions, n_embd=recipe.n_embd,
+                            n_layer=recipe.n_layer, n_head=recipe.n_head, bos_token_id=eos_id,
+                            eos_token_id=eos_id, pad_token_id=eos_id, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
+        model = GPT2LMHeadModel(config)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=recipe.learning_rate, betas=(0.9, 0.98))
+        generator = torch.Generator().manual_seed(recipe.seed)
+        model.train()
+        bar = tqdm(range(recipe.steps), desc=f"pretraining {name}", unit="step", disable=not progress,
+                   file=sys.stderr, mininterval=1.0)
+        loss_value = float("nan")
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(step, recipe)
+            rows = torch.randint(len(encoded), (recipe.batch_size,), generator=generator).tolist()
+            input_ids, attention_mask = _pad_right([encoded[row] for row in rows], eos_id)
+            labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on padding
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_value = loss.item()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_value:.3f}")
+        bar.close()
+        model.eval()
+
+    model.generation_config.pad_token_id = eos_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    record = {
+        "name": name,
+        "recipe": dataclasses.asdict(recipe),
+        "recipe_hash": recipe.fingerprint(),
+        "build_format_version": BUILD_FORMAT_VERSION,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": loss_value,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "weights_sha256": weights_sha256(output_dir),
+        "torch_version": torch.__version__,
+    }
+    # The marker goes last: its presence is what makes the directory a complete cache entry.
+    (output_dir / MARKER_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _pad_right(rows: list[list[int]], pad_id: int):  # -> tuple[torch.Tensor, torch.Tensor]
+    import torch
+
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row)
+        attention_mask[index, : len(row)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,167 @@
+"""Loading any causal LM by one name: a built-in model, a local directory, or a Hugging Face hub id.
+
+Every config field that names a model goes through :func:`resolve_model_path`, so ``"rlfb-tiny"``,
+``"./my-model"`` and ``"gpt2"`` are interchangeable wherever a model is expected:
+
+* a built-in name (``rlfb-tiny``) resolves to its cache directory, built on first use;
+* an existing local directory resolves to itself;
+* anything else shaped like a hub id (``name`` or ``org/name``) is handed to transformers unchanged;
+* a path-like string that does not exist raises :class:`~rlfb.errors.ModelNotFoundError`.
+
+Example:
+    >>> resolve_model_path("gpt2")
+    'gpt2'
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlfb.errors import ModelNotFoundError
+from rlfb.models import builtin
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_MODELS: dict[str, str] = {
+    "rlfb-tiny": "GPT-2 (~1M parameters) pretrained offline by rlfb on its own review sentences and sums; "
+                 "built on first use in a few minutes on CPU",
+}
+
+# A hub id: "name" or "org/name", letters, digits and -_. only (see huggingface_hub's repo id rules).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _builtin_listing() -> str:
+    return ", ".join(sorted(BUILTIN_MODELS))
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turns a device name into a ``torch.device``; ``"auto"`` picks CUDA when available, else CPU.
+
+    Args:
+        device: "auto", "cpu", "cuda", "cuda:1", ... or a ``torch.device``.
+
+    Returns:
+        The device.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
+
+
+def resolve_model_path(name_or_path: str, *, progress: bool = True) -> str:
+    """Resolves a model name to something ``from_pretrained`` accepts.
+
+    Args:
+        name_or_path: A built-in name, a local directory, or a hub id.
+        progress: Show a progress bar if a built-in model has to be built.
+
+    Returns:
+        The cache directory of a built-in model, the local directory itself, or the hub id unchanged.
+
+    Raises:
+        ModelNotFoundError: If ``name_or_path`` looks like a path (or is empty) but no such directory exists.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin.ensure_built(name_or_path, progress=progress))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if builtin.MARKER_FILE not in os.listdir(path) and _looks_like_partial_builtin(path):
+            raise ModelNotFoundError(
+                f"model directory {name_or_path!r} is an unfinished rlfb build (no {builtin.MARKER_FILE}); "
+                f"delete it and use a built-in name ({_builtin_listing()}) to rebuild it")
+        return str(path)
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+        return name_or_path
+    raise ModelNotFoundError(
+        f"model {name_or_path!r} not found: it is not a built-in model, an existing directory, or a hub id "
+        f"(org/name); built-in models: {_builtin_listing()}")
+
+
+def _looks_like_partial_builtin(path: Path) -> bool:
+    """A directory inside rlfb's model cache that lacks the completion marker is a half-written build."""
+    try:
+        return path.resolve().parent == (builtin.rlfb_home() / "models").resolve()
+    except OSError:
+        return False
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Loads a model's tokenizer, ready for batched generation.
+
+    The pad token is set (to EOS when the tokenizer has none) and padding is on the left, so the prompts of
+    a batch end at the same column and generation continues right after each of them.
+
+    Args:
+        name_or_path: A built-in name, a local directory, or a hub id.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ModelNotFoundError: If the model cannot be found.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None,
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a causal LM and its tokenizer, in eval mode, on ``device``.
+
+    Args:
+        name_or_path: A built-in name, a local directory, or a hub id.
+        device: Where to put the model ("auto": CUDA if available, else CPU).
+        dtype: Weight dtype; None keeps the checkpoint's (float32 for built-in models).
+
+    Returns:
+        (model, tokenizer); ``model.config.pad_token_id`` is set to the tokenizer's pad token.
+
+    Raises:
+        ModelNotFoundError: If the model cannot be found.
+
+    Example:
+        >>> model, tokenizer = load_model("rlfb-tiny", device="cpu")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name_or_path)
+    path = resolve_model_path(name_or_path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise _not_found(name_or_path, error) from error
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+def _not_found(name_or_path: str, error: Exception) -> ModelNotFoundError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelNotFoundError(
+        f"could not load model {name_or_path!r} ({reason}); built-in models: {_builtin_listing()}; "
+        "a hub id needs network access or a copy in the Hugging Face cache")

@@ -1,0 +1,79 @@
+"""The seeded grammar: determinism, held-out splits, balance, and VADER polarity of its wording."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from rlfb.models import corpus
+
+
+@pytest.fixture(scope="module")
+def vader() -> SentimentIntensityAnalyzer:
+    return SentimentIntensityAnalyzer()
+
+
+def test_review_openings_are_deterministic_and_seeded() -> None:
+    assert corpus.review_openings("eval", 50, seed=3) == corpus.review_openings("eval", 50, seed=3)
+    assert corpus.review_openings("eval", 50, seed=3) != corpus.review_openings("eval", 50, seed=4)
+
+
+def test_review_openings_splits_are_disjoint_and_cover_requests_larger_than_the_pool() -> None:
+    train = set(corpus.review_openings("train", 500))
+    evaluation = set(corpus.review_openings("eval", 500))
+    assert train and evaluation and not train & evaluation
+    drawn = corpus.review_openings("eval", 200)
+    assert len(drawn) == 200 and set(drawn) == evaluation  # the whole eval pool, each used before repeats
+
+
+def test_unknown_split_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown split 'test'.*'train' or 'eval'"):
+        corpus.review_openings("test", 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown split"):
+        corpus.arithmetic_problems("dev")  # type: ignore[arg-type]
+
+
+def test_eval_sums_never_appear_in_a_pretraining_corpus() -> None:
+    documents = corpus.pretraining_corpus(20_000, seed=0, arithmetic_share=0.5)
+    eval_prompts = {prompt for prompt, _ in corpus.arithmetic_problems("eval")}
+    corpus_prompts = {line.split("=")[0] + "=" for line in documents if "+" in line}
+    assert len(corpus_prompts) > 1000 and not corpus_prompts & eval_prompts
+    assert all(int(answer) == sum(map(int, prompt[:-1].split("+")))
+               for prompt, answer in corpus.arithmetic_problems("eval"))
+
+
+def test_corpus_is_deterministic_and_has_the_requested_mix() -> None:
+    documents = corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, wrong_answer_share=0.25)
+    assert documents == corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, wrong_answer_share=0.25)
+    sums = [line for line in documents if "+" in line]
+    assert len(sums) == 1200
+    wrong = [line for line in sums if eval(line.split("=")[0]) != int(line.split("=")[1])]  # noqa: S307
+    assert 0.2 < len(wrong) / len(sums) < 0.3
+
+
+def test_review_sentiments_are_balanced_and_vader_agrees(vader: SentimentIntensityAnalyzer) -> None:
+    scores: dict[str, list[float]] = {sentiment: [] for sentiment in corpus.SENTIMENTS}
+    for sentiment, sentence in corpus.labelled_reviews(900, seed=0):
+        scores[sentiment].append(vader.polarity_scores(sentence)["compound"])
+    assert {len(values) for values in scores.values()} == {300}
+    assert min(scores["positive"]) > 0.3 and statistics.mean(scores["positive"]) > 0.6
+    assert max(scores["negative"]) < -0.2 and statistics.mean(scores["negative"]) < -0.5
+    assert all(value == 0.0 for value in scores["neutral"])
+
+
+def test_openings_are_sentiment_neutral(vader: SentimentIntensityAnalyzer) -> None:
+    openings = corpus.review_openings("train", 500) + corpus.review_openings("eval", 500)
+    assert all(vader.polarity_scores(opening)["compound"] == 0.0 for opening in openings)
+
+
+def test_every_review_word_is_in_the_vocabulary_and_sentences_end() -> None:
+    vocabulary = corpus.corpus_vocabulary()
+    rng = random.Random(0)
+    for sentiment in corpus.SENTIMENTS * 200:
+        sentence = corpus.review_sentence(rng, sentiment)
+        assert set(corpus.words(sentence)) <= vocabulary, sentence
+        assert sentence.endswith((".", "!"))
+    assert "wonderful" in vocabulary and "xylophone" not in vocabulary
