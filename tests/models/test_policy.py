@@ -155,3 +155,20 @@ def test_lora_settings_are_validated() -> None:
         LoraSettings(r=0)
     with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
         LoraSettings(dropout=1.0)
+
+
+def test_scorer_gives_policy_and_reference_logprobs() -> None:
+    policy = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=4), device="cpu")
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    input_ids = torch.tensor([[3, 4, 5, 6, 7]])
+    mask = torch.ones_like(input_ids)
+    policy_logprobs = policy.forward_logprobs_values(input_ids, mask, 2).logprobs[0]
+    reference_logprobs = policy.reference_logprobs(input_ids, mask, 2)[0]
+    assert (policy_logprobs - reference_logprobs).abs().max() > 0.01
+    scored = policy.scorer.completion_logprobs([[3, 4]], [[5, 6, 7]], reference=False)[0]
+    scored_reference = policy.scorer.completion_logprobs([[3, 4]], [[5, 6, 7]], reference=True)[0]
+    torch.testing.assert_close(scored, policy_logprobs.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored_reference, reference_logprobs, atol=1e-5, rtol=0)
