@@ -162,7 +162,8 @@ def _completion(task: str, rng: random.Random, prompt: str) -> str:
 
 # ------------------------------------------------------------------------------------------- synthesis
 def synthesize(task: str, kind: str, size: int, noise: float = 0.1, seed: int = 0,
-               split: corpus.Split = "train") -> list[dict[str, Any]]:
+               split: corpus.Split = "train", model: str | None = None,
+               max_new_tokens: int = 24) -> list[dict[str, Any]]:
     """Make ``size`` feedback rows of one kind for a built-in task, labelled by its gold with noise.
 
     Args:
@@ -172,6 +173,9 @@ def synthesize(task: str, kind: str, size: int, noise: float = 0.1, seed: int = 
         noise: Share of labels corrupted (see the module docstring), in [0, 1].
         seed: Seeds everything; the same arguments give the same rows.
         split: Which prompts: "train" or the held-out "eval" openings / sums.
+        model: Sample the completions from this causal LM (name, directory or hub id) instead of the
+            built-in grammar, so the feedback is about what a policy really writes.
+        max_new_tokens: Longest sampled completion (with ``model``).
 
     Returns:
         The rows, each a dict in the JSONL format of its kind.
@@ -183,31 +187,94 @@ def synthesize(task: str, kind: str, size: int, noise: float = 0.1, seed: int = 
     if not 0.0 <= noise <= 1.0:
         raise DatasetError(f"noise must be in [0, 1], got {noise}")
     rng = random.Random(seed)
+    if model is not None:
+        return _synthesize_from_model(task, kind, size, noise, rng, split, model, max_new_tokens)
     rows = []
     for prompt in _prompts(task, split, rng, size):
         if kind == "pairwise":
-            chosen, rejected = _pair(task, rng, prompt)
-            if rng.random() < noise:
-                chosen, rejected = rejected, chosen
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-            continue
-        completion = _completion(task, rng, prompt)
-        if kind == "pointwise":
-            label = gold_label(task, prompt, completion)
-            rows.append({"prompt": prompt, "completion": completion,
-                         "label": 1 - label if rng.random() < noise else label})
-        elif kind == "rating":
-            rating = gold_rating(task, prompt, completion)
-            if rng.random() < noise:
-                rating = rng.uniform(-1.0, 1.0) if task == "sentiment" else rng.uniform(0.0, 1.0)
-            rows.append({"prompt": prompt, "completion": completion, "rating": round(rating, 4)})
+            rows.append(_pairwise_row(prompt, *_pair(task, rng, prompt), rng, noise))
         else:
-            segments = gold_segments(task, prompt, completion)
-            for segment in segments:
-                if segment[1] is not None and rng.random() < noise:
-                    segment[1] = 1 - segment[1]
-            rows.append({"prompt": prompt, "completion": completion, "segments": segments})
+            rows.append(_labelled_row(task, kind, prompt, _completion(task, rng, prompt), rng, noise))
     return rows
+
+
+def _pairwise_row(prompt: str, chosen: str, rejected: str, rng: random.Random, noise: float) -> dict[str, Any]:
+    if rng.random() < noise:
+        chosen, rejected = rejected, chosen
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _labelled_row(task: str, kind: str, prompt: str, completion: str, rng: random.Random,
+                  noise: float) -> dict[str, Any]:
+    """A pointwise, rating or token row labelled by the gold, with ``noise`` of the labels corrupted."""
+    if kind == "pointwise":
+        label = gold_label(task, prompt, completion)
+        return {"prompt": prompt, "completion": completion, "label": 1 - label if rng.random() < noise else label}
+    if kind == "rating":
+        rating = gold_rating(task, prompt, completion)
+        if rng.random() < noise:
+            rating = rng.uniform(-1.0, 1.0) if task == "sentiment" else rng.uniform(0.0, 1.0)
+        return {"prompt": prompt, "completion": completion, "rating": round(rating, 4)}
+    segments = gold_segments(task, prompt, completion)
+    for segment in segments:
+        if segment[1] is not None and rng.random() < noise:
+            segment[1] = 1 - segment[1]
+    return {"prompt": prompt, "completion": completion, "segments": segments}
+
+
+PAIR_CANDIDATES = 4  # samples per prompt when sampling pairs from a model; the best and worst make the pair
+MAX_SAMPLING_ROUNDS = 20
+
+
+def _synthesize_from_model(task: str, kind: str, size: int, noise: float, rng: random.Random, split: corpus.Split,
+                           model_name: str, max_new_tokens: int) -> list[dict[str, Any]]:
+    """Feedback on completions sampled from a model; prompts whose samples all tie are skipped for pairs."""
+    import torch
+
+    from rlfb.models.loading import load_model
+
+    model, tokenizer = load_model(model_name)
+    generator = torch.Generator().manual_seed(rng.randrange(2**31))
+    samples_per_prompt = PAIR_CANDIDATES if kind == "pairwise" else 1
+    rows: list[dict[str, Any]] = []
+    for _ in range(MAX_SAMPLING_ROUNDS):
+        if len(rows) >= size:
+            break
+        prompts = _prompts(task, split, rng, size - len(rows))
+        candidates = sample_completions(model, tokenizer, prompts, samples_per_prompt, max_new_tokens, generator)
+        for prompt, completions in zip(prompts, candidates):
+            if kind != "pairwise":
+                rows.append(_labelled_row(task, kind, prompt, completions[0], rng, noise))
+                continue
+            ranked = sorted(completions, key=lambda text: gold_score(task, prompt, text))
+            best, worst = ranked[-1], ranked[0]
+            if gold_score(task, prompt, best) - gold_score(task, prompt, worst) >= MIN_PAIR_MARGIN:
+                rows.append(_pairwise_row(prompt, best, worst, rng, noise))
+    if len(rows) < size:
+        raise DatasetError(f"sampled only {len(rows)} of {size} {kind} rows from {model_name!r}: its samples for a "
+                           "prompt rarely differ in gold score; use the grammar (no --model) or a smaller --size")
+    return rows[:size]
+
+
+def sample_completions(model: Any, tokenizer: Any, prompts: Sequence[str], samples_per_prompt: int,
+                       max_new_tokens: int, generator: Any, batch_size: int = 64) -> list[list[str]]:
+    """``samples_per_prompt`` completions of each prompt, sampled at temperature 1 and stopping at EOS."""
+    import torch
+
+    repeated = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    texts: list[str] = []
+    tokenizer.padding_side = "left"  # generation continues at the right edge of every row
+    with torch.no_grad():
+        for start in range(0, len(repeated), batch_size):
+            batch = tokenizer(repeated[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            # transformers' sampling draws from torch's global RNG; seed it from the generator for reproducibility
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            output = model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
+            texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [texts[i:i + samples_per_prompt] for i in range(0, len(texts), samples_per_prompt)]
 
 
 def _pair(task: str, rng: random.Random, prompt: str) -> tuple[str, str]:

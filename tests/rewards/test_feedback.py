@@ -81,3 +81,14 @@ def test_rewards_command_lists_one_line_each(capsys):
     sentiment = next(line for line in lines if line.startswith("sentiment "))
     assert "VADER" in sentiment
     assert any(line.startswith("likelihood ") for line in lines)
+
+
+def test_feedback_from_model_samples_is_seeded_and_labelled_by_gold(tiny_base_model):
+    rows = feedback.synthesize("arithmetic", "rating", size=6, noise=0.0, seed=1, model=tiny_base_model,
+                               max_new_tokens=4)
+    assert rows == feedback.synthesize("arithmetic", "rating", size=6, noise=0.0, seed=1, model=tiny_base_model,
+                                       max_new_tokens=4)
+    grammar = feedback.synthesize("arithmetic", "rating", size=6, noise=0.0, seed=1)
+    assert [row["completion"] for row in rows] != [row["completion"] for row in grammar]
+    assert all(row["rating"] == round(feedback.gold_rating("arithmetic", row["prompt"], row["completion"]), 4)
+               for row in rows)
