@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rlfb.errors import ConfigError, RewardError
-from rlfb.rewards.registry import RewardFunction, build_reward
+from rlfb.rewards.registry import RewardFunction, build_reward, resolve
 
 if TYPE_CHECKING:
     from rlfb.rewards.scoring import LogProbScorer
@@ -174,8 +174,9 @@ class RewardSet:
     def _build(spec: RewardSpec) -> _Component:
         function = build_reward(spec.name, spec.kwargs)
         conversational = spec.conversational
-        if conversational is None:
-            module = getattr(function, "__module__", None) or type(function).__module__
+        if conversational is None:  # TRL's own rewards read chat messages; judge by what the entry named
+            target = resolve(spec.name) if isinstance(spec.name, str) else spec.name
+            module = getattr(target, "__module__", None) or type(target).__module__
             conversational = module.startswith("trl.rewards")
         try:
             parameters = inspect.signature(function).parameters.values()

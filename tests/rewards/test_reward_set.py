@@ -230,3 +230,13 @@ def test_every_builtin_is_registered_and_text_rewards_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         RewardSet(["sentiment", "repetition"])(PROMPTS, COMPLETIONS, completion_ids=COMPLETION_IDS)
+
+
+def test_conversational_entries_get_chat_messages():
+    def chat_length(prompts, completions, **kwargs):
+        assert prompts[0][0]["role"] == "user"
+        return [float(len(message[0]["content"])) for message in completions]
+
+    result = RewardSet([{"name": chat_length, "conversational": True, "kwargs": {"unused": 1}}])(
+        PROMPTS, COMPLETIONS, completion_ids=COMPLETION_IDS)
+    np.testing.assert_allclose(result.total, [len(COMPLETIONS[0]), len(COMPLETIONS[1])])
