@@ -187,10 +187,10 @@ def capture_rng_state(torch_generators: Mapping[str, torch.Generator] | None = N
         torch_generators: named ``torch.Generator`` objects (e.g. the sampling generator).
         numpy_generators: named ``np.random.Generator`` objects (e.g. the vector env's ``np_random``).
     """
-    numpy_global = np.random.get_state()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": _lists(random.getstate()),
-        "numpy": [numpy_global[0], numpy_global[1].tolist(), *numpy_global[2:]],
+        "numpy": [kind, np.asarray(keys).tolist(), position, has_gauss, cached_gaussian],
         "torch": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "torch_generators": {name: g.get_state() for name, g in (torch_generators or {}).items()},
@@ -213,10 +213,10 @@ def restore_rng_state(state: Mapping[str, Any],
     torch.set_rng_state(state["torch"])
     if state["torch_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["torch_cuda"])
-    for name, generator in (torch_generators or {}).items():
-        generator.set_state(_saved(state["torch_generators"], name))
-    for name, generator in (numpy_generators or {}).items():
-        generator.bit_generator.state = _saved(state["numpy_generators"], name)
+    for name, torch_generator in (torch_generators or {}).items():
+        torch_generator.set_state(_saved(state["torch_generators"], name))
+    for name, numpy_generator in (numpy_generators or {}).items():
+        numpy_generator.bit_generator.state = _saved(state["numpy_generators"], name)
 
 
 def _saved(states: Mapping[str, Any], name: str) -> Any:

@@ -23,13 +23,11 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Union
 
 import yaml
 
 from rlfb.errors import ConfigError
-
-T = TypeVar("T")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -252,7 +250,7 @@ def check_section(cls: type, values: Mapping[str, Any], section: str) -> dict[st
     return checked
 
 
-def field_help(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
+def field_help(cls: Any = RunConfig, prefix: str = "") -> dict[str, str]:
     """Every dotted key of a config class with its type and help text (for docs and errors)."""
     result = {}
     for config_field in dataclasses.fields(cls):
@@ -265,7 +263,7 @@ def field_help(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
     return result
 
 
-def _normalize(cls: type, data: Any, where: str) -> Any:
+def _normalize(cls: Any, data: Any, where: str) -> Any:
     """Expand shorthands (``task: sentiment``) and gather agent params, so overrides see one shape."""
     if cls in _SHORTHAND_SECTIONS and isinstance(data, str):
         data = {"name": data}
@@ -286,7 +284,7 @@ def _normalize(cls: type, data: Any, where: str) -> Any:
     return data
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(data: Any, key: str, value: Any) -> None:
     """Set ``a.b.c`` in the nested dicts/lists of a config; agent hyper-parameters go to ``agent.params``."""
     parts = key.split(".")
     if parts[0] == "agent" and len(parts) >= 2 and parts[1] not in ("name", "params"):
@@ -327,7 +325,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node = child
 
 
-def _check_known(cls: type, key: str, section: str) -> None:
+def _check_known(cls: Any, key: str, section: str) -> None:
     names = [f.name for f in dataclasses.fields(cls)]
     if key in names:
         return
@@ -338,7 +336,7 @@ def _check_known(cls: type, key: str, section: str) -> None:
     raise ConfigError(f"unknown key '{full}'{hint}; valid keys in {where}: {', '.join(names)}")
 
 
-def _build(cls: type[T], data: Any, where: str) -> T:
+def _build(cls: Any, data: Any, where: str) -> Any:
     """Check ``data`` against the dataclass ``cls`` field by field and construct it."""
     section = where.rstrip(".") or "the run config"
     if not isinstance(data, Mapping):

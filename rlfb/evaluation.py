@@ -127,7 +127,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     rewards.update({name: _nanmean(values) for name, values in result.components.items()})
     lengths = [len(ids) for ids in completion_ids]
     samples = [{"prompt": p, "completion": c, "reward": float(r)}
-               for p, c, r in list(zip(prompts, completions, result.total))[:num_samples]]
+               for p, c, r in list(zip(prompts, completions, result.total, strict=True))[:num_samples]]
     return EvalResult(
         rewards=rewards,
         kl=float(np.mean(kl_per_completion)),
@@ -197,9 +197,9 @@ def load_policy(run_dir_or_model: str | Path, device: str = "auto") -> tuple[Any
         config = load_config(checkpoint / CONFIG_FILE)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             config.model.dtype or "")
-        model, tokenizer = load_model(config.model.name, device=device, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(checkpoint / "adapter"))
-        return Policy(model, tokenizer, value_head=False, device=device), config
+        base, tokenizer = load_model(config.model.name, device=device, dtype=dtype)
+        adapted = PeftModel.from_pretrained(base, str(checkpoint / "adapter"))
+        return Policy(adapted, tokenizer, value_head=False, device=device), config
     model, tokenizer = load_model(str(run_dir_or_model), device=device)
     return Policy(model, tokenizer, value_head=False, device=device), None
 
@@ -221,5 +221,5 @@ def sample_completions(policy: Any, prompts: Sequence[str], sampling: SamplingCo
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           generator=generator)
     texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
-             for ids, mask in zip(generation.completion_ids, generation.completion_mask)]
+             for ids, mask in zip(generation.completion_ids, generation.completion_mask, strict=True)]
     return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

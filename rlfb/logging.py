@@ -208,7 +208,7 @@ def samples_markdown(prompts: Sequence[str], completions: Sequence[str], rewards
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
 
-    rows = [f"|{cell(p)}|{cell(c)}|{r:.3f}|" for p, c, r in zip(prompts, completions, rewards)]
+    rows = [f"|{cell(p)}|{cell(c)}|{r:.3f}|" for p, c, r in zip(prompts, completions, rewards, strict=True)]
     return "|prompt|completion|reward|\n|-|-|-|\n" + "\n".join(rows)
 
 

@@ -65,6 +65,20 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
+@dataclass
+class _Interruption:
+    """How the loop stopped on Ctrl-C.
+
+    Attributes:
+        consistent: False when an update was cut half-way (nothing consistent to save).
+        state: RNG and reward-normalization state to save instead of the current one (an interrupted
+            rollout had already drawn from the streams), or None for the current state.
+    """
+
+    consistent: bool
+    state: dict[str, Any] | None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (CUDA included)."""
     random.seed(seed)
@@ -240,7 +254,7 @@ class Trainer:
             self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
                                          config.logging.run_name)
         resumed = self.resume_checkpoint is not None
-        if resumed:
+        if self.resume_checkpoint is not None:
             self._restore(self.resume_checkpoint)
         elif self.is_main_process:
             (self.run_dir / ckpt.CONFIG_FILE).write_text(config.to_yaml())
@@ -251,9 +265,9 @@ class Trainer:
                 self.logger.log_hyperparameters(config.to_dict())
                 before = self._evaluate(step=0, label="before")
             with self._graceful_interrupts():
-                interrupted, captured = self._loop()
-            if interrupted:
-                saved = self.save_checkpoint(captured) if captured is not False else None
+                interruption = self._loop()
+            if interruption is not None:
+                saved = self.save_checkpoint(interruption.state) if interruption.consistent else None
                 self._say(f"interrupted at update {self.step}; "
                           + (f"saved {saved}. " if saved else "the update in progress was lost. ")
                           + f"Continue with: rlfb train CONFIG --resume {self.run_dir}")
@@ -270,12 +284,8 @@ class Trainer:
             self.logger.close()
             self.venv.close()
 
-    def _loop(self) -> tuple[bool, Any]:
-        """Updates until the budget is spent; returns (interrupted, what to checkpoint on interrupt).
-
-        The second value is None (checkpoint the current state), a captured pre-rollout state, or False
-        (an update was cut half-way: nothing consistent to save).
-        """
+    def _loop(self) -> _Interruption | None:
+        """Updates until the budget is spent or a callback says stop (None), or until Ctrl-C."""
         config = self.config
         progress = self._progress_bar()
         captured: dict[str, Any] | None = None
@@ -312,15 +322,16 @@ class Trainer:
                 if any(result is False for result in keep_going):
                     break
                 if self._stop_requested:
-                    return True, None
+                    return _Interruption(consistent=True, state=None)
         except KeyboardInterrupt:
-            if self._phase == "update":
-                return True, False
-            return True, (captured if self._phase == "rollout" else None)
+            # Mid-rollout, the weights are those of the last update but the RNG streams have moved on:
+            # save the streams as they were before the rollout. Mid-update, nothing consistent is left.
+            return _Interruption(consistent=self._phase != "update",
+                                 state=captured if self._phase == "rollout" else None)
         finally:
             progress.close()
             self._phase = "done"
-        return False, None
+        return None
 
     def _budget_spent(self) -> bool:
         budget = self.config.budget

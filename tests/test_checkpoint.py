@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from rlfb.checkpoint import (CheckpointManager, CheckpointNotFoundError, capture_rng_state, find_checkpoint,
-                             read_trainer_state, restore_rng_state, save_atomically, write_trainer_state)
+from rlfb.checkpoint import (
+    CheckpointManager,
+    CheckpointNotFoundError,
+    capture_rng_state,
+    find_checkpoint,
+    read_trainer_state,
+    restore_rng_state,
+    save_atomically,
+    write_trainer_state,
+)
 
 
 def write_step(step: int):

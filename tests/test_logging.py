@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlfb.logging import (JsonlWriter, Logger, TensorBoardWriter, flatten, make_run_dir, read_metrics,
-                          samples_markdown)
+from rlfb.logging import (
+    JsonlWriter,
+    Logger,
+    TensorBoardWriter,
+    flatten,
+    make_run_dir,
+    read_metrics,
+    samples_markdown,
+)
 
 
 def test_dump_writes_one_row_per_step_and_clears(tmp_path: Path) -> None:

@@ -197,3 +197,20 @@ def test_ctrl_c_signal_finishes_the_update_then_saves(tiny_model_dir: Path, tmp_
     assert result.interrupted and result.step == 1
     assert result.checkpoint is not None and read_trainer_state(result.checkpoint)["step"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was removed
+
+
+def test_interrupt_inside_an_update_saves_nothing_half_done(tiny_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlfb.agents.ppo import PPOAgent
+
+    real_update = PPOAgent.update
+
+    def update_interrupted_at_3(agent: PPOAgent, rollout):
+        if agent.updates == 2:
+            raise KeyboardInterrupt  # a second Ctrl-C while the weights are changing
+        return real_update(agent, rollout)
+
+    monkeypatch.setattr(PPOAgent, "update", update_interrupted_at_3)
+    result = Trainer(tiny_config(tiny_model_dir, tmp_path)).train()
+    assert result.interrupted and result.step == 2 and result.checkpoint is None
+    assert read_trainer_state(find_checkpoint(result.run_dir))["step"] == 2  # the periodic one is intact

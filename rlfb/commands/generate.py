@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     completions = sample_completions(policy, args.prompt, sampling, seed=args.seed, num_samples=args.num_samples)
-    for prompt, texts in zip(args.prompt, completions):
+    for prompt, texts in zip(args.prompt, completions, strict=True):
         for text in texts:
             print(f"{prompt}{text}")
     return 0
