@@ -47,10 +47,15 @@ def train_kind(kind: str, args: argparse.Namespace, workdir: Path) -> tuple[dict
                          train_path)
     feedback.write_jsonl(feedback.synthesize(args.task, kind, size=args.eval_size, noise=0.0, seed=args.seed + 1,
                                              split="eval"), eval_path)
+    settings = dict(SETTINGS[kind])
+    if args.epochs is not None:
+        settings["epochs"] = args.epochs
+    if args.learning_rate is not None:
+        settings["learning_rate"] = args.learning_rate
     config = RewardModelConfig(kind=kind, data=str(train_path), eval_data=str(eval_path),
                                output_dir=str(workdir / f"rm_{kind}"), base_model=args.base_model, gold=args.task,
                                seed=args.seed, device="cpu", threads=args.threads, max_length=args.max_length,
-                               **SETTINGS[kind])
+                               **settings)
     report = train_reward_model(config)
     return report.metrics, report.seconds, report.output_dir
 
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, default=None, help="override the tuned epochs of every kind")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the tuned learning rate")
     parser.add_argument("--workdir", default=None, help="keep data and models here (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

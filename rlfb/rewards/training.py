@@ -172,6 +172,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainReport:
 
 def _load_base(config: RewardModelConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from rlfb.models.loading import resolve_model_path
 
@@ -181,7 +182,12 @@ def _load_base(config: RewardModelConfig) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     model_class = AutoModelForTokenClassification if config.kind == "token" else AutoModelForSequenceClassification
-    model = model_class.from_pretrained(path, num_labels=1)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the new head is "missing from the checkpoint" by design
+    try:
+        model = model_class.from_pretrained(path, num_labels=1)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence heads read the last non-pad token
     return model, tokenizer
 
