@@ -31,4 +31,5 @@ ENV_IDS: dict[str, dict[str, str]] = {
 
 for _env_id, _entry_points in ENV_IDS.items():
     if _env_id not in registry:  # importlib.reload must not re-register (Gymnasium would warn)
-        register(id=_env_id, **_entry_points)
+        register(id=_env_id, entry_point=_entry_points["entry_point"],
+                 vector_entry_point=_entry_points.get("vector_entry_point"))

@@ -73,7 +73,7 @@ class CompletionEnv(gym.Env[dict[str, np.ndarray], Any]):
         self.render_mode = render_mode
         self._prompts = PromptSource(self.settings)
         self._scorer = EpisodeScorer(self.settings)
-        self.observation_space = observation_space(self.settings)
+        self.observation_space = observation_space(self.settings)  # type: ignore[assignment]
         if action_type == "tokens":
             self.action_space: spaces.Space[Any] = spaces.MultiDiscrete(
                 np.full(max_new_tokens, self.settings.vocab_size, dtype=np.int64))

@@ -93,7 +93,7 @@ class TokenEpisodes:
         """A copy of the current observation (callers may keep it; the state moves on)."""
         return {"input_ids": self.input_ids.clone(), "attention_mask": self.attention_mask.clone()}
 
-    def step(self, tokens: torch.Tensor) -> StepResult:
+    def step(self, tokens: torch.Tensor | np.ndarray | Sequence[int]) -> StepResult:
         """Take one token per row.
 
         Args:

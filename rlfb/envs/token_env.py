@@ -72,7 +72,7 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                                                     max_new_tokens, split, vocab_size)
         self.render_mode = render_mode
         self._episodes = TokenEpisodes(self.settings, 1, torch.device("cpu"), dense_reward)
-        self.observation_space = observation_space(self.settings)
+        self.observation_space = observation_space(self.settings)  # type: ignore[assignment]
         self.action_space = spaces.Discrete(self.settings.vocab_size)
 
     @property

@@ -202,6 +202,7 @@ def _preallocated_cache(model: Any, capacity: int) -> Cache | None:
     layer_types = getattr(config, "layer_types", None) or ()
     if getattr(config, "sliding_window", None) is not None or any(kind != "full_attention" for kind in layer_types):
         return None
+    # Cache calls layer_class_to_replicate() once per layer; a partial supplies the capacity.
     return Cache(layer_class_to_replicate=partial(PreallocatedLayer, capacity))  # type: ignore[arg-type]
 
 
@@ -209,7 +210,7 @@ def _default_token_id(model: Any, name: str) -> int | list[int] | None:
     for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         value = getattr(config, name, None)
         if value is not None:
-            return value  # type: ignore[no-any-return]
+            return value
     return None
 
 
