@@ -158,9 +158,6 @@ class PromptSource:
         self.num_truncated_prompts = 0
         self._warned = False
 
-    def rows(self, split: str) -> list[dict[str, Any]]:
-        return self.settings.task.rows(split) if split in SPLITS else self._bad_split(split)
-
     def choose(self, rng: np.random.Generator, count: int, split: str | None = None,
                indices: Sequence[int] | None = None,
                prompts: Sequence[str | Mapping[str, Any]] | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
@@ -176,7 +173,7 @@ class PromptSource:
         if split not in SPLITS:
             self._bad_split(split)
         if prompts is not None and indices is not None:
-            raise ValueError("reset options 'prompts' and 'indices' exclude each other; give one")
+            raise ValueError("pin prompts either by text or by index in one reset, not both")
         if prompts is not None:
             pinned = [self._pinned_row(prompt) for prompt in prompts]
             self._check_count(len(pinned), count, "prompts")
@@ -239,7 +236,7 @@ class PromptSource:
                              "(one per prompt group being reset)")
 
     @staticmethod
-    def _bad_split(split: str) -> Any:
+    def _bad_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
 
 

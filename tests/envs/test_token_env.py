@@ -180,3 +180,8 @@ def test_reset_draws_only_from_np_random(make_env: Any) -> None:
     torch.manual_seed(999)
     np.random.seed(999)
     assert env.reset()[1]["prompt"] == first
+
+
+def test_pinning_by_text_and_by_index_at_once_is_an_error(make_env: Any) -> None:
+    with pytest.raises(ValueError, match="either by text or by index"):
+        make_env().reset(options={"prompt": "1+1=", "index": 0})
