@@ -60,6 +60,9 @@ def train_pointwise(model: Any, tokenizer: Any, rows: list[dict[str, Any]], conf
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
+    for module in model.modules():  # no dropout, as TRL's RewardTrainer does for pairwise feedback
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     order: list[int] = []
     for _ in range(total_steps):
         if len(order) < config.batch_size:  # refill with a fresh permutation for the next epoch
