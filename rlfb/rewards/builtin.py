@@ -51,7 +51,7 @@ class SentimentReward:
         self.sign = 1.0 if target == "positive" else -1.0
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **kwargs: Any) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else completions
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)] if self.include_prompt else completions
         return [self.sign * vader_compound(text) for text in texts]
 
 
@@ -74,7 +74,7 @@ class ExactMatchReward:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **kwargs: Any) -> list[float]:
         answers = _answers(kwargs, self.answer_column, "exact_match")
         normalize = (lambda text: text.strip()) if self.case_sensitive else (lambda text: text.strip().lower())
-        return [float(normalize(c) == normalize(str(a))) for c, a in zip(completions, answers)]
+        return [float(normalize(c) == normalize(str(a))) for c, a in zip(completions, answers, strict=True)]
 
 
 @register("numeric_match")
@@ -90,7 +90,8 @@ class NumericMatchReward:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **kwargs: Any) -> list[float]:
         answers = _answers(kwargs, self.answer_column, "numeric_match")
-        return [self._score(completion, float(answer)) for completion, answer in zip(completions, answers)]
+        return [self._score(completion, float(answer))
+                for completion, answer in zip(completions, answers, strict=True)]
 
     def _score(self, completion: str, answer: float) -> float:
         match = _NUMBER.search(completion)
@@ -129,7 +130,7 @@ class LengthReward:
                  completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float]:
         ids = completion_ids if completion_ids is not None else [None] * len(completions)
         return [-abs(_units(text, token_ids, self.unit) - self.target) / self.target
-                for text, token_ids in zip(completions, ids)]
+                for text, token_ids in zip(completions, ids, strict=True)]
 
 
 @register("keyword")

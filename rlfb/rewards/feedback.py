@@ -242,7 +242,7 @@ def _synthesize_from_model(task: str, kind: str, size: int, noise: float, rng: r
             break
         prompts = _prompts(task, split, rng, size - len(rows))
         candidates = sample_completions(model, tokenizer, prompts, samples_per_prompt, max_new_tokens, generator)
-        for prompt, completions in zip(prompts, candidates):
+        for prompt, completions in zip(prompts, candidates, strict=True):
             if kind != "pairwise":
                 rows.append(_labelled_row(task, kind, prompt, completions[0], rng, noise))
                 continue

@@ -30,8 +30,12 @@ def load_reward_model(path: str, device: str = "auto") -> tuple[Any, Any, bool]:
         ``(model, tokenizer, is_token_level)``; the model is in eval mode with gradients off, the
         tokenizer pads on the right with a pad token set.
     """
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                              AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -92,7 +96,7 @@ class RewardModelReward:
         return scores
 
     def _score_sequences(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
+        texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
         inputs = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                 add_special_tokens=False, return_tensors="pt").to(self.model.device)
         logits = self.model(**inputs).logits[:, 0].float()  # (B,)
@@ -105,7 +109,7 @@ class RewardModelReward:
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
         if completion_ids is None:
             completion_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions]
-        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         length = max(1, max(len(sequence) for sequence in sequences))
         input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -117,7 +121,7 @@ class RewardModelReward:
         if self.sigmoid:
             logits = logits.sigmoid()
         results: list[Any] = []
-        for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
             token_scores = logits[row, len(prompt):len(prompt) + len(completion)]
             if self.dense:
                 results.append(token_scores.double().tolist())

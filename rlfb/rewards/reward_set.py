@@ -298,11 +298,11 @@ class RewardSet:
         else:
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 results = pool.submit(asyncio.run, gather()).result()
-        for label, result in zip(pending, results):
+        for label, result in zip(pending, results, strict=True):
             if isinstance(result, _Failure):
                 raise self._error(label, f"raised {type(result.error).__name__}: {result.error}", prompts,
                                   completions, 0) from result.error
-        return dict(zip(pending, results))
+        return dict(zip(pending, results, strict=True))
 
     def _validate(self, label: str, output: Any, prompts: list[str], completions: list[str],
                   completion_ids: list[list[int]] | None) -> tuple[np.ndarray, list[np.ndarray | None] | None]:

@@ -86,7 +86,7 @@ class ModelScorer:
         start_token = self._start_token()
         # A completion's first token needs a prefix to be predicted from; an empty prompt gets the BOS token.
         prefixes = [list(ids) if len(ids) else [start_token] for ids in prompt_ids]
-        sequences = [prefix + list(completion) for prefix, completion in zip(prefixes, completion_ids)]
+        sequences = [prefix + list(ids) for prefix, ids in zip(prefixes, completion_ids, strict=True)]
         length = max(len(sequence) for sequence in sequences)
         input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
         attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
@@ -98,7 +98,7 @@ class ModelScorer:
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): position t predicts t+1
         token_logprobs = logprobs.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         results = []
-        for row, (prefix, completion) in enumerate(zip(prefixes, completion_ids)):
+        for row, (prefix, completion) in enumerate(zip(prefixes, completion_ids, strict=True)):
             first = len(prefix) - 1  # logits at position len(prefix)-1 predict the first completion token
             results.append(token_logprobs[row, first:first + len(completion)].cpu())
         return results

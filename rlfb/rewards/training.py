@@ -171,7 +171,11 @@ def train_reward_model(config: RewardModelConfig) -> TrainReport:
 
 
 def _load_base(config: RewardModelConfig) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as transformers_logging
 
     from rlfb.models.loading import resolve_model_path
@@ -231,8 +235,8 @@ def evaluate_reward_model(path: str, kind: str, rows: list[dict[str, Any]], *, g
         rejected = np.array(scorer(prompts, [row["rejected"] for row in rows]), dtype=float)
         metrics = {"accuracy": float(np.mean(chosen > rejected))}
         if gold:
-            gold_chosen = np.array([feedback.gold_score(gold, p, r["chosen"]) for p, r in zip(prompts, rows)])
-            gold_rejected = np.array([feedback.gold_score(gold, p, r["rejected"]) for p, r in zip(prompts, rows)])
+            gold_chosen = np.array([feedback.gold_score(gold, row["prompt"], row["chosen"]) for row in rows])
+            gold_rejected = np.array([feedback.gold_score(gold, row["prompt"], row["rejected"]) for row in rows])
             decided = gold_chosen != gold_rejected  # gold ties have no right answer
             agree = (chosen > rejected) == (gold_chosen > gold_rejected)
             metrics["gold_accuracy"] = float(np.mean(agree[decided]))
@@ -246,14 +250,14 @@ def evaluate_reward_model(path: str, kind: str, rows: list[dict[str, Any]], *, g
         labels = np.array([row["label"] for row in rows], dtype=float)
         metrics["accuracy"] = float(np.mean((scores > 0) == (labels > 0.5)))
         if gold:
-            gold_labels = np.array([feedback.gold_label(gold, p, c) for p, c in zip(prompts, completions)])
+            gold_labels = np.array([feedback.gold_label(gold, row["prompt"], row["completion"]) for row in rows])
             metrics["gold_accuracy"] = float(np.mean((scores > 0) == (gold_labels > 0.5)))
-            gold_values = [feedback.gold_score(gold, p, c) for p, c in zip(prompts, completions)]
+            gold_values = [feedback.gold_score(gold, row["prompt"], row["completion"]) for row in rows]
             metrics["gold_spearman"] = _spearman(scores, np.array(gold_values))
     else:
         metrics["pearson"] = _pearson(scores, np.array([row["rating"] for row in rows], dtype=float))
         if gold:
-            gold_values = np.array([feedback.gold_rating(gold, p, c) for p, c in zip(prompts, completions)])
+            gold_values = np.array([feedback.gold_rating(gold, row["prompt"], row["completion"]) for row in rows])
             metrics["gold_pearson"] = _pearson(scores, gold_values)
             metrics["gold_spearman"] = _spearman(scores, gold_values)
     return metrics

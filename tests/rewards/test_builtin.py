@@ -7,8 +7,16 @@ import pytest
 
 from rlfb.errors import ConfigError, RewardError
 from rlfb.rewards import RewardSet
-from rlfb.rewards.builtin import (ExactMatchReward, KeywordReward, LengthReward, NumericMatchReward, RegexReward,
-                                  RepetitionReward, SentimentReward, _vader)
+from rlfb.rewards.builtin import (
+    ExactMatchReward,
+    KeywordReward,
+    LengthReward,
+    NumericMatchReward,
+    RegexReward,
+    RepetitionReward,
+    SentimentReward,
+    _vader,
+)
 
 
 def test_sentiment_orders_positive_above_negative_and_reuses_one_analyzer():

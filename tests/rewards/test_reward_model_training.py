@@ -12,7 +12,12 @@ import yaml
 from rlfb.cli import main
 from rlfb.errors import ConfigError, ModelNotFoundError
 from rlfb.rewards import RewardSet, feedback
-from rlfb.rewards.training import METADATA_FILE, RewardModelConfig, load_reward_model_config, train_reward_model
+from rlfb.rewards.training import (
+    METADATA_FILE,
+    RewardModelConfig,
+    load_reward_model_config,
+    train_reward_model,
+)
 
 GOOD = ("great", "wonderful", "brilliant", "lovely")
 BAD = ("awful", "boring", "terrible", "dull")

@@ -40,7 +40,7 @@ def test_extra_columns_are_passed_by_name_and_signature_filters_keywords():
 
     def strict(completions, answer):  # no **kwargs: gets only what it names
         seen["answer"] = answer
-        return [float(c.strip() == a) for c, a in zip(completions, answer)]
+        return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
 
     result = RewardSet(strict)(["1+1=", "2+2="], ["2", "5"], completion_ids=[[1], [2]], answer=["2", "4"])
     assert seen["answer"] == ["2", "4"]

@@ -35,7 +35,7 @@ def test_batched_scores_with_padding_match_one_at_a_time(tiny_lm):
     scorer = ModelScorer(model, batch_size=2)
     assert isinstance(scorer, LogProbScorer)
     batched = scorer.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, reference=True)
-    for values, prompt, completion in zip(batched, PROMPT_IDS, COMPLETION_IDS):
+    for values, prompt, completion in zip(batched, PROMPT_IDS, COMPLETION_IDS, strict=True):
         assert values.shape == (len(completion),)
         torch.testing.assert_close(values, manual_logprobs(model, prompt, completion), atol=1e-5, rtol=1e-5)
 
@@ -52,7 +52,7 @@ def test_reference_disables_the_lora_adapter(tiny_lm):
     from peft import LoraConfig, get_peft_model
 
     model, _ = tiny_lm
-    base_values = [manual_logprobs(model, p, c) for p, c in zip(PROMPT_IDS, COMPLETION_IDS)]
+    base_values = [manual_logprobs(model, p, c) for p, c in zip(PROMPT_IDS, COMPLETION_IDS, strict=True)]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0))
     with torch.no_grad():  # make the adapter do something (lora_B starts at zero)
         for name, parameter in peft_model.named_parameters():
@@ -61,7 +61,7 @@ def test_reference_disables_the_lora_adapter(tiny_lm):
     scorer = ModelScorer(peft_model)
     reference = scorer.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, reference=True)
     policy = scorer.completion_logprobs(PROMPT_IDS, COMPLETION_IDS, reference=False)
-    for base, ref, own in zip(base_values, reference, policy):
+    for base, ref, own in zip(base_values, reference, policy, strict=True):
         torch.testing.assert_close(ref, base, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(own, base, atol=1e-3)
 
@@ -78,10 +78,10 @@ def test_likelihood_reward_mean_sum_and_dense(tiny_lm):
     rewards.bind_scorer(ModelScorer(model, tokenizer))
     result = rewards(prompts, completions, completion_ids=completion_ids)
     expected = [manual_logprobs(model, tokenizer(p)["input_ids"], ids).double().numpy()
-                for p, ids in zip(prompts, completion_ids)]
+                for p, ids in zip(prompts, completion_ids, strict=True)]
     np.testing.assert_allclose(result.components["mean"], [values.mean() for values in expected], rtol=1e-5)
     np.testing.assert_allclose(result.components["sum"], [values.sum() for values in expected], rtol=1e-5)
-    for per_token, values in zip(result.per_token, expected):
+    for per_token, values in zip(result.per_token, expected, strict=True):
         np.testing.assert_allclose(per_token, values, rtol=1e-5)
     np.testing.assert_allclose(result.total, result.components["mean"])
 
