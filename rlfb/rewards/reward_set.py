@@ -227,17 +227,18 @@ class RewardSet:
         prompts, completions = list(prompts), list(completions)
         if len(completions) != len(prompts):
             raise RewardError(f"got {len(prompts)} prompts but {len(completions)} completions")
+        ids: list[list[int]] | None = None
         if completion_ids is not None:
-            completion_ids = [list(ids) for ids in completion_ids]
-            if len(completion_ids) != len(prompts):
-                raise RewardError(f"got {len(prompts)} prompts but {len(completion_ids)} completion_ids")
+            ids = [list(token_ids) for token_ids in completion_ids]
+            if len(ids) != len(prompts):
+                raise RewardError(f"got {len(prompts)} prompts but {len(ids)} completion_ids")
         metrics: dict[str, float] = {}
         extra: dict[str, list[Any]] = {}
         keyword_arguments = dict(columns, prompts=prompts, completions=completions,
                                  log_metric=lambda name, value: metrics.__setitem__(name, float(value)),
                                  log_extra=lambda name, values: extra.__setitem__(name, list(values)))
-        if completion_ids is not None:
-            keyword_arguments["completion_ids"] = completion_ids
+        if ids is not None:
+            keyword_arguments["completion_ids"] = ids
 
         outputs: dict[str, Any] = {}
         pending: dict[str, Any] = {}
@@ -257,11 +258,11 @@ class RewardSet:
         dense: dict[str, list[np.ndarray | None]] = {}
         for component in self._components:
             scores, per_token = self._validate(component.label, outputs[component.label], prompts, completions,
-                                               completion_ids)
+                                               ids)
             components[component.label] = scores
             if per_token is not None:
                 dense[component.label] = per_token
-        return self._combine(components, dense, completion_ids, metrics, extra)
+        return self._combine(components, dense, ids, metrics, extra)
 
     @staticmethod
     def _arguments_for(component: _Component, keyword_arguments: dict[str, Any]) -> dict[str, Any]:

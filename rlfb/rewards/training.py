@@ -230,10 +230,11 @@ def evaluate_reward_model(path: str, kind: str, rows: list[dict[str, Any]], *, g
     """Held-out metrics of a saved reward model on feedback rows (see the module docstring)."""
     scorer = RewardModelReward(path, max_length=max_length, device=device)
     prompts = [row["prompt"] for row in rows]
+    metrics: dict[str, float] = {}
     if kind == "pairwise":
         chosen = np.array(scorer(prompts, [row["chosen"] for row in rows]), dtype=float)
         rejected = np.array(scorer(prompts, [row["rejected"] for row in rows]), dtype=float)
-        metrics = {"accuracy": float(np.mean(chosen > rejected))}
+        metrics["accuracy"] = float(np.mean(chosen > rejected))
         if gold:
             gold_chosen = np.array([feedback.gold_score(gold, row["prompt"], row["chosen"]) for row in rows])
             gold_rejected = np.array([feedback.gold_score(gold, row["prompt"], row["rejected"]) for row in rows])
@@ -245,15 +246,14 @@ def evaluate_reward_model(path: str, kind: str, rows: list[dict[str, Any]], *, g
     if kind == "token":
         return _evaluate_tokens(scorer, rows, gold)
     scores = np.array(scorer(prompts, completions), dtype=float)
-    metrics = {}
     if kind == "pointwise":
         labels = np.array([row["label"] for row in rows], dtype=float)
         metrics["accuracy"] = float(np.mean((scores > 0) == (labels > 0.5)))
         if gold:
             gold_labels = np.array([feedback.gold_label(gold, row["prompt"], row["completion"]) for row in rows])
             metrics["gold_accuracy"] = float(np.mean((scores > 0) == (gold_labels > 0.5)))
-            gold_values = [feedback.gold_score(gold, row["prompt"], row["completion"]) for row in rows]
-            metrics["gold_spearman"] = _spearman(scores, np.array(gold_values))
+            gold_scores = np.array([feedback.gold_score(gold, row["prompt"], row["completion"]) for row in rows])
+            metrics["gold_spearman"] = _spearman(scores, gold_scores)
     else:
         metrics["pearson"] = _pearson(scores, np.array([row["rating"] for row in rows], dtype=float))
         if gold:
