@@ -47,11 +47,11 @@ def keyword_rows(kind: str, size: int, seed: int = 0) -> list[dict]:
 
 def train(kind: str, tiny_base_model: str, tmp_path, **options) -> tuple[RewardModelConfig, object]:
     data = tmp_path / f"{kind}.jsonl"
-    feedback.write_jsonl(keyword_rows(kind, 160), data)
+    feedback.write_jsonl(keyword_rows(kind, 96), data)
     eval_data = tmp_path / f"{kind}_eval.jsonl"
     feedback.write_jsonl(keyword_rows(kind, 40, seed=1), eval_data)
     settings = dict(kind=kind, data=str(data), eval_data=str(eval_data), output_dir=str(tmp_path / f"rm_{kind}"),
-                    base_model=tiny_base_model, epochs=3, learning_rate=3e-3, batch_size=16, device="cpu")
+                    base_model=tiny_base_model, epochs=2, learning_rate=3e-3, batch_size=16, device="cpu")
     settings.update(options)
     config = RewardModelConfig(**settings)
     return config, train_reward_model(config)
