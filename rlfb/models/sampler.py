@@ -14,8 +14,8 @@ Conventions:
       top-p truncation. Truncation is a sampling device; the unfiltered value is what a training-time
       forward pass over the completion recomputes, so the PPO ratio starts at exactly 1. With
       ``temperature == 0`` (greedy) they are ``log softmax(logits)``.
-    * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on, and
-      its later columns are masked out of the cache's attention.
+    * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on and
+      leaves the compute batch (with its cache rows), so later steps cost only what the unfinished rows need.
 
 The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
 dropout does not perturb sampling.
@@ -189,6 +189,14 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._key_buffer is None or self._value_buffer is None:
+            return
+        self._key_buffer = self._key_buffer[indices]
+        self._value_buffer = self._value_buffer[indices]
+        self.keys = self._key_buffer[:, :, : self.length]
+        self.values = self._value_buffer[:, :, : self.length]
+
     def _grown(self, buffer: torch.Tensor) -> torch.Tensor:
         grown = buffer.new_empty((*buffer.shape[:2], self.capacity, buffer.shape[-1]))
         grown[:, :, : self.length] = buffer[:, :, : self.length]
@@ -266,10 +274,11 @@ class TokenSampler:
         self.num_generated = 0
         self._cache: Any = None
         self._next_logits: torch.Tensor | None = None
-        self._attention_mask: torch.Tensor | None = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
+        self._mask_width = 0
         self._next_position: torch.Tensor | None = None
         self._eos: torch.Tensor | None = None
+        self._rows = torch.zeros(0, dtype=torch.long)
 
     @property
     def done(self) -> bool:
@@ -312,13 +321,14 @@ class TokenSampler:
             logits_to_keep=1,
         )
         self._cache = outputs.cache
-        self._next_logits = outputs.logits[:, -1, :].float()  # (B, V)
+        self._next_logits = outputs.logits[:, -1, :].float()  # (A, V), A = rows still generating
         # The mask grows by one column per step; a buffer of the final width avoids re-allocating it.
         self._mask_buffer = attention_mask.new_zeros((attention_mask.shape[0], width))
         self._mask_buffer[:, : input_ids.shape[1]] = attention_mask
-        self._attention_mask = self._mask_buffer[:, : input_ids.shape[1]]
-        self._next_position = attention_mask.sum(dim=-1)  # (B,) one past the last real position
+        self._mask_width = input_ids.shape[1]
+        self._next_position = attention_mask.sum(dim=-1)  # (A,) one past the last real position
         self._eos = torch.tensor(self.eos_token_ids, device=device)
+        self._rows = torch.arange(input_ids.shape[0], device=device)  # (A,) batch rows still generating
         self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         self.num_generated = 0
 
@@ -334,14 +344,19 @@ class TokenSampler:
         """
         if self._next_logits is None or self.finished is None:
             raise RuntimeError("nothing to sample: call start() first (or the batch is done)")
-        tokens, logprobs = _choose_tokens(self._next_logits, self.sampling, self.generator)
-        tokens = tokens.masked_fill(self.finished, self.pad_token_id)
-        logprobs = logprobs.masked_fill(self.finished, 0.0)
+        active_tokens, active_logprobs = _choose_tokens(self._next_logits, self.sampling, self.generator)
+        tokens = torch.full_like(self.finished, self.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros_like(self.finished, dtype=active_logprobs.dtype)
+        tokens[self._rows] = active_tokens
+        logprobs[self._rows] = active_logprobs
         return tokens, logprobs
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor) -> None:
-        """Append the tokens just taken and run one cached forward step.
+        """Append the tokens just taken and run one cached forward step for the rows still generating.
+
+        Rows that finish are dropped from the compute batch (their cache rows with them), so the cost of
+        a step follows the number of unfinished rows, not the batch size.
 
         Args:
             tokens: (B,) the tokens of this step (normally what :meth:`sample` returned). Tokens of
@@ -349,29 +364,39 @@ class TokenSampler:
         """
         if self._next_logits is None or self.finished is None or self._eos is None:
             raise RuntimeError("advance() needs an active batch: call start() first")
-        assert self._attention_mask is not None and self._next_position is not None
-        tokens = torch.as_tensor(tokens, device=self.finished.device).long()
-        active = ~self.finished
-        self.finished = self.finished | torch.isin(tokens, self._eos)
+        assert self._next_position is not None
+        active_tokens = torch.as_tensor(tokens, device=self.finished.device).long()[self._rows]  # (A,)
+        just_finished = torch.isin(active_tokens, self._eos)
+        self.finished[self._rows] = just_finished
         self.num_generated += 1
-        if self.num_generated >= self.sampling.max_new_tokens or bool(self.finished.all()):
+        finished_now, all_finished = torch.stack([just_finished.any(), self.finished.all()]).tolist()
+        if self.num_generated >= self.sampling.max_new_tokens or all_finished:
             self._release()
             return
-        tokens = tokens.masked_fill(~active, self.pad_token_id)
-        # A finished row's new column is masked so its padding never enters anyone's attention.
-        column = self._attention_mask.shape[1]
-        self._mask_buffer[:, column] = active.long()
-        self._attention_mask = self._mask_buffer[:, : column + 1]
+        if finished_now:
+            self._drop_rows(~just_finished)
+            active_tokens = active_tokens[~just_finished]
+        self._mask_buffer[:, self._mask_width] = 1
+        self._mask_width += 1
         outputs = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self._attention_mask,
+            input_ids=active_tokens[:, None],
+            attention_mask=self._mask_buffer[:, : self._mask_width],
             position_ids=self._next_position[:, None],
             cache=self._cache,
             use_cache=True,
         )
-        self._next_position = self._next_position + active.long()
+        self._next_position = self._next_position + 1
         self._cache = outputs.cache
         self._next_logits = outputs.logits[:, -1, :].float()
+
+    def _drop_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the compute rows where ``keep`` (A,) is True: cache, mask, positions, row map."""
+        assert self._next_position is not None
+        kept = keep.nonzero().flatten()
+        self._cache.batch_select_indices(kept)
+        self._mask_buffer = self._mask_buffer[kept]
+        self._next_position = self._next_position[kept]
+        self._rows = self._rows[kept]
 
     def _check_context(self, attention_mask: torch.Tensor) -> None:
         """Fail clearly (not with an index error deep in the model) when prompt + completion exceed the context."""
@@ -388,7 +413,6 @@ class TokenSampler:
         """Drop the cache and logits as soon as the batch is done (memory back before the update)."""
         self._cache = None
         self._next_logits = None
-        self._attention_mask = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
         self._next_position = None
 

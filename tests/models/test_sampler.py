@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlfb.models.sampler import SamplingConfig, TokenSampler, filter_logits, generate
+from rlfb.models.sampler import SamplingConfig, TokenSampler, _choose_tokens, filter_logits, generate
 
 VOCAB = 24
 EOS = 0
@@ -88,16 +88,15 @@ def test_filter_logits_on_a_hand_made_distribution() -> None:
     assert torch.equal(filter_logits(logits), logits)
 
 
-def test_sampling_never_leaves_the_top_k_set(model: GPT2LMHeadModel) -> None:
+def test_sampling_never_leaves_the_top_k_set() -> None:
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1]])).repeat(2000, 1)
-    sampler = TokenSampler(model, SamplingConfig(top_k=2), torch.Generator().manual_seed(0), eos_token_id=EOS)
-    sampler.finished = torch.zeros(2000, dtype=torch.bool)
-    sampler._next_logits = logits
-    tokens, _ = sampler.sample()
+    tokens, logprobs = _choose_tokens(logits, SamplingConfig(top_k=2), torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=5)
     assert counts[[0, 3, 4]].sum() == 0
     # renormalised: 0.4 / 0.7 of the draws should be token 1
     assert abs(counts[1].item() / 2000 - 0.4 / 0.7) < 0.05
+    # log-probs are those of the unfiltered distribution
+    torch.testing.assert_close(logprobs, logits[0, tokens])
 
 
 def test_rows_stop_at_their_own_eos(model: GPT2LMHeadModel) -> None:
