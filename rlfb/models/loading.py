@@ -76,6 +76,9 @@ def resolve_model_path(name_or_path: str, *, progress: bool = True) -> str:
     """
     if name_or_path in BUILTIN_MODELS:
         return str(builtin.ensure_built(name_or_path, progress=progress))
+    if not name_or_path.strip():
+        raise ModelNotFoundError(f"model {name_or_path!r} not found: the model name is empty; "
+                                 f"built-in models: {_builtin_listing()}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if builtin.MARKER_FILE not in os.listdir(path) and _looks_like_partial_builtin(path):
@@ -118,7 +121,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers raises either for a dir without model files
         raise _not_found(name_or_path, error) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -151,7 +154,7 @@ def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: to
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # transformers raises either for a dir without model files
         raise _not_found(name_or_path, error) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

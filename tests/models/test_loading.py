@@ -1,0 +1,89 @@
+"""One loading path for built-in names, local directories and hub ids, with errors that name the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlfb.errors import ModelNotFoundError
+from rlfb.models import builtin, loading
+
+TINY = builtin.TinyModelRecipe(n_documents=300, vocab_size=280, n_layer=1, n_embd=16, n_head=2,
+                               n_positions=48, steps=5, batch_size=8, warmup_steps=2)
+
+
+@pytest.fixture
+def rlfb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RLFB_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(builtin.BUILTIN_RECIPES, "rlfb-tiny", TINY)
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("local-model")
+    builtin.build_model(TINY, output, progress=False)
+    return output
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/dir", "models/../missing/x", "~/nope", ""])
+def test_missing_path_names_it_and_lists_builtins(name: str) -> None:
+    with pytest.raises(ModelNotFoundError, match=rf"model '{name}' not found.*built-in models: rlfb-tiny"):
+        loading.resolve_model_path(name)
+
+
+@pytest.mark.parametrize("hub_id", ["gpt2", "openai-community/gpt2", "EleutherAI/pythia-14m"])
+def test_hub_ids_pass_through_unchanged(hub_id: str) -> None:
+    assert loading.resolve_model_path(hub_id) == hub_id
+
+
+def test_unreachable_hub_id_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match=r"could not load model 'rlfb-org/no-such-model'.*rlfb-tiny"):
+        loading.load_tokenizer("rlfb-org/no-such-model")
+
+
+def test_builtin_name_builds_on_first_use_into_rlfb_home(rlfb_home: Path) -> None:
+    path = loading.resolve_model_path("rlfb-tiny", progress=False)
+    assert Path(path) == builtin.cache_path("rlfb-tiny", TINY) and Path(path).parent == rlfb_home / "models"
+    model, tokenizer = loading.load_model("rlfb-tiny", device="cpu")
+    assert model.config.n_embd == 16 and not model.training
+
+
+def test_local_directory_loads_through_the_same_code(local_model: Path) -> None:
+    assert loading.resolve_model_path(str(local_model)) == str(local_model)
+    model, tokenizer = loading.load_model(str(local_model), device="cpu", dtype=torch.float64)
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert model.dtype == torch.float64 and model.config.pad_token_id == tokenizer.pad_token_id
+    assert not model.training and model.device == torch.device("cpu")
+
+
+def test_left_padding_lets_a_batch_continue_at_the_right_edge(local_model: Path) -> None:
+    model, tokenizer = loading.load_model(str(local_model), device="cpu")
+    batch = tokenizer(["1+2=", "The plot of this film was"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].tolist() == [1, 1]
+
+
+def test_directory_without_model_files_gives_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=rf"could not load model '{tmp_path}'.*built-in models"):
+        loading.load_model(str(tmp_path), device="cpu")
+
+
+def test_half_written_cache_entry_is_not_loaded_as_a_path(rlfb_home: Path) -> None:
+    partial = builtin.cache_path("rlfb-tiny", TINY)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="unfinished rlfb build"):
+        loading.resolve_model_path(str(partial))
+    # by name, the same entry is detected as half-written and rebuilt
+    assert builtin.is_complete(Path(loading.resolve_model_path("rlfb-tiny", progress=False)), TINY)
+
+
+def test_resolve_device() -> None:
+    assert loading.resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loading.resolve_device("auto").type == expected
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        loading.resolve_device("gpu0")
