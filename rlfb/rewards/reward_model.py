@@ -109,7 +109,13 @@ class RewardModelReward:
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
         if completion_ids is None:
             completion_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions]
-        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        # Truncate from the left to max_length: the prompt first, then (rarely) the completion's start,
+        # whose cut-off tokens get no score (0.0 in a dense reward, left out of the mean).
+        sequences, cut_tokens = [], []
+        for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+            sequence = list(prompt) + list(completion)
+            sequences.append(sequence[-self.max_length:])
+            cut_tokens.append(len(sequence) - len(sequences[-1]))
         length = max(1, max(len(sequence) for sequence in sequences))
         input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -122,9 +128,10 @@ class RewardModelReward:
             logits = logits.sigmoid()
         results: list[Any] = []
         for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-            token_scores = logits[row, len(prompt):len(prompt) + len(completion)]
+            start = len(prompt) - cut_tokens[row]  # where the completion starts in the truncated row
+            token_scores = logits[row, max(start, 0):start + len(completion)]
             if self.dense:
-                results.append(token_scores.double().tolist())
+                results.append([0.0] * max(-start, 0) + token_scores.double().tolist())
             else:
                 results.append(float(token_scores.mean()) if token_scores.numel() else None)
         return results

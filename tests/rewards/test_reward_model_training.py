@@ -95,6 +95,11 @@ def test_token_model_gives_dense_rewards_aligned_to_completion_ids(tiny_base_mod
                                                              "device": "cpu"}}])
     result = rewards(["The film was"] * 2, completions, completion_ids=ids)
     assert [len(values) for values in result.per_token] == [len(i) for i in ids]
+    short = RewardSet([{"name": "reward_model", "kwargs": {"path": config.output_dir, "dense": True,
+                                                           "max_length": 2, "device": "cpu"}}])
+    truncated = short(["The film was"] * 2, completions, completion_ids=ids).per_token
+    assert [len(values) for values in truncated] == [len(i) for i in ids]
+    assert truncated[0][0] == 0.0  # cut off by max_length: no score
     with pytest.raises(ConfigError, match="dense=true needs one trained with kind: token"):
         pairwise_dir = tmp_path / "seq"
         train("pointwise", tiny_base_model, tmp_path, epochs=0.1, output_dir=str(pairwise_dir))
