@@ -122,15 +122,17 @@ def _choose_tokens(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row from (B, V) logits; returns (tokens (B,), logprobs (B,))."""
+    scaled = logits if sampling.temperature in (0, 1) else logits / sampling.temperature
+    all_logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if sampling.greedy:
-        scaled = logits if sampling.temperature == 0 else logits / sampling.temperature
         tokens = torch.argmax(logits, dim=-1)
     else:
-        scaled = logits / sampling.temperature
-        probs = torch.softmax(filter_logits(scaled, sampling.top_k, sampling.top_p), dim=-1)
+        if sampling.top_k or sampling.top_p < 1.0:
+            probs = torch.softmax(filter_logits(scaled, sampling.top_k, sampling.top_p), dim=-1)
+        else:
+            probs = all_logprobs.exp()
         tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    return tokens, all_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def _trim_unattended_columns(
