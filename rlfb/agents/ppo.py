@@ -229,6 +229,7 @@ class PPOAgent(Agent):
 
         # 3. GAE, then whitening of the advantages over the whole batch.
         advantages, returns = generalized_advantages(rewards, old.values, mask, c.gamma, c.gae_lambda)
+        raw_advantage_mean = float(masked_mean(advantages, mask))  # before whitening, which zeroes it
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
@@ -270,7 +271,7 @@ class PPOAgent(Agent):
                 "train/kl": sequence_kl,
                 "train/kl_coef": kl_coef,
                 "train/kl_penalty": float(-kl_coef * kl.sum(1).mean()),
-                "train/advantage_mean": float(masked_mean(advantages, mask)),
+                "train/advantage_mean": raw_advantage_mean,
                 "train/return_mean": float(masked_mean(returns, mask)),
                 "train/value_mean": float(masked_mean(old.values, mask)),
                 "train/explained_variance": explained_variance(old.values, returns, mask),
