@@ -1,0 +1,535 @@
+"""``rlfb bench CONFIG``: train one task with several reward designs and judge them by the same gold metrics.
+
+A bench config names a task, a base model, an agent, a budget, seeds, the held-out evaluation, the
+*gold* rewards (what the user really wants, never trained on unless a design says so) and a list of
+*designs*, each a reward list plus a KL setting:
+
+    task: sentiment
+    model: rlfb-tiny
+    agent: {name: ppo}
+    budget: {updates: 40, num_envs: 32}
+    seeds: [0, 1]
+    eval: {num_prompts: 64, every: 10}
+    gold: [sentiment]
+    designs:
+      - {name: vader, rewards: [sentiment]}
+      - {name: vader_no_kl, rewards: [sentiment], kl: off}
+      - name: rm_200
+        rewards: [{name: reward_model, train_reward_model: {kind: pairwise, size: 200}}]
+
+For every design and seed the bench derives a run config and trains it with :class:`rlfb.trainer.Trainer`
+(the one training loop); a trainer callback evaluates the policy on the held-out prompts every
+``eval.every`` updates with :func:`rlfb.evaluation.evaluate_policy`, scoring each completion with the gold
+rewards *and* the design's own rewards, so the two curves come from the same samples. Before training
+(update 0) every policy equals the base model (LoRA starts at zero), so update 0 is measured once per
+design on the base model. Reward models given as a ``train_reward_model`` recipe are synthesized and
+trained first (:mod:`rlfb.rewards.feedback`, :mod:`rlfb.rewards.training`) and cached in
+``OUTPUT/reward_models``. Outputs: see :mod:`rlfb.bench_plots`; run directories (TensorBoard, metrics,
+adapters) go to ``OUTPUT/runs/{design}__seed{seed}``. A finished run is reused when the bench is rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlfb.bench_plots import EvalPoint, RunRecord, results_markdown, summarize, write_csv, write_plots
+from rlfb.config import RewardConfig, RunConfig, check_section, config_from_dict, parse_yaml
+from rlfb.errors import ConfigError
+
+RUNS_DIR = "runs"
+REWARD_MODELS_DIR = "reward_models"
+RUN_EVAL_FILE = "bench_eval.json"
+# Run-config sections a bench config shares with every run (checked by rlfb.config).
+SHARED_SECTIONS = ("task", "model", "lora", "agent", "sampling", "budget", "device")
+# Bench KL keys -> agent hyper-parameters (rlfb.agents.PPOConfig / ReinforceConfig).
+KL_KEYS = {"coef": "kl_coef", "target": "kl_target", "horizon": "kl_horizon", "penalty": "kl_penalty"}
+NO_KL = {"kl_coef": 0.0, "kl_target": None}
+
+
+@dataclass
+class BenchEvalConfig:
+    """Held-out evaluation of every run."""
+
+    num_prompts: int = 64
+    every: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class KLSettings:
+    """A design's KL penalty; unset keys keep the agent's defaults. ``kl: off`` means coef 0, no target."""
+
+    coef: float | None = None
+    target: float | None = None
+    horizon: float | None = None
+    penalty: str | None = None
+
+
+@dataclass
+class RewardModelRecipe:
+    """A reward model the bench trains first: feedback synthesized from the task's gold, then training."""
+
+    kind: str = "pairwise"
+    size: int = 2000
+    noise: float = 0.1
+    seed: int = 0
+    epochs: float = 2.0
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    from_model: bool = False  # sample the completions from the base model instead of the grammar
+
+
+@dataclass
+class Design:
+    """One reward design: its rewards (run-config reward entries) and its KL agent parameters."""
+
+    name: str
+    rewards: list[RewardConfig]
+    agent_kl: dict[str, Any]
+    recipes: dict[int, RewardModelRecipe] = field(default_factory=dict)  # reward index -> recipe
+
+
+@dataclass
+class BenchConfig:
+    """A validated bench config (see the module docstring)."""
+
+    shared: dict[str, Any]
+    eval: BenchEvalConfig
+    gold: list[RewardConfig]
+    designs: list[Design]
+    seeds: list[int]
+    output_dir: str
+    raw: dict[str, Any]
+
+    @property
+    def task_name(self) -> str:
+        task = self.shared.get("task", "sentiment")
+        return task if isinstance(task, str) else str(task.get("name", "sentiment"))
+
+    def run_config(self, design: Design, seed: int, runs_dir: str | Path = "runs",
+                   progress_bar: bool = True) -> RunConfig:
+        """The run config of ``design`` with ``seed``: shared sections, the design's rewards and KL."""
+        data: dict[str, Any] = {key: _plain(value) for key, value in self.shared.items()}
+        agent = data.get("agent", {"name": "ppo"})
+        agent = {"name": agent} if isinstance(agent, str) else dict(agent)
+        agent.update(design.agent_kl)
+        data.update(
+            agent=agent, seed=seed, output_dir=str(runs_dir),
+            rewards=[dataclasses.asdict(reward) for reward in design.rewards],
+            # Held-out evaluation is the bench's (gold + design rewards on the same samples), not the trainer's.
+            eval={"num_prompts": 0, "seed": self.eval.seed},
+            logging={"run_name": run_name(design.name, seed), "progress_bar": progress_bar},
+            checkpoint={"every": 0, "keep_last": 1})
+        return config_from_dict(data)
+
+
+TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir")
+
+
+def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchConfig:
+    """Read and validate a bench YAML file, with ``key=value`` overrides (``budget.updates=2``, ``seeds=[0]``).
+
+    Raises:
+        ConfigError: naming the offending key, e.g. ``'designs.1.kl.coef' must be a number``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench config '{path}' does not exist; an example is benchmarks/sentiment_reward_designs.yaml")
+    try:
+        data = parse_yaml(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"bench config '{path}' is not valid YAML: {error}") from error
+    return bench_config_from_dict(data if data is not None else {}, overrides)
+
+
+def bench_config_from_dict(data: Any, overrides: Sequence[str] = ()) -> BenchConfig:
+    """Validate plain bench data (as read from YAML); see :func:`load_bench_config`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a bench config must be a mapping of sections, got {type(data).__name__}")
+    data = json.loads(json.dumps(data))  # a deep copy that overrides may edit
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"override '{override}' is not of the form key=value, e.g. budget.updates=2")
+        _set_dotted(data, key.strip(), parse_yaml(value) if value.strip() else None)
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_LEVEL_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{key}' in the bench config{hint}; valid keys: {', '.join(TOP_LEVEL_KEYS)}")
+    for key in ("gold", "designs"):
+        if not data.get(key):
+            raise ConfigError(f"the bench config needs '{key}': a non-empty list (see docs/benchmarks.md)")
+    eval_config = BenchEvalConfig(**check_section(BenchEvalConfig, _mapping(data.get("eval", {}), "eval"), "eval"))
+    _require(eval_config.num_prompts >= 1, "eval.num_prompts", eval_config.num_prompts, ">= 1")
+    _require(eval_config.every >= 0, "eval.every", eval_config.every, ">= 0 (0: only before and after)")
+    seeds = data.get("seeds", [0])
+    _require(isinstance(seeds, list) and bool(seeds) and all(type(s) is int for s in seeds)
+             and len(set(seeds)) == len(seeds), "seeds", seeds, "a non-empty list of distinct integers")
+    gold = [_reward_entry(entry, f"gold.{i}") for i, entry in enumerate(_list(data["gold"], "gold"))]
+    designs = [_design(entry, f"designs.{i}") for i, entry in enumerate(_list(data["designs"], "designs"))]
+    names = [design.name for design in designs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    _require(not duplicates, "designs", duplicates, "distinct design names")
+    shared = {key: data[key] for key in SHARED_SECTIONS if key in data}
+    config = BenchConfig(shared=shared, eval=eval_config, gold=gold, designs=designs, seeds=seeds,
+                         output_dir=str(data.get("output_dir", "bench")), raw=data)
+    for design in designs:  # every derived run config must be valid before anything trains
+        try:
+            run_config = config.run_config(design, seeds[0])
+            _check_agent(run_config)
+        except ConfigError as error:
+            raise ConfigError(f"design '{design.name}': {error}") from error
+    if any(design.recipes for design in designs) and config.task_name not in ("sentiment", "arithmetic"):
+        raise ConfigError(f"train_reward_model synthesizes feedback for the built-in tasks sentiment and "
+                          f"arithmetic only; the task is '{config.task_name}'. Give a trained model instead: "
+                          "{name: reward_model, kwargs: {path: DIR}}")
+    return config
+
+
+def _design(entry: Any, where: str) -> Design:
+    entry = _mapping(entry, where)
+    unknown = sorted(set(entry) - {"name", "rewards", "kl"})
+    if unknown:
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys in a design: name, rewards, kl")
+    name = entry.get("name")
+    _require(isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum(),
+             f"{where}.name", name, "a name of letters, digits, '_' or '-'")
+    rewards, recipes = [], {}
+    for index, reward in enumerate(_list(entry.get("rewards"), f"{where}.rewards")):
+        reward = {"name": reward} if isinstance(reward, str) else _mapping(reward, f"{where}.rewards.{index}")
+        recipe = reward.pop("train_reward_model", None) if isinstance(reward, dict) else None
+        if recipe is not None:
+            recipes[index] = RewardModelRecipe(**check_section(
+                RewardModelRecipe, _mapping(recipe, f"{where}.rewards.{index}.train_reward_model"),
+                f"{where}.rewards.{index}.train_reward_model"))
+            _check_recipe(recipes[index], f"{where}.rewards.{index}.train_reward_model")
+            reward.setdefault("name", "reward_model")
+        rewards.append(_reward_entry(reward, f"{where}.rewards.{index}",
+                                     needs_path=recipe is None))
+    return Design(name=name, rewards=rewards, agent_kl=_kl(entry.get("kl"), f"{where}.kl"), recipes=recipes)
+
+
+def _kl(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if value is False or (isinstance(value, str) and value.lower() in ("off", "none")):
+        return dict(NO_KL)
+    settings = check_section(KLSettings, _mapping(value, where), where)
+    return {KL_KEYS[key]: setting for key, setting in settings.items()}
+
+
+def _reward_entry(entry: Any, where: str, needs_path: bool = True) -> RewardConfig:
+    from rlfb.rewards.registry import resolve
+
+    entry = {"name": entry} if isinstance(entry, str) else dict(_mapping(entry, where))
+    reward = RewardConfig(**check_section(RewardConfig, entry, where))
+    _require(bool(reward.name), f"{where}.name", reward.name, "a registered reward (see `rlfb rewards`)")
+    try:
+        resolve(reward.name)
+    except ConfigError as error:
+        raise ConfigError(f"'{where}.name': {error}") from error
+    if reward.name == "reward_model" and needs_path and "path" not in reward.kwargs:
+        raise ConfigError(f"'{where}' is a reward_model without kwargs.path; give {{kwargs: {{path: DIR}}}} "
+                          "or a train_reward_model recipe {kind: pairwise, size: 2000, noise: 0.1}")
+    return reward
+
+
+def _check_recipe(recipe: RewardModelRecipe, where: str) -> None:
+    from rlfb.rewards.feedback import KINDS
+
+    _require(recipe.kind in KINDS, f"{where}.kind", recipe.kind, f"one of {', '.join(KINDS)}")
+    _require(recipe.size >= 10, f"{where}.size", recipe.size, ">= 10 feedback rows")
+    _require(0.0 <= recipe.noise <= 1.0, f"{where}.noise", recipe.noise, "in [0, 1]")
+
+
+def _check_agent(config: RunConfig) -> None:
+    """The checks the trainer makes before loading anything (agent name, hyper-parameter names and types)."""
+    from rlfb.trainer import Trainer
+
+    Trainer(config)
+
+
+# --------------------------------------------------------------------------------------------- running
+Progress = Callable[[str], None]
+
+
+def run_bench(config: BenchConfig, output_dir: str | Path | None = None, say: Progress = print,
+              progress_bar: bool = True) -> Path:
+    """Train and evaluate every design with every seed, then write the results; returns the output directory."""
+    out = Path(output_dir or config.output_dir)
+    (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / "bench_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
+    designs = [prepare_reward_models(config, design, out / REWARD_MODELS_DIR, say) for design in config.designs]
+    say(f"bench: {len(designs)} designs x {len(config.seeds)} seeds on task '{config.task_name}', "
+        f"{config.run_config(designs[0], config.seeds[0]).budget.updates} updates each; output {out}")
+    started = time.perf_counter()
+    base_points = {design.name: evaluate_base(config, design) for design in designs}
+    clock = _Clock(total=len(designs) * len(config.seeds), started=started)
+    records = []
+    for design in designs:
+        for seed in config.seeds:
+            say(f"bench: [{clock.done + 1}/{clock.total}] design '{design.name}' seed {seed}"
+                f"{clock.left_text()}")
+            records.append(run_design(config, design, seed, out / RUNS_DIR, base_points[design.name],
+                                      progress_bar=progress_bar, say=say, clock=clock))
+            clock.finish_run()
+    write_results(config, records, base_points, out)
+    say(f"bench: done in {(time.perf_counter() - started) / 60:.1f} min; results in {out / 'results.md'}")
+    return out
+
+
+def prepare_reward_models(config: BenchConfig, design: Design, directory: Path, say: Progress = print) -> Design:
+    """``design`` with every ``train_reward_model`` recipe replaced by the path of a trained (cached) model."""
+    if not design.recipes:
+        return design
+    rewards = list(design.rewards)
+    for index, recipe in design.recipes.items():
+        path = train_recipe(recipe, config.task_name, _model_name(config), directory, say)
+        reward = rewards[index]
+        rewards[index] = dataclasses.replace(reward, kwargs={**reward.kwargs, "path": str(path)})
+    return dataclasses.replace(design, rewards=rewards, recipes={})
+
+
+def train_recipe(recipe: RewardModelRecipe, task: str, base_model: str, directory: Path,
+                 say: Progress = print) -> Path:
+    """Synthesize feedback and train a reward model as ``recipe`` says, unless it is cached in ``directory``."""
+    from rlfb.rewards import feedback
+    from rlfb.rewards.training import METADATA_FILE, RewardModelConfig, train_reward_model
+
+    key = json.dumps({"recipe": dataclasses.asdict(recipe), "task": task, "model": base_model}, sort_keys=True)
+    path = directory / f"{task}_{recipe.kind}_{recipe.size}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (path / METADATA_FILE).is_file():
+        say(f"bench: reusing the reward model {path}")
+        return path
+    say(f"bench: training a {recipe.kind} reward model on {recipe.size} synthesized rows (noise {recipe.noise})")
+    path.mkdir(parents=True, exist_ok=True)
+    rows = feedback.synthesize(task, recipe.kind, recipe.size, noise=recipe.noise, seed=recipe.seed,
+                               model=base_model if recipe.from_model else None)
+    data = path / "feedback.jsonl"
+    feedback.write_jsonl(rows, data)
+    report = train_reward_model(RewardModelConfig(
+        kind=recipe.kind, data=str(data), output_dir=str(path), base_model=base_model, gold=task,
+        epochs=recipe.epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=recipe.seed))
+    say("bench: reward model held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
+    return path
+
+
+def evaluate_base(config: BenchConfig, design: Design) -> EvalPoint:
+    """Update 0 of every run of ``design``: the base model (a fresh LoRA adapter is zero) on the eval prompts."""
+    from rlfb.models.policy import LoraSettings, Policy
+
+    run_config = config.run_config(design, config.seeds[0])
+    lora = run_config.lora
+    policy = Policy.from_pretrained(run_config.model.name, value_head=False, device=run_config.device,
+                                    lora=LoraSettings(r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules))
+    return EvalPoint(0, _evaluate(config, run_config, design, policy))
+
+
+def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, base: EvalPoint,
+               progress_bar: bool = True, say: Progress = print, clock: _Clock | None = None) -> RunRecord:
+    """Train ``design`` with ``seed`` (or reuse a finished run) and return its evaluation curve."""
+    from rlfb.trainer import Trainer
+
+    run_dir = runs_dir / run_name(design.name, seed)
+    saved = run_dir / RUN_EVAL_FILE
+    if saved.is_file():
+        record = _load_record(saved)
+        if record is not None:
+            say(f"bench: reusing the finished run {run_dir}")
+            return record
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run from an interrupted bench: start it again
+    run_config = config.run_config(design, seed, runs_dir, progress_bar=progress_bar)
+    points = [base]
+    trainer: Trainer | None = None
+
+    def evaluate_during_training(step: int, metrics: dict[str, float]) -> None:
+        assert trainer is not None
+        if clock is not None:
+            clock.update(step, run_config.budget.updates)
+        if step == 1:  # update 0 goes to TensorBoard too, so each run's curves start at the base model
+            trainer.logger.record_many(_as_metrics(base.values))
+            trainer.logger.dump(0)
+        last = (run_config.budget.updates is not None and step >= run_config.budget.updates) or (
+            run_config.budget.time_limit_s is not None and trainer.elapsed_s >= run_config.budget.time_limit_s)
+        if last or (config.eval.every and step % config.eval.every == 0):
+            values = _evaluate(config, run_config, design, trainer.policy)
+            points.append(EvalPoint(step, values))
+            trainer.logger.record_many(_as_metrics(values))
+            trainer.logger.dump(step)
+            say(f"bench: '{design.name}' seed {seed} update {step}: "
+                + ", ".join(f"{key} {values[key]:.3f}" for key in _headline(config, values))
+                + (clock.left_text() if clock is not None else ""))
+
+    trainer = Trainer(run_config, callbacks=[evaluate_during_training])
+    result = trainer.train()
+    if points[-1].step != result.step:  # stopped early (Ctrl-C): evaluate what was trained
+        points.append(EvalPoint(result.step, _evaluate(config, run_config, design, trainer.policy)))
+    record = RunRecord(design=design.name, seed=seed, points=points, train_seconds=trainer.elapsed_s,
+                       run_dir=str(Path(RUNS_DIR) / result.run_dir.name))
+    if not result.interrupted:
+        saved.write_text(json.dumps({"design": record.design, "seed": seed, "train_seconds": record.train_seconds,
+                                     "run_dir": record.run_dir,
+                                     "points": [dataclasses.asdict(point) for point in points]}, indent=1))
+    else:
+        raise KeyboardInterrupt
+    return record
+
+
+def write_results(config: BenchConfig, records: Sequence[RunRecord], base_points: Mapping[str, EvalPoint],
+                  out: Path) -> None:
+    """``results.md``, ``results.csv``, ``runs.csv`` and the two plots in ``out``."""
+    gold_keys = [gold_key(reward) for reward in config.gold]
+    summaries = [summarize([r for r in records if r.design == design.name], gold_keys[0])
+                 for design in config.designs]
+    base = dict(next(iter(base_points.values())).values)
+    base.pop("design_reward", None)  # the base model has no trained reward of its own
+    title = f"Reward designs on the {config.task_name} task"
+    (out / "results.md").write_text(results_markdown(summaries, gold_keys, title, base=base))
+    write_csv(summaries, records, out)
+    write_plots(summaries, gold_keys[0], out)
+
+
+def gold_key(reward: RewardConfig) -> str:
+    """The measure name of a gold reward: ``gold/LABEL``."""
+    return f"gold/{reward.label or reward.name}"
+
+
+def run_name(design: str, seed: int) -> str:
+    return f"{design}__seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy: Any) -> dict[str, float]:
+    """Gold rewards, the design's own reward and the text measures, all on one set of held-out samples."""
+    from rlfb.envs.tasks import make_task
+    from rlfb.evaluation import evaluate_policy
+    from rlfb.models.sampler import SamplingConfig
+    from rlfb.rewards import RewardSet, RewardSpec
+
+    task = run_config.task
+    rows = list(make_task({"name": task.name, **task.kwargs} if task.kwargs else task.name).eval_rows())
+    rows = rows[: config.eval.num_prompts]
+    gold_specs = [RewardSpec(name=r.name, kwargs=dict(r.kwargs), label=gold_key(r)) for r in config.gold]
+    design_specs = [RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight,
+                               label=f"design/{r.label or r.name}") for r in design.rewards]
+    rewards = RewardSet(gold_specs + design_specs)
+    if rewards.needs_scorer:
+        rewards.bind_scorer(policy.scorer)
+    sampling = run_config.sampling
+    result = evaluate_policy(policy, rows, rewards, SamplingConfig(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens), seed=config.eval.seed, num_samples=0)
+    values = {spec.label: result.rewards[spec.label] for spec in gold_specs}
+    # The design's reward is its weighted sum; the evaluation's "total" mixes in the gold rewards.
+    values["design_reward"] = sum(spec.weight * result.rewards[spec.label] for spec in design_specs)
+    values.update(kl=result.kl, fluency=result.fluency, distinct_1=result.distinct_1, distinct_2=result.distinct_2,
+                  completion_length=result.completion_length)
+    return {key: float(value) for key, value in values.items()}
+
+
+def _as_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """Bench measures as logged metric names: ``eval/gold/sentiment``, ``eval/design_reward``, ``eval/kl``..."""
+    return {f"eval/{key}": value for key, value in values.items() if not math.isnan(value)}
+
+
+def _headline(config: BenchConfig, values: Mapping[str, float]) -> list[str]:
+    return [gold_key(config.gold[0]), "design_reward", "kl"]
+
+
+def _load_record(path: Path) -> RunRecord | None:
+    try:
+        data = json.loads(path.read_text())
+        return RunRecord(design=data["design"], seed=int(data["seed"]), train_seconds=float(data["train_seconds"]),
+                         run_dir=data.get("run_dir", ""),
+                         points=[EvalPoint(int(p["step"]), dict(p["values"])) for p in data["points"]])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _model_name(config: BenchConfig) -> str:
+    model = config.shared.get("model", "rlfb-tiny")
+    return model if isinstance(model, str) else str(model.get("name", "rlfb-tiny"))
+
+
+class _Clock:
+    """Time left, from the wall-clock time per update so far (evaluation included)."""
+
+    def __init__(self, total: int, started: float) -> None:
+        self.total, self.started, self.done = total, started, 0
+        self.updates_done = 0  # updates of finished runs
+        self.current = 0  # updates of the running run
+        self.per_run = 0
+
+    def update(self, step: int, updates_per_run: int | None) -> None:
+        self.current, self.per_run = step, updates_per_run or 0
+
+    def finish_run(self) -> None:
+        self.done += 1
+        self.updates_done += self.current
+        self.current = 0
+
+    def left_text(self) -> str:
+        done = self.updates_done + self.current
+        if not done or not self.per_run:
+            return ""
+        rate = (time.perf_counter() - self.started) / done
+        left = rate * (self.total * self.per_run - done)
+        return f" (about {left / 60:.1f} min left)"
+
+
+def _require(ok: bool, key: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' is {value!r}; it must be {accepted}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"'{where}' must be a mapping, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"'{where}' must be a non-empty list, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts and lists (missing mappings are created)."""
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"'{'.'.join(parts[:depth + 1])}': index {part} is out of range "
+                                  f"(the list has {len(node)} items)")
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+            if not last and not isinstance(node.get(part), (dict, list)):
+                node[part] = {"name": node[part]} if isinstance(node.get(part), str) else {}
+        else:
+            raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[:depth])}' is {node!r}, not a section")
+        if last:
+            node[index] = value
+            return
+        node = node[index]

@@ -1,0 +1,134 @@
+"""rlfb bench: config validation, the reward-hacking flag, and a tiny end-to-end bench."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from rlfb.bench import bench_config_from_dict, load_bench_config, run_bench
+from rlfb.bench_plots import EvalPoint, RunRecord, is_reward_hacking, summarize
+from rlfb.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is faster
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench_data(model: str = "rlfb-tiny", **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "task": "sentiment", "model": model, "lora": {"r": 4, "alpha": 8},
+        "agent": {"name": "grpo", "learning_rate": 1e-2},
+        "sampling": {"max_new_tokens": 6}, "budget": {"updates": 2, "num_envs": 4, "group_size": 2},
+        "seeds": [0], "eval": {"num_prompts": 4, "every": 1},
+        "gold": ["sentiment"],
+        "designs": [{"name": "vader", "rewards": ["sentiment"]},
+                    {"name": "vader_no_kl", "rewards": ["sentiment", {"name": "length", "weight": 0.1}], "kl": "off"}],
+    }
+    data.update(changes)
+    return data
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
+    config = bench_config_from_dict(bench_data(), overrides=["budget.updates=3", "designs.0.kl.coef=0.05"])
+    first = config.run_config(config.designs[0], seed=7)
+    second = config.run_config(config.designs[1], seed=7)
+    assert (first.budget.updates, first.seed, first.agent.params["kl_coef"]) == (3, 7, 0.05)
+    assert second.agent.params["kl_coef"] == 0.0 and second.agent.params["kl_target"] is None
+    assert [r.name for r in second.rewards] == ["sentiment", "length"]
+    assert first.eval.num_prompts == 0  # held-out evaluation is the bench's, with gold rewards
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"sedes": [0]}, r"unknown key 'sedes'.*did you mean 'seeds'"),
+    ({"designs": []}, r"needs 'designs'"),
+    ({"gold": ["sentimnt"]}, r"'gold.0.name'.*unknown reward 'sentimnt'"),
+    ({"seeds": [0, 0]}, r"'seeds' is \[0, 0\]; it must be a non-empty list of distinct integers"),
+    ({"designs": [{"name": "a", "rewards": ["sentiment"], "kl": {"coef": "big"}}]}, r"'designs.0.kl.coef' must be"),
+    ({"designs": [{"name": "a", "rewards": ["sentiment"], "kl": {"coff": 1}}]}, r"'designs.0.kl.coff'.*did you mean 'designs.0.kl.coef'"),
+    ({"designs": [{"name": "a", "rewards": ["sentiment"]}, {"name": "a", "rewards": ["length"]}]},
+     r"distinct design names"),
+    ({"designs": [{"name": "a", "rewards": [{"name": "reward_model"}]}]}, r"reward_model without kwargs.path"),
+    ({"designs": [{"name": "a", "rewards": [{"name": "reward_model", "train_reward_model": {"kind": "votes"}}]}]},
+     r"'designs.0.rewards.0.train_reward_model.kind' is 'votes'"),
+    ({"budget": {"updatse": 3}}, r"design 'vader': unknown key 'budget.updatse'.*did you mean 'budget.updates'"),
+    ({"agent": {"name": "grpo", "lerning_rate": 1.0}}, r"design 'vader':.*agent.lerning_rate"),
+    ({"eval": {"num_prompts": 0}}, r"'eval.num_prompts' is 0"),
+])
+def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        bench_config_from_dict(bench_data(**changes))
+
+
+def test_shipped_sentiment_bench_config_is_valid() -> None:
+    config = load_bench_config(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
+    names = [design.name for design in config.designs]
+    assert {"vader", "rm_2000", "rm_200", "likelihood", "vader_likelihood", "vader_no_kl"} <= set(names)
+    assert len(config.seeds) == 2
+    sizes = {design.name: recipe.size for design in config.designs for recipe in design.recipes.values()}
+    assert sizes == {"rm_2000": 2000, "rm_200": 200}
+
+
+# --------------------------------------------------------------------------------------------- flagging
+@pytest.mark.parametrize(("design", "gold", "flagged"), [
+    ([0.0, 0.5, 1.0], [0.4, 0.3, 0.1], True),    # trained reward up, gold down: hacking
+    ([0.0, 0.5, 1.0], [0.1, 0.3, 0.4], False),   # both up: learning
+    ([1.0, 0.5, 0.2], [0.4, 0.3, 0.1], False),   # both down: failing, not hacking
+    ([0.0, 0.9, 0.8], [0.1, 0.6, 0.2], False),   # gold peaked but still ended above its start
+    ([0.3], [0.2], False),                       # one evaluation: no trend
+])
+def test_reward_hacking_flag(design: list[float], gold: list[float], flagged: bool) -> None:
+    assert is_reward_hacking(design, gold) is flagged
+
+
+def test_summary_averages_seeds_before_flagging() -> None:
+    def run(seed: int, design: list[float], gold: list[float]) -> RunRecord:
+        points = [EvalPoint(step, {"design_reward": d, "gold/sentiment": g, "kl": float(step)})
+                  for step, d, g in zip((0, 5, 10), design, gold, strict=True)]
+        return RunRecord(design="rm_200", seed=seed, points=points, train_seconds=1.0)
+
+    # Seed 0 alone would not be flagged (gold rises), but the mean over seeds falls.
+    summary = summarize([run(0, [0.0, 0.5, 1.0], [0.2, 0.25, 0.3]), run(1, [0.0, 0.6, 1.2], [0.4, 0.1, -0.2])],
+                        "gold/sentiment")
+    assert summary.hacking
+    assert summary.final_mean["gold/sentiment"] == pytest.approx(0.05)
+    assert summary.final_std["gold/sentiment"] == pytest.approx(0.25)
+    assert summary.curves["kl"][0] == [0, 5, 10]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = bench_config_from_dict(bench_data(model=str(tiny_model_dir)))
+    lines: list[str] = []
+    out = run_bench(config, output_dir=tmp_path / "bench", say=lines.append, progress_bar=False)
+
+    table = (out / "results.md").read_text()
+    assert "| vader |" in table and "| vader_no_kl |" in table and "base model" in table
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["design"] for row in rows] == ["vader", "vader_no_kl"]
+    assert -1.0 <= float(rows[0]["gold/sentiment_mean"]) <= 1.0
+    for plot in ("gold_vs_step.png", "gold_vs_kl.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    for name in ("vader__seed0", "vader_no_kl__seed0"):
+        assert list((out / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
+        metrics = [yaml.safe_load(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert {0, 1, 2} <= {row["step"] for row in metrics if "eval/gold/sentiment" in row}
+    assert any("design 'vader_no_kl' seed 0" in line for line in lines)
+
+    # A rerun into the same directory reuses the finished runs instead of training again.
+    lines.clear()
+    run_bench(config, output_dir=out, say=lines.append, progress_bar=False)
+    assert sum("reusing the finished run" in line for line in lines) == 2
