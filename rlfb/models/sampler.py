@@ -25,11 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
 
@@ -146,76 +144,6 @@ def _trim_unattended_columns(
     return input_ids[:, first : last + 1], attention_mask[:, first : last + 1]
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A KV cache layer that writes into buffers sized for the whole generation instead of concatenating.
-
-    ``DynamicLayer`` copies the whole cache on every step (``torch.cat``), so step t costs O(t) copying and a
-    generation O(T^2); here a step writes one column and returns a view. Masks and lengths behave exactly as
-    with ``DynamicLayer`` (the view has the current length), so models need no changes. If a sequence outgrows
-    the buffer, the buffer doubles.
-
-    Args:
-        capacity: Positions to allocate (prompt width + max_new_tokens).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self._key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
-        self._value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert self._key_buffer is not None and self._value_buffer is not None
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            self.capacity = max(end, 2 * self.capacity)
-            self._key_buffer = self._grown(self._key_buffer)
-            self._value_buffer = self._grown(self._value_buffer)
-        self._key_buffer[:, :, self.length:end] = key_states
-        self._value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys = self._key_buffer[:, :, :end]  # (B, H, length, D) views, no copy
-        self.values = self._value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._key_buffer is None or self._value_buffer is None:
-            return
-        self._key_buffer = self._key_buffer[indices]
-        self._value_buffer = self._value_buffer[indices]
-        self.keys = self._key_buffer[:, :, : self.length]
-        self.values = self._value_buffer[:, :, : self.length]
-
-    def _grown(self, buffer: torch.Tensor) -> torch.Tensor:
-        grown = buffer.new_empty((*buffer.shape[:2], self.capacity, buffer.shape[-1]))
-        grown[:, :, : self.length] = buffer[:, :, : self.length]
-        return grown
-
-
-def _preallocated_cache(model: Any, capacity: int) -> Cache | None:
-    """A cache of :class:`PreallocatedLayer`, or None (the model's own cache) for sliding-window or hybrid models,
-    whose caches need per-layer rules."""
-    config = getattr(model, "config", None)
-    layer_types = getattr(config, "layer_types", None) or ()
-    if getattr(config, "sliding_window", None) is not None or any(kind != "full_attention" for kind in layer_types):
-        return None
-    # Cache calls layer_class_to_replicate() once per layer; a partial supplies the capacity.
-    return Cache(layer_class_to_replicate=partial(PreallocatedLayer, capacity))  # type: ignore[arg-type]
-
-
 def _default_token_id(model: Any, name: str) -> int | list[int] | None:
     for config in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         value = getattr(config, name, None)
@@ -318,7 +246,6 @@ class TokenSampler:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_preallocated_cache(self.model, width),
             use_cache=True,
             logits_to_keep=1,
         )

@@ -161,15 +161,3 @@ def test_prompt_plus_completion_beyond_the_context_is_a_clear_error(model: GPT2L
     sampler = TokenSampler(model, SamplingConfig(max_new_tokens=60), eos_token_id=EOS)
     with pytest.raises(ValueError, match="a prompt of 5 tokens plus max_new_tokens=60 exceeds .* 64 positions"):
         sampler.start(torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))
-
-
-def test_preallocated_cache_layer_matches_concatenation_and_grows() -> None:
-    from rlfb.models.sampler import PreallocatedLayer
-
-    layer = PreallocatedLayer(capacity=3)
-    chunks = [torch.randn(2, 2, length, 4) for length in (2, 1, 3)]
-    for chunk in chunks:
-        keys, values = layer.update(chunk, chunk * 2)
-    expected = torch.cat(chunks, dim=2)
-    assert torch.equal(keys, expected) and torch.equal(values, expected * 2)
-    assert layer.get_seq_length() == 6 and layer.capacity >= 6
