@@ -16,7 +16,9 @@ Prints the three targets of the environment issue, each a ratio measured in this
 
 "EOS disabled" swaps the episodes' end-of-text token for a new special token the model has no logit for.
 Each time is the median of ``--repeats`` interleaved runs (seeds 1, 2, ...; both sides draw the same
-prompts) after one warm-up run.
+prompts) after one warm-up run. On CPU the clock is this process's CPU time with ``--threads`` torch
+threads (default 1): on a machine shared with other jobs, wall time measures the neighbours; with one
+thread, CPU time equals wall time on an idle machine. On CUDA the clock is wall time.
 
 Usage:
     python benchmarks/env_throughput.py                 # the built-in model rlfb-tiny (built on first use)
@@ -134,19 +136,20 @@ def hf_generate(venv: Any, model: Any, sampling: SamplingConfig, seed: int) -> i
 
 def race(runs: dict[str, Callable[[int], int]], repeats: int,
          device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall time and mean tokens per row of each run; interleaved so that load hits all alike."""
+    """Median time and mean tokens per row of each run; interleaved so that load hits all alike."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, list[int]] = {name: [] for name in runs}
     for repeat in range(repeats + 1):
         for name, run in runs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             generated = run(repeat)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if repeat > 0:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
                 tokens[name].append(generated)
     return ({name: statistics.median(values) for name, values in times.items()},
             {name: statistics.mean(values) / NUM_ENVS for name, values in tokens.items()})
@@ -163,14 +166,18 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--resets", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see the docstring)")
     parser.add_argument("--random-model", action="store_true",
                         help="time a randomly initialized GPT-2 of rlfb-tiny's shape instead (no build needed)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     model, tokenizer, label = load(args)
     device = next(model.parameters()).device
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"model: {label} ({parameters / 1e6:.2f}M parameters) on {device}, torch threads {torch.get_num_threads()}")
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"model: {label} ({parameters / 1e6:.2f}M parameters) on {device}, torch threads "
+          f"{torch.get_num_threads()}, clock: {clock}, median of {args.repeats} runs")
     forced_tokenizer = copy.deepcopy(tokenizer)
     forced_tokenizer.add_special_tokens({"eos_token": NEVER_TOKEN})  # no logit in the model: never sampled
     sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32)
