@@ -59,7 +59,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient on both sides")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--ppo-epochs", type=int, default=1, help="PPO epochs = TRL num_iterations")
+    parser.add_argument("--ppo-epochs", type=int, default=1, help="PPO epochs = TRL RLOO's num_iterations")
+    parser.add_argument("--ppo-minibatches", type=int, default=1, help="PPO minibatches per epoch")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -111,7 +112,7 @@ def rlfb_trainer(args: argparse.Namespace, agent: str, model: str, output_dir: P
     if agent == "grpo":
         agent_params["kl_penalty"] = "loss"  # k3 estimator in the loss, as TRL's GRPOTrainer
     else:
-        agent_params.update(epochs=args.ppo_epochs, num_minibatches=1)
+        agent_params.update(epochs=args.ppo_epochs, num_minibatches=args.ppo_minibatches)
     config = config_from_dict({
         "task": "sentiment", "model": model, "rewards": ["sentiment"], "agent": agent_params,
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": ["c_attn"]},
@@ -201,12 +202,14 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- main
-def run_turns(args: argparse.Namespace, sides: list[str], script: str) -> dict[str, list[dict[str, Any]]]:
-    """Run every side ``args.rounds`` times, taking turns, each in a fresh subprocess."""
+def run_turns(args: argparse.Namespace, sides: list[str], script: str,
+              extra: list[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Run every side ``args.rounds`` times, taking turns, each in a fresh subprocess (``extra``: more arguments)."""
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for round_index in range(args.rounds):
         for side in sides:
-            command = [sys.executable, script, "--worker", side, "--workdir", str(args.workdir)] + forwarded(args)
+            command = [sys.executable, script, "--worker", side, "--workdir", str(args.workdir),
+                       *forwarded(args), *extra]
             print(f"[round {round_index + 1}/{args.rounds}] {side} ...", flush=True)
             completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ,
                                        "TOKENIZERS_PARALLELISM": "false"})
@@ -215,14 +218,15 @@ def run_turns(args: argparse.Namespace, sides: list[str], script: str) -> dict[s
                 print(completed.stdout[-3000:], completed.stderr[-6000:], sep="\n", file=sys.stderr)
                 raise SystemExit(f"{side} failed (exit code {completed.returncode})")
             results[side].append(json.loads(line))
-            print(f"    {json.loads(line)}", flush=True)
+            shown = {key: value for key, value in results[side][-1].items() if key != "history"}
+            print(f"    {shown}", flush=True)
     return results
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
     """The shared settings as command-line arguments for a worker."""
     keys = ("model_size", "model", "device", "num_envs", "group_size", "max_new_tokens", "learning_rate", "beta",
-            "lora_r", "lora_alpha", "ppo_epochs", "threads", "seed", "updates")
+            "lora_r", "lora_alpha", "ppo_epochs", "ppo_minibatches", "threads", "seed")
     return [item for key in keys for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
 
 
@@ -243,7 +247,7 @@ def main() -> None:
         args.workdir.mkdir(parents=True, exist_ok=True)
         model_path(args, args.workdir)  # build the random GPT-2 once, before the timed runs
         sides = [side for pair in args.pairs for side in PAIRS[pair]]
-        results = run_turns(args, sides, str(Path(__file__).resolve()))
+        results = run_turns(args, sides, str(Path(__file__).resolve()), extra=["--updates", str(args.updates)])
     print_report(args, results)
 
 
