@@ -240,3 +240,20 @@ def test_conversational_entries_get_chat_messages():
     result = RewardSet([{"name": chat_length, "conversational": True, "kwargs": {"unused": 1}}])(
         PROMPTS, COMPLETIONS, completion_ids=COMPLETION_IDS)
     np.testing.assert_allclose(result.total, [len(COMPLETIONS[0]), len(COMPLETIONS[1])])
+
+
+def test_async_rewards_work_inside_a_running_event_loop_and_failures_name_the_reward():
+    import asyncio
+
+    async def fine(prompts, completions, **kwargs):
+        return [1.0] * len(prompts)
+
+    async def failing(prompts, completions, **kwargs):
+        raise RuntimeError("judge offline")
+
+    async def caller():  # e.g. a notebook, where an event loop is already running
+        return RewardSet([fine])(PROMPTS, COMPLETIONS, completion_ids=COMPLETION_IDS)
+
+    np.testing.assert_allclose(asyncio.run(caller()).total, [1.0, 1.0])
+    with pytest.raises(RewardError, match="reward 'failing' raised RuntimeError: judge offline"):
+        RewardSet([fine, failing])(PROMPTS, COMPLETIONS, completion_ids=COMPLETION_IDS)
