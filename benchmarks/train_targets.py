@@ -76,14 +76,16 @@ def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]
         "after": result.after.rewards[component],
         "gain": result.after.rewards[component] - result.before.rewards[component],
         "kl": result.after.kl,
-        "distinct2_ratio": result.after.distinct_2 / max(result.before.distinct_2, 1e-9),
+        # Undefined where completions are too short to have bigrams (arithmetic answers).
+        "distinct2_ratio": (result.after.distinct_2 / result.before.distinct_2 if result.before.distinct_2
+                            else float("nan")),
         "fluency_drop": result.before.fluency - min(fluency),
         "max_eval_kl": max(eval_kl),
         # A 10-update moving average: single batches of 32 are noisy, drift is what matters.
         "max_train_kl_avg10": max(_moving_average(train_kl, 10), default=float("nan")),
         "kl_target": float(kl_target) if kl_target is not None else float("nan"),
         "updates": result.step,
-        "train_s": rows[-1].get("time/elapsed_s", float("nan")) if rows else float("nan"),
+        "train_s": max((row["time/elapsed_s"] for row in rows if "time/elapsed_s" in row), default=float("nan")),
         "wall_s": wall_s,
         "run_dir": str(result.run_dir),
     }

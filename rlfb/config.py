@@ -63,7 +63,8 @@ class LoraConfig:
     alpha: float = field(default=32.0, metadata=_help("scale numerator: the update is scaled by alpha / r"))
     dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA input during training"))
     target_modules: list[str] | None = field(default=None, metadata=_help(
-        "module names to adapt; default: the attention and MLP projections the model family uses"))
+        "module names to adapt, e.g. [c_attn, c_proj, c_fc] for GPT-2 attention + MLP; default: the "
+        "attention projections peft knows for the model family (GPT-2: c_attn)"))
 
 
 @dataclass
