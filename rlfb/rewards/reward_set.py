@@ -246,6 +246,8 @@ class RewardSet:
             try:
                 output = component.function(**self._arguments_for(component, keyword_arguments))
             except Exception as error:  # any failure of user code becomes one clear error naming the reward
+                for awaitable in pending.values():  # no "coroutine was never awaited" warnings on the way out
+                    getattr(awaitable, "close", lambda: None)()
                 raise self._error(component.label, f"raised {type(error).__name__}: {error}", prompts, completions,
                                   0) from error
             if inspect.isawaitable(output):
