@@ -40,8 +40,8 @@ from typing import Any
 
 from rlfb.models import corpus
 
-# Bump when the build code changes what a recipe produces, so old cache entries are not reused.
-BUILD_FORMAT_VERSION = 1
+# Bump when the build code or the grammar changes what a recipe produces, so old cache entries are not reused.
+BUILD_FORMAT_VERSION = 2
 MARKER_FILE = "rlfb_build.json"
 END_OF_TEXT = "<|endoftext|>"
 
@@ -72,14 +72,14 @@ class TinyModelRecipe:
 
     grammar_seed: int = 0
     n_documents: int = 60_000
-    arithmetic_share: float = 0.5
+    arithmetic_share: float = 0.7
     wrong_answer_share: float = 0.25
     vocab_size: int = 512
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 64
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
@@ -299,6 +299,10 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     # Each document is its own row starting at position 0, exactly like a prompt at sampling time, and
     # ends with end-of-text so that sampling stops by itself.
     encoded = [ids[: recipe.n_positions - 1] + [eos_id] for ids in tokenizer(documents)["input_ids"]]
+    # A batch holds one kind of document: sums are ~10 tokens and reviews ~20, so a mixed batch would pad
+    # every sum to review length and spend most of its compute on padding.
+    pools = [[ids for ids, text in zip(encoded, documents) if corpus.is_arithmetic(text) == kind]
+             for kind in (True, False)]
 
     with _torch_threads(recipe.num_threads):
         torch.manual_seed(recipe.seed)
@@ -320,8 +324,7 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(step, recipe)
-            rows = torch.randint(len(encoded), (recipe.batch_size,), generator=generator).tolist()
-            input_ids, attention_mask = _pad_right([encoded[row] for row in rows], eos_id)
+            input_ids, attention_mask = _draw_batch(pools, recipe, generator, eos_id)
             labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on padding
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -352,6 +355,17 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     # The marker goes last: its presence is what makes the directory a complete cache entry.
     (output_dir / MARKER_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _draw_batch(pools: list[list[list[int]]], recipe: TinyModelRecipe, generator, pad_id: int):
+    """A right-padded batch of sums (with probability ``arithmetic_share``) or of review sentences."""
+    import torch
+
+    arithmetic, reviews = pools
+    use_sums = bool(arithmetic) and (not reviews or torch.rand((), generator=generator) < recipe.arithmetic_share)
+    pool = arithmetic if use_sums else reviews
+    rows = torch.randint(len(pool), (recipe.batch_size,), generator=generator).tolist()
+    return _pad_right([pool[row] for row in rows], pad_id)
 
 
 def _pad_right(rows: list[list[int]], pad_id: int):  # -> tuple[torch.Tensor, torch.Tensor]

@@ -98,7 +98,9 @@ EVAL_OPENING_FRACTION = 0.25
 _SPLIT_SEED = 20240601  # fixes which openings and which sums are held out; never changes with a recipe
 
 # --------------------------------------------------------------------------------------------- arithmetic
-MAX_OPERAND = 99  # operands a, b in [0, MAX_OPERAND]; sums up to 198
+# Two-digit operands only: with a fixed width, digit i of every operand sits at the same distance from "=",
+# which a small model learns far sooner than sums that mix one- and two-digit numbers.
+MIN_OPERAND, MAX_OPERAND = 10, 99  # sums from 20 to 198
 EVAL_SUMS = 300  # held-out (a, b) pairs: the "eval" split, never in a pretraining corpus
 
 
@@ -228,7 +230,7 @@ def words(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- arithmetic
 @cache
 def _sum_splits() -> dict[Split, tuple[tuple[int, int], ...]]:
-    pairs = list(itertools.product(range(MAX_OPERAND + 1), repeat=2))
+    pairs = list(itertools.product(range(MIN_OPERAND, MAX_OPERAND + 1), repeat=2))
     random.Random(_SPLIT_SEED).shuffle(pairs)
     return {"eval": tuple(sorted(pairs[:EVAL_SUMS])), "train": tuple(sorted(pairs[EVAL_SUMS:]))}
 
@@ -237,7 +239,7 @@ def arithmetic_problems(split: Split) -> list[tuple[str, str]]:
     """Returns the sums of a split as (prompt, answer) pairs, e.g. ``("17+25=", "42")``.
 
     The "eval" sums (a fixed set of operand pairs) never occur in a pretraining corpus; "train" is every
-    other pair with operands in ``[0, MAX_OPERAND]``.
+    other pair with operands in ``[MIN_OPERAND, MAX_OPERAND]``.
 
     Args:
         split: "train" or "eval".
@@ -260,6 +262,14 @@ def wrong_answer(rng: random.Random, a: int, b: int) -> int:
     if carries:
         mistakes += [right - 10] * 2  # forgetting the carry is the classic error
     return max(0, rng.choice([m for m in mistakes if m != right and m >= 0] or [right + 1]))
+
+
+_SUM_LINE = re.compile(r"^\d+\+\d+=\d+$")
+
+
+def is_arithmetic(document: str) -> bool:
+    """Whether a corpus document is a sum line (``"17+25=42"``) rather than a review sentence."""
+    return bool(_SUM_LINE.match(document))
 
 
 def arithmetic_line(rng: random.Random, a: int, b: int, wrong_answer_share: float) -> str:

@@ -77,3 +77,9 @@ def test_every_review_word_is_in_the_vocabulary_and_sentences_end() -> None:
         assert set(corpus.words(sentence)) <= vocabulary, sentence
         assert sentence.endswith((".", "!"))
     assert "wonderful" in vocabulary and "xylophone" not in vocabulary
+
+
+def test_is_arithmetic_tells_sums_from_reviews() -> None:
+    documents = corpus.pretraining_corpus(300, seed=2, arithmetic_share=0.5)
+    assert sum(map(corpus.is_arithmetic, documents)) == 150
+    assert corpus.is_arithmetic("17+25=41") and not corpus.is_arithmetic("The plot was 17+25=42 great.")
