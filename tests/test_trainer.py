@@ -214,3 +214,14 @@ def test_interrupt_inside_an_update_saves_nothing_half_done(tiny_model_dir: Path
     result = Trainer(tiny_config(tiny_model_dir, tmp_path)).train()
     assert result.interrupted and result.step == 2 and result.checkpoint is None
     assert read_trainer_state(find_checkpoint(result.run_dir))["step"] == 2  # the periodic one is intact
+
+
+def test_eval_and_generate_work_on_a_plain_model(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["eval", str(tiny_model_dir), "--n", "3", "--reward", "length", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "on 3 prompts" in out and "reward/length" in out and "kl" in out
+    assert cli_main(["generate", str(tiny_model_dir), "--prompt", "The plot was", "-n", "2", "--device", "cpu",
+                     "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("The plot was") == 2
+    assert cli_main(["generate", str(tiny_model_dir), "--prompt", "x", "-n", "0"]) == 1
+    assert "-n is 0; it must be >= 1" in capsys.readouterr().err
