@@ -213,13 +213,15 @@ class GradientStepper:
 
 
 # ------------------------------------------------------------------------------- construction by name
-# name -> (module:class, config class, preset options). "rloo" and "grpo" are REINFORCE with a group
-# baseline; k = 4 completions per prompt unless the config says otherwise.
+# name -> preset options. "rloo" and "grpo" are REINFORCE with a group baseline, k = 4 completions per
+# prompt unless the config says otherwise. GRPO puts the KL in the loss (Shao et al. 2024): in the reward,
+# dividing by the group's std would blow the KL noise of a group whose scores are all equal up to
+# unit-size advantages.
 AGENT_PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {},
     "reinforce": {},
     "rloo": {"baseline": "rloo", "group_size": 4},
-    "grpo": {"baseline": "grpo", "group_size": 4},
+    "grpo": {"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
 }
 
 
