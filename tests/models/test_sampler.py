@@ -161,3 +161,15 @@ def test_prompt_plus_completion_beyond_the_context_is_a_clear_error(model: GPT2L
     sampler = TokenSampler(model, SamplingConfig(max_new_tokens=60), eos_token_id=EOS)
     with pytest.raises(ValueError, match="a prompt of 5 tokens plus max_new_tokens=60 exceeds .* 64 positions"):
         sampler.start(torch.tensor([[3, 4, 5, 6, 7]]), torch.ones(1, 5, dtype=torch.long))
+
+
+def test_sampled_tensors_are_ordinary_tensors_usable_in_a_loss(model: GPT2LMHeadModel) -> None:
+    input_ids, attention_mask = left_padded_batch()
+    sampler = TokenSampler(model, SamplingConfig(max_new_tokens=4), torch.Generator().manual_seed(0), eos_token_id=EOS)
+    sampler.start(input_ids, attention_mask)
+    tokens, logprobs = sampler.sample()
+    assert not tokens.is_inference() and not logprobs.is_inference()
+    weight = torch.ones(3, requires_grad=True)
+    (weight * logprobs).sum().backward()  # an inference tensor would refuse to be saved for backward
+    assert torch.equal(weight.grad, logprobs)
+    tokens[0] = EOS  # and they can be modified in place
