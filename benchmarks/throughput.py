@@ -23,8 +23,8 @@ first update to the end of the last (the first update is warm-up on both sides),
 process's peak resident set (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
 ``--model-size gpt2-small`` builds a randomly initialized GPT-2 small (124M parameters,
-``GPT2Config()``) with the built-in model's tokenizer (ids it does not know decode to nothing), so no
-download is needed; completions are random text, which is fine for a speed measurement.
+``GPT2Config()``) and, since nothing is downloaded, a tokenizer of GPT-2's size: the built-in model's BPE
+plus placeholder tokens up to 50,257. Completions are random text, which is fine for a speed measurement.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+GPT2_VOCAB_SIZE = 50257
 PAIRS = {"grpo": ("rlfb-grpo", "trl-grpo"), "ppo": ("rlfb-ppo", "trl-rloo")}
 
 
@@ -78,6 +79,9 @@ def model_path(args: argparse.Namespace, workdir: Path) -> str:
         from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
         tokenizer = AutoTokenizer.from_pretrained(base)
+        # GPT-2's 50,257-token vocabulary (no download): the built-in BPE plus placeholder tokens, so every
+        # id the random model samples is a real token on both sides, and the LM head has GPT-2's size.
+        tokenizer.add_tokens([f"<gpt2_{index}>" for index in range(GPT2_VOCAB_SIZE - len(tokenizer))])
         eos = tokenizer.eos_token_id
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))  # 124M

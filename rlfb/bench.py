@@ -276,7 +276,10 @@ def run_bench(config: BenchConfig, output_dir: str | Path | None = None, say: Pr
     say(f"bench: {len(designs)} designs x {len(config.seeds)} seeds on task '{config.task_name}', "
         f"{config.run_config(designs[0], config.seeds[0]).budget.updates} updates each; output {out}")
     started = time.perf_counter()
-    base_points = {design.name: evaluate_base(config, design) for design in designs}
+    base_policy = _base_policy(config)
+    base_points = {design.name: EvalPoint(0, _evaluate(config, config.run_config(design, config.seeds[0]), design,
+                                                       base_policy)) for design in designs}
+    del base_policy
     clock = _Clock(total=len(designs) * len(config.seeds), started=started)
     records = []
     for design in designs:
@@ -327,15 +330,14 @@ def train_recipe(recipe: RewardModelRecipe, task: str, base_model: str, director
     return path
 
 
-def evaluate_base(config: BenchConfig, design: Design) -> EvalPoint:
-    """Update 0 of every run of ``design``: the base model (a fresh LoRA adapter is zero) on the eval prompts."""
+def _base_policy(config: BenchConfig) -> Any:
+    """The policy at update 0 of every run: the base model with a fresh LoRA adapter, which is zero."""
     from rlfb.models.policy import LoraSettings, Policy
 
-    run_config = config.run_config(design, config.seeds[0])
+    run_config = config.run_config(config.designs[0], config.seeds[0])
     lora = run_config.lora
-    policy = Policy.from_pretrained(run_config.model.name, value_head=False, device=run_config.device,
-                                    lora=LoraSettings(r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules))
-    return EvalPoint(0, _evaluate(config, run_config, design, policy))
+    return Policy.from_pretrained(run_config.model.name, value_head=False, device=run_config.device,
+                                  lora=LoraSettings(r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules))
 
 
 def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, base: EvalPoint,
@@ -376,16 +378,13 @@ def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, b
 
     trainer = Trainer(run_config, callbacks=[evaluate_during_training])
     result = trainer.train()
-    if points[-1].step != result.step:  # stopped early (Ctrl-C): evaluate what was trained
-        points.append(EvalPoint(result.step, _evaluate(config, run_config, design, trainer.policy)))
+    if result.interrupted:  # the trainer saved a checkpoint; the bench reruns this run from the start
+        raise KeyboardInterrupt
     record = RunRecord(design=design.name, seed=seed, points=points, train_seconds=trainer.elapsed_s,
                        run_dir=str(Path(RUNS_DIR) / result.run_dir.name))
-    if not result.interrupted:
-        saved.write_text(json.dumps({"design": record.design, "seed": seed, "train_seconds": record.train_seconds,
-                                     "run_dir": record.run_dir,
-                                     "points": [dataclasses.asdict(point) for point in points]}, indent=1))
-    else:
-        raise KeyboardInterrupt
+    saved.write_text(json.dumps({"design": record.design, "seed": seed, "train_seconds": record.train_seconds,
+                                 "run_dir": record.run_dir,
+                                 "points": [dataclasses.asdict(point) for point in points]}, indent=1))
     return record
 
 
@@ -433,9 +432,9 @@ def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy
     result = evaluate_policy(policy, rows, rewards, SamplingConfig(
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
         max_new_tokens=sampling.max_new_tokens), seed=config.eval.seed, num_samples=0)
-    values = {spec.label: result.rewards[spec.label] for spec in gold_specs}
+    values = {gold_key(r): result.rewards[gold_key(r)] for r in config.gold}
     # The design's reward is its weighted sum; the evaluation's "total" mixes in the gold rewards.
-    values["design_reward"] = sum(spec.weight * result.rewards[spec.label] for spec in design_specs)
+    values["design_reward"] = sum((spec.weight * result.rewards[str(spec.label)] for spec in design_specs), 0.0)
     values.update(kl=result.kl, fluency=result.fluency, distinct_1=result.distinct_1, distinct_2=result.distinct_2,
                   completion_length=result.completion_length)
     return {key: float(value) for key, value in values.items()}
