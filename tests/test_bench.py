@@ -132,3 +132,14 @@ def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Pa
     lines.clear()
     run_bench(config, output_dir=out, say=lines.append, progress_bar=False)
     assert sum("reusing the finished run" in line for line in lines) == 2
+
+
+def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: pytest.CaptureFixture[str]) -> None:
+    from rlfb.cli import main
+
+    config = str(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
+    assert main(["bench", config, "--check", "--set", "seeds=[3]"]) == 0
+    out = capsys.readouterr().out
+    assert "6 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
+    assert main(["bench", config, "--check", "--set", "budget.num_envs=30"]) == 1
+    assert "'budget.num_envs' is 30" in capsys.readouterr().err
