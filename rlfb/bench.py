@@ -112,6 +112,7 @@ class BenchConfig:
     seeds: list[int]
     output_dir: str
     raw: dict[str, Any]
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     @property
     def task_name(self) -> str:
@@ -135,7 +136,7 @@ class BenchConfig:
         return config_from_dict(data)
 
 
-TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir")
+TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir", "threads")
 
 
 def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchConfig:
@@ -183,9 +184,11 @@ def bench_config_from_dict(data: Any, overrides: Sequence[str] = ()) -> BenchCon
     names = [design.name for design in designs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     _require(not duplicates, "designs", duplicates, "distinct design names")
+    threads = data.get("threads", 0)
+    _require(type(threads) is int and threads >= 0, "threads", threads, "an integer >= 0 (0: torch's default)")
     shared = {key: data[key] for key in SHARED_SECTIONS if key in data}
     config = BenchConfig(shared=shared, eval=eval_config, gold=gold, designs=designs, seeds=seeds,
-                         output_dir=str(data.get("output_dir", "bench")), raw=data)
+                         output_dir=str(data.get("output_dir", "bench")), raw=data, threads=threads)
     for design in designs:  # every derived run config must be valid before anything trains
         try:
             run_config = config.run_config(design, seeds[0])
@@ -269,6 +272,10 @@ Progress = Callable[[str], None]
 def run_bench(config: BenchConfig, output_dir: str | Path | None = None, say: Progress = print,
               progress_bar: bool = True) -> Path:
     """Train and evaluate every design with every seed, then write the results; returns the output directory."""
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
     out = Path(output_dir or config.output_dir)
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     (out / "bench_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))

@@ -66,6 +66,7 @@ def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
     ({"budget": {"updatse": 3}}, r"design 'vader': unknown key 'budget.updatse'.*did you mean 'budget.updates'"),
     ({"agent": {"name": "grpo", "lerning_rate": 1.0}}, r"design 'vader':.*agent.lerning_rate"),
     ({"eval": {"num_prompts": 0}}, r"'eval.num_prompts' is 0"),
+    ({"threads": -1}, r"'threads' is -1; it must be an integer >= 0"),
 ])
 def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
