@@ -27,7 +27,8 @@ import torch
 from rlfb.rewards import RewardSet, feedback
 from rlfb.rewards.training import RewardModelConfig, train_reward_model
 
-# Tuned on rlfb-tiny with 2 CPU threads (see the closing note of issue 4 for the figures).
+# Pairwise: 2 epochs at 1e-3 reach 87% against VADER on rlfb-tiny (4 epochs at 3e-3 on a random 2-layer model
+# reached 82%, so pretraining matters). The other kinds use the same settings, untuned.
 SETTINGS: dict[str, dict[str, float]] = {
     "pairwise": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
     "pointwise": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
