@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlfb import checkpoint as ckpt
+from rlfb import checkpoint as checkpointing
 from rlfb.config import RunConfig, check_section, load_config
 from rlfb.errors import ConfigError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
@@ -124,11 +124,11 @@ class Trainer:
             raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
                               f"group size {self.group_size} of agent '{agent_name}'")
         self.agent_options = self._agent_options()
-        self.resume_checkpoint = ckpt.find_checkpoint(resume_from) if resume_from is not None else None
+        self.resume_checkpoint = checkpointing.find_checkpoint(resume_from) if resume_from is not None else None
         self._run_dir: Path | None = None
         if self.resume_checkpoint is not None:
             self._run_dir = self.resume_checkpoint.parent
-            if self._run_dir.name == ckpt.CHECKPOINTS_DIR:
+            if self._run_dir.name == checkpointing.CHECKPOINTS_DIR:
                 self._run_dir = self._run_dir.parent
         self.step = 0
         self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
@@ -146,7 +146,7 @@ class Trainer:
     def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (),
                callbacks: Sequence[Callback] = ()) -> Trainer:
         """Continue a run from its own saved config (plus ``overrides``, e.g. a larger budget)."""
-        return cls(load_config(Path(run_dir) / ckpt.CONFIG_FILE, overrides), resume_from=run_dir,
+        return cls(load_config(Path(run_dir) / checkpointing.CONFIG_FILE, overrides), resume_from=run_dir,
                    callbacks=callbacks)
 
     # ------------------------------------------------------------------------------------- set-up
@@ -165,7 +165,7 @@ class Trainer:
         seed_everything(config.seed)  # before the policy: LoRA's A matrices are drawn from torch's RNG
         self.device = resolve_device(config.device)
         self._collect_rollout = collect_rollout
-        task_spec: Any = {"name": config.task.name, **config.task.kwargs} if config.task.kwargs else config.task.name
+        task_spec: Any = {"name": config.task.name, **config.task.kwargs}
         self.task = make_task(task_spec)
         self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
                                      for r in config.rewards])
@@ -173,7 +173,8 @@ class Trainer:
         lora = config.lora
         self.policy = Policy.from_pretrained(
             config.model.name,
-            lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules),
+            lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                              target_modules=lora.target_modules),
             value_head=agent_name in AGENTS_WITH_VALUE_HEAD, device=self.device,
             dtype=DTYPES.get(config.model.dtype or ""))
         if self.reward_set.needs_scorer:
@@ -217,32 +218,33 @@ class Trainer:
 
     def _capture(self) -> dict[str, Any]:
         """Everything that changes during one iteration besides the weights: RNG streams, reward stats."""
-        return {"rng": ckpt.capture_rng_state({"sampling": self.generator}, self._numpy_generators()),
+        return {"rng": checkpointing.capture_rng_state({"sampling": self.generator}, self._numpy_generators()),
                 "rewards": self.reward_set.state_dict()}
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _write_checkpoint(self, directory: Path, captured: dict[str, Any] | None = None) -> None:
         captured = captured or self._capture()
         self.policy.save(directory / "adapter")  # peft adapter files + value_head.safetensors
-        ckpt.save_torch_state(directory / ckpt.AGENT_STATE_FILE,
+        checkpointing.save_torch_state(directory / checkpointing.AGENT_STATE_FILE,
                               {"agent": self.agent.state_dict(), "rewards": captured["rewards"]})
-        ckpt.save_torch_state(directory / ckpt.RNG_STATE_FILE, captured["rng"])
-        (directory / ckpt.CONFIG_FILE).write_text(self.config.to_yaml())
-        ckpt.write_trainer_state(directory, {"step": self.step, "elapsed_s": self.elapsed_s})
+        checkpointing.save_torch_state(directory / checkpointing.RNG_STATE_FILE, captured["rng"])
+        (directory / checkpointing.CONFIG_FILE).write_text(self.config.to_yaml())
+        checkpointing.write_trainer_state(directory, {"step": self.step, "elapsed_s": self.elapsed_s})
 
     def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path:
         """Write ``checkpoints/step_N`` atomically (the state of the last completed update)."""
-        manager = ckpt.CheckpointManager(self.run_dir, self.config.checkpoint.keep_last, self.is_main_process)
+        manager = checkpointing.CheckpointManager(self.run_dir, self.config.checkpoint.keep_last,
+                                                  self.is_main_process)
         return manager.save(self.step, lambda directory: self._write_checkpoint(directory, captured))
 
     def _restore(self, checkpoint: Path) -> None:
         self.policy.load_adapter(checkpoint / "adapter")
-        state = ckpt.load_torch_state(checkpoint / ckpt.AGENT_STATE_FILE)
+        state = checkpointing.load_torch_state(checkpoint / checkpointing.AGENT_STATE_FILE)
         self.agent.load_state_dict(state["agent"])
         self.reward_set.load_state_dict(state["rewards"])
-        ckpt.restore_rng_state(ckpt.load_torch_state(checkpoint / ckpt.RNG_STATE_FILE),
+        checkpointing.restore_rng_state(checkpointing.load_torch_state(checkpoint / checkpointing.RNG_STATE_FILE),
                                {"sampling": self.generator}, self._numpy_generators())
-        trainer_state = ckpt.read_trainer_state(checkpoint)
+        trainer_state = checkpointing.read_trainer_state(checkpoint)
         self.step, self.elapsed_s = int(trainer_state["step"]), float(trainer_state["elapsed_s"])
 
     # ------------------------------------------------------------------------------------- the loop
@@ -257,7 +259,7 @@ class Trainer:
         if self.resume_checkpoint is not None:
             self._restore(self.resume_checkpoint)
         elif self.is_main_process:
-            (self.run_dir / ckpt.CONFIG_FILE).write_text(config.to_yaml())
+            (self.run_dir / checkpointing.CONFIG_FILE).write_text(config.to_yaml())
         self.logger = self._make_logger(truncate_after=self.step if resumed else None)
         try:
             before = self._load_eval("before") if resumed else None
@@ -272,7 +274,7 @@ class Trainer:
                           + (f"saved {saved}. " if saved else "the update in progress was lost. ")
                           + f"Continue with: rlfb train CONFIG --resume {self.run_dir}")
                 return TrainResult(self.run_dir, self.step, before, None, interrupted=True, checkpoint=saved)
-            final = ckpt.save_atomically(self.run_dir / ckpt.FINAL_DIR, self._write_checkpoint) \
+            final = checkpointing.save_atomically(self.run_dir / checkpointing.FINAL_DIR, self._write_checkpoint) \
                 if self.is_main_process else None
             after = self._evaluate(step=self.step, label="after")
             if before is not None and after is not None:
@@ -423,7 +425,8 @@ def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int
     scores = rollout.scores.double()
     mask = rollout.completion_mask.bool()
     ended = ((rollout.completion_ids == eos_token_id) & mask).any(1)  # (B,) the completion has its EOS
-    metrics = {"rollout/reward_mean": float(scores.mean()), "rollout/reward_std": float(scores.std(unbiased=False)),
+    metrics = {"rollout/reward_mean": float(scores.mean()),
+               "rollout/reward_std": float(scores.std(unbiased=False)),
                "rollout/completion_length": float(mask.sum(1).double().mean()),
                "rollout/truncated_fraction": float((~ended).double().mean())}
     for name in reward_names:

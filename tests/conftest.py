@@ -18,7 +18,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlfb.models.corpus import pretraining_corpus
 
     path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = train_tokenizer(list(pretraining_corpus(2000, seed=0)), vocab_size=300)
+    tokenizer = train_tokenizer(list(pretraining_corpus(600, seed=0)), vocab_size=300)
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tokenizer),
