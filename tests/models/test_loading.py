@@ -40,8 +40,14 @@ def test_hub_ids_pass_through_unchanged(hub_id: str) -> None:
 
 
 def test_unreachable_hub_id_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match=r"could not load model 'rlfb-org/no-such-model'.*rlfb-tiny"):
+    import transformers
+
+    def offline(name: str, **kwargs: object) -> None:  # what transformers raises without network or cache
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {name}.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(ModelNotFoundError, match=r"could not load model 'rlfb-org/no-such-model' "
+                                                 r"\(We couldn't connect.*built-in models: rlfb-tiny"):
         loading.load_tokenizer("rlfb-org/no-such-model")
 
 
