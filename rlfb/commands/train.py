@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(values are YAML; repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its newest checkpoint")
+    parser.add_argument("--show-keys", action="store_true",
+                        help="list every config key with its type and meaning, then exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +31,14 @@ def run(args: argparse.Namespace) -> int:
     from rlfb.config import load_config
     from rlfb.trainer import Trainer
 
+    if args.show_keys:
+        from rlfb.config import field_help
+
+        helps = field_help()
+        width = max(map(len, helps))
+        print("\n".join(f"{key:<{width}}  {text}" for key, text in helps.items()))
+        print(f"{'agent.*':<{width}}  the agent's hyper-parameters: see docs/algorithms.md")
+        return 0
     if args.config is None and args.resume is None:
         raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
     if args.resume is not None and not Path(args.resume).is_dir():
