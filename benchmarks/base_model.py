@@ -89,7 +89,7 @@ def review_quality(model, tokenizer, n: int = 200) -> tuple[float, float, list[s
             for text in continuations]
     analyzer = SentimentIntensityAnalyzer()
     compound = [analyzer.polarity_scores(text)["compound"] for text in continuations]
-    samples = [f"{opening}|{text}" for opening, text in zip(openings, continuations)]
+    samples = [f"{opening}|{text}" for opening, text in zip(openings, continuations, strict=True)]
     return sum(good) / n, statistics.mean(compound), samples
 
 
@@ -97,7 +97,7 @@ def arithmetic_accuracy(model, tokenizer) -> float:
     """Greedy exact match on the held-out sums."""
     problems = corpus.arithmetic_problems("eval")
     answers = generate(model, tokenizer, [prompt for prompt, _ in problems], greedy=True, max_new_tokens=6)
-    return sum(answer.strip() == expected for answer, (_, expected) in zip(answers, problems)) / len(problems)
+    return sum(answer.strip() == expected for answer, (_, expected) in zip(answers, problems, strict=True)) / len(problems)
 
 
 def main() -> int:

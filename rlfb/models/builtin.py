@@ -36,9 +36,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlfb.models import corpus
+
+if TYPE_CHECKING:  # torch and transformers are imported when a build runs, so `rlfb models list` is quick
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 # Bump when the build code or the grammar changes what a recipe produces, so old cache entries are not reused.
 BUILD_FORMAT_VERSION = 2
@@ -212,6 +216,7 @@ def weights_sha256(path: str | Path) -> str:
     Hashes the tensors rather than the file, so metadata written by safetensors cannot hide or fake a
     difference in the weights.
     """
+    import torch
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(path) / "model.safetensors"))
@@ -219,12 +224,12 @@ def weights_sha256(path: str | Path) -> str:
     for key in sorted(tensors):
         tensor = tensors[key].contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- build
-def train_tokenizer(documents: list[str], vocab_size: int):  # -> PreTrainedTokenizerFast
+def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer on the corpus; digits are always single tokens.
 
     Splitting numbers into digits lets the model learn addition digit by digit ("42" is "4", "2"), instead
@@ -303,7 +308,7 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     encoded = [ids[: recipe.n_positions - 1] + [eos_id] for ids in tokenizer(documents)["input_ids"]]
     # A batch holds one kind of document: sums are ~10 tokens and reviews ~20, so a mixed batch would pad
     # every sum to review length and spend most of its compute on padding.
-    pools = [[ids for ids, text in zip(encoded, documents) if corpus.is_arithmetic(text) == kind]
+    pools = [[ids for ids, text in zip(encoded, documents, strict=True) if corpus.is_arithmetic(text) == kind]
              for kind in (True, False)]
 
     with _torch_threads(recipe.num_threads):
@@ -359,7 +364,8 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     return record
 
 
-def _draw_batch(pools: list[list[list[int]]], recipe: TinyModelRecipe, generator, pad_id: int):
+def _draw_batch(pools: list[list[list[int]]], recipe: TinyModelRecipe, generator: torch.Generator,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A right-padded batch of sums (with probability ``arithmetic_share``) or of review sentences."""
     import torch
 
@@ -370,7 +376,7 @@ def _draw_batch(pools: list[list[list[int]]], recipe: TinyModelRecipe, generator
     return _pad_right([pool[row] for row in rows], pad_id)
 
 
-def _pad_right(rows: list[list[int]], pad_id: int):  # -> tuple[torch.Tensor, torch.Tensor]
+def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     width = max(len(row) for row in rows)

@@ -203,7 +203,7 @@ def review_openings(split: Split, n: int, seed: int = 0) -> list[str]:
 def _split_pool(splits: dict[Split, tuple], split: str) -> tuple:
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'eval'")
-    return splits[split]  # type: ignore[index]
+    return splits[split]
 
 
 @cache
@@ -230,7 +230,8 @@ def words(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- arithmetic
 @cache
 def _sum_splits() -> dict[Split, tuple[tuple[int, int], ...]]:
-    pairs = list(itertools.product(range(MIN_OPERAND, MAX_OPERAND + 1), repeat=2))
+    operands = range(MIN_OPERAND, MAX_OPERAND + 1)
+    pairs = [(a, b) for a in operands for b in operands]
     random.Random(_SPLIT_SEED).shuffle(pairs)
     return {"eval": tuple(sorted(pairs[:EVAL_SUMS])), "train": tuple(sorted(pairs[EVAL_SUMS:]))}
 

@@ -158,8 +158,7 @@ def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: to
         raise _not_found(name_or_path, error) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(resolve_device(device))
-    model.eval()
+    model = model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers wraps .to()
     return model, tokenizer
 
 
