@@ -115,7 +115,7 @@ def test_gold_metrics_for_synthesized_feedback(tiny_base_model, tmp_path):
     report = train_reward_model(config)
     assert report.train_rows == 30 and report.eval_rows == 30
     assert set(report.metrics) == {"pearson", "gold_pearson", "gold_spearman"}
-    assert report.metrics["pearson"] == pytest.approx(report.metrics["gold_pearson"])  # no noise: labels are gold
+    assert report.metrics["pearson"] == pytest.approx(report.metrics["gold_pearson"], abs=1e-3)  # no noise: gold
 
 
 def test_reward_model_train_command_and_config_errors(tiny_base_model, tmp_path, capsys):
