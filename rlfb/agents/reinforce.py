@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rlfb.agents.base import Agent, GradientStepper, masked_mean
+from rlfb.agents.base import Agent, GradientStepper
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.rollout import Rollout, evaluate_rollout
 from rlfb.errors import ConfigError

@@ -120,14 +120,17 @@ def evaluate_rollout(
     """
     chunk_size = chunk_size or rollout.batch_size
     input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
-    logprobs, reference, values = [], [], []
+    logprobs: list[torch.Tensor] = []
+    reference: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
     for first in range(0, rollout.batch_size, chunk_size):
         rows = slice(first, first + chunk_size)
         forward = policy.forward_logprobs_values(
             input_ids[rows], attention_mask[rows], start, temperature=temperature, with_entropy=False
         )
         logprobs.append(forward.logprobs)
-        values.append(forward.values)
+        if forward.values is not None:
+            values.append(forward.values)
         reference.append(
             policy.reference_logprobs(input_ids[rows], attention_mask[rows], start, temperature=temperature)
         )
@@ -135,7 +138,7 @@ def evaluate_rollout(
     return RolloutEvaluation(
         logprobs=torch.cat(logprobs) * mask,
         reference_logprobs=torch.cat(reference) * mask,
-        values=None if values[0] is None else torch.cat(values) * mask,
+        values=torch.cat(values) * mask if values else None,
     )
 
 
@@ -178,7 +181,6 @@ def collect_rollout(
     sampler = TokenSampler(
         policy.model, budget, generator, eos_token_id=env.eos_token_id, pad_token_id=env.pad_token_id
     )
-    batch = env.num_envs
     ended_info: dict[str, np.ndarray] = {}
     tokens_per_step, logprobs_per_step, active_per_step, rewards_per_step = [], [], [], []
     with policy.autocast():

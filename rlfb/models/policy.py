@@ -37,7 +37,11 @@ from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, load_peft_weights, set_peft_model_state_dict
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -161,7 +165,7 @@ class Policy:
             )
             config = LoraConfig(
                 r=lora.r,
-                lora_alpha=lora.alpha,
+                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; a float is fine
                 lora_dropout=lora.dropout,
                 target_modules=target_modules,
                 fan_in_fan_out=conv1d_targets,
@@ -210,7 +214,7 @@ class Policy:
     @property
     def lora_target_modules(self) -> list[str]:
         """The module names the adapter is attached to, sorted."""
-        return sorted(self.model.peft_config[self.model.active_adapter].target_modules)
+        return sorted(getattr(self.model.peft_config[self.model.active_adapter], "target_modules", None) or [])
 
     @property
     def scorer(self) -> Any:
