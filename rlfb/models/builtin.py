@@ -153,6 +153,7 @@ def ensure_built(name: str = "rlfb-tiny", recipe: TinyModelRecipe | None = None,
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_builds(final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like any model dir
     try:
         if progress:
             print(f"rlfb: building {name} into {final} (first use; a few minutes on CPU)", file=sys.stderr)
@@ -186,7 +187,7 @@ def _publish(staging: Path, final: Path, recipe: TinyModelRecipe, *, replace: bo
 
 def _remove_abandoned_builds(final: Path) -> None:
     """Deletes staging directories of builds whose process no longer runs (killed mid-build)."""
-    for leftover in final.parent.glob(f".{final.name}.*"):
+    for leftover in [*final.parent.glob(".*.tmp-*"), *final.parent.glob(".*.old-*")]:
         try:
             pid = int(leftover.name.split("-")[-2])
         except (ValueError, IndexError):

@@ -6,6 +6,7 @@ Every test builds a much smaller variant of the recipe (a few seconds), never th
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def test_half_written_entry_is_rebuilt_not_loaded(rlfb_home: Path) -> None:
     path = builtin.ensure_built("rlfb-tiny", TINY, progress=False)
     assert path == final and builtin.is_complete(path, TINY)
     assert AutoModelForCausalLM.from_pretrained(path).config.n_embd == 16
+
+
+def test_staging_dirs_of_killed_builds_are_removed_and_live_ones_kept(rlfb_home: Path) -> None:
+    models = rlfb_home / "models"
+    killed = models / ".rlfb-tiny-0123456789ab.tmp-999999999-abc123"  # no such process
+    running = models / f".rlfb-tiny-0123456789ab.tmp-{os.getpid()}-def456"
+    for staging in (killed, running):
+        staging.mkdir(parents=True)
+    path = builtin.ensure_built("rlfb-tiny", TINY, progress=False)
+    assert not killed.exists() and running.exists() and builtin.is_complete(path, TINY)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)  # readable like any model directory
 
 
 def test_entry_of_another_recipe_is_not_complete(built: Path) -> None:
