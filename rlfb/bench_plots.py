@@ -102,6 +102,10 @@ def summarize(runs: Sequence[RunRecord], gold_key: str) -> DesignSummary:
         raise ValueError("summarize needs at least one run")
     keys = sorted({key for run in runs for point in run.points for key in point.values})
     steps = sorted(set.intersection(*({point.step for point in run.points} for run in runs)))
+    # A time limit can end the seeds at different updates; their final evaluations still close the curve,
+    # placed at the mean final update.
+    final_steps = [run.final.step for run in runs]
+    ragged_end = any(step not in steps for step in final_steps)
     curves = {}
     for key in keys:
         means, stds = [], []
@@ -109,7 +113,13 @@ def summarize(runs: Sequence[RunRecord], gold_key: str) -> DesignSummary:
             values = [_value_at(run, step, key) for run in runs]
             means.append(_nanmean(values))
             stds.append(_nanstd(values))
-        curves[key] = (steps, means, stds)
+        curve_steps = list(steps)
+        if ragged_end:
+            finals = [run.final.values.get(key, math.nan) for run in runs]
+            curve_steps.append(round(float(np.mean(final_steps))))
+            means.append(_nanmean(finals))
+            stds.append(_nanstd(finals))
+        curves[key] = (curve_steps, means, stds)
     final_mean = {key: _nanmean([run.final.values.get(key, math.nan) for run in runs]) for key in keys}
     final_std = {key: _nanstd([run.final.values.get(key, math.nan) for run in runs]) for key in keys}
     gold_curve = curves.get(gold_key, ([], [], []))[1]

@@ -108,6 +108,13 @@ def test_summary_averages_seeds_before_flagging() -> None:
     assert summary.final_std["gold/sentiment"] == pytest.approx(0.25)
     assert summary.curves["kl"][0] == [0, 5, 10]
 
+    # A time limit stopped seed 1 at update 8: the curve ends with both final evaluations at update 9.
+    cut = run(1, [0.0, 0.6, 1.2], [0.4, 0.1, -0.2])
+    cut.points[-1].step = 8
+    summary = summarize([run(0, [0.0, 0.5, 1.0], [0.2, 0.25, 0.3]), cut], "gold/sentiment")
+    steps, means, _ = summary.curves["gold/sentiment"]
+    assert steps == [0, 5, 9] and means[-1] == pytest.approx(0.05)
+
 
 # --------------------------------------------------------------------------------------------- end to end
 def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -142,5 +149,5 @@ def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: py
     assert main(["bench", config, "--check", "--set", "seeds=[3]"]) == 0
     out = capsys.readouterr().out
     assert "6 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
-    assert main(["bench", config, "--check", "--set", "budget.num_envs=30"]) == 1
-    assert "'budget.num_envs' is 30" in capsys.readouterr().err
+    assert main(["bench", config, "--check", "--set", "budget.num_envs=0"]) == 1
+    assert "'budget.num_envs' is 0" in capsys.readouterr().err
