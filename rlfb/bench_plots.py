@@ -211,7 +211,10 @@ def write_plots(summaries: Sequence[DesignSummary], gold_key: str, directory: Pa
         axes.errorbar([summary.final_mean.get("kl", math.nan)], [summary.final_mean.get(gold_key, math.nan)],
                       xerr=[summary.final_std.get("kl", 0.0)], yerr=[summary.final_std.get(gold_key, 0.0)],
                       marker="o", color=line.get_color(), label=summary.name, capsize=3)
-    axes.set(xlabel="KL to the reference (nats per completion)", ylabel=label,
+    # Symmetric log scale: a design without a KL penalty can drift 10-100x further than the rest, and the
+    # k1 estimate of a small KL can be slightly negative.
+    axes.set_xscale("symlog", linthresh=1.0)
+    axes.set(xlabel="KL to the reference (nats per completion, symlog scale)", ylabel=label,
              title=f"{label} against KL (line: path during training; dot: final, ± std)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
