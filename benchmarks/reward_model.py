@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2000, help="training feedback rows")
     parser.add_argument("--eval-size", type=int, default=500, help="held-out clean feedback rows")
     parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
+    # One thread by default: the model is tiny, so a second thread gains little, and on a shared machine an
+    # oversubscribed second thread made training 8x and scoring 5x slower in wall time (measured, issue 4).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the targets are for 2 cores)")
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, default=None, help="override the tuned epochs of every kind")
