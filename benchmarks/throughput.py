@@ -19,8 +19,10 @@ the number of torch threads. ``--ppo-epochs`` sets PPO's passes over each batch 
 ``num_iterations`` alike (default 1 for both: the same number of optimizer steps).
 
 Measured: completions per second of the whole loop (generation, reward, update), from the end of the
-first update to the end of the last (the first update is warm-up on both sides), and peak memory: the
-process's peak resident set (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+first update to the end of the last (the first update is warm-up on both sides); the same per second of
+this process's CPU time (with ``--threads 1`` on a machine shared with other jobs, the wall clock measures
+the neighbours too, CPU time much less so); and peak memory: the process's peak resident set
+(``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
 ``--model-size gpt2-small`` builds a randomly initialized GPT-2 small (124M parameters,
 ``GPT2Config()``) and, since nothing is downloaded, a tokenizer of GPT-2's size: the built-in model's BPE
@@ -163,13 +165,13 @@ def trl_trainer(args: argparse.Namespace, kind: str, model: str, output_dir: Pat
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
 
 
-def trl_step_clock(times: list[float]) -> Any:
-    """A transformers callback appending the wall-clock time at the end of every optimizer step."""
+def trl_step_clock(tick: Any) -> Any:
+    """A transformers callback calling ``tick()`` at the end of every optimizer step."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            times.append(time.perf_counter())
+            tick()
 
     return StepClock()
 
@@ -184,13 +186,19 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
     workdir = Path(args.workdir)
     model = model_path(args, workdir)
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU time: what a neighbour's load does not inflate
+
+    def tick() -> None:
+        times.append(time.perf_counter())
+        cpu_times.append(time.process_time())
+
     with tempfile.TemporaryDirectory(dir=workdir) as output_dir:
         if side.startswith("rlfb"):
             trainer = rlfb_trainer(args, side.split("-")[1], model, Path(output_dir), args.updates,
-                                   [lambda step, metrics: times.append(time.perf_counter())])
+                                   [lambda step, metrics: tick()])
         else:
             trainer = trl_trainer(args, side.split("-")[1], model, Path(output_dir), args.updates,
-                                  [trl_step_clock(times)])
+                                  [trl_step_clock(tick)])
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -201,7 +209,9 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
     steady_s = times[-1] - times[0]
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    cpu_s = cpu_times[-1] - cpu_times[0]
     return {"side": side, "updates": len(times), "completions_per_s": (len(times) - 1) * args.num_envs / steady_s,
+            "completions_per_cpu_s": (len(times) - 1) * args.num_envs / cpu_s,
             "seconds_per_update": steady_s / (len(times) - 1), "train_call_s": total_s, "peak_mb": peak_mb}
 
 
@@ -262,15 +272,17 @@ def print_report(args: argparse.Namespace, results: dict[str, list[dict[str, Any
     print(f"\nmodel {args.model_size}, device {args.device}, {args.num_envs} completions/update "
           f"({args.group_size} per prompt), <= {args.max_new_tokens} tokens, {args.updates} updates, "
           f"{args.rounds} round(s), torch threads {args.threads or 'default'}; median over rounds")
-    print(f"{'side':<10} {'completions/s':>14} {'s/update':>9} {'peak MB':>9}")
+    print(f"{'side':<10} {'completions/s':>14} {'per CPU-s':>10} {'s/update':>9} {'peak MB':>9}")
     for side in results:
-        print(f"{side:<10} {median(side, 'completions_per_s'):>14.2f} {median(side, 'seconds_per_update'):>9.2f} "
-              f"{median(side, 'peak_mb'):>9.0f}")
+        print(f"{side:<10} {median(side, 'completions_per_s'):>14.2f} {median(side, 'completions_per_cpu_s'):>10.2f} "
+              f"{median(side, 'seconds_per_update'):>9.2f} {median(side, 'peak_mb'):>9.0f}")
     for pair in args.pairs:
         ours, theirs = PAIRS[pair]
         speed = median(ours, "completions_per_s") / median(theirs, "completions_per_s")
+        cpu_speed = median(ours, "completions_per_cpu_s") / median(theirs, "completions_per_cpu_s")
         memory = median(ours, "peak_mb") / median(theirs, "peak_mb")
-        print(f"{ours} / {theirs}: throughput x{speed:.2f}, peak memory x{memory:.2f}")
+        print(f"{ours} / {theirs}: throughput x{speed:.2f} (per CPU-second x{cpu_speed:.2f}), "
+              f"peak memory x{memory:.2f}")
 
 
 if __name__ == "__main__":
