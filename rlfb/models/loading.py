@@ -126,7 +126,27 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    context = _context_length(path)
+    if context is not None and context < tokenizer.model_max_length:
+        # Tokenizers often save a placeholder (1024, or 1e30) rather than the model's real context; the
+        # environments size their prompt window from this number, so it must not exceed the positions.
+        tokenizer.model_max_length = context
     return tokenizer
+
+
+def _context_length(path: str) -> int | None:
+    """The number of positions the model's config allows, or None when the config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: torch.dtype | None = None,

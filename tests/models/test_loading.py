@@ -93,3 +93,9 @@ def test_resolve_device() -> None:
     assert loading.resolve_device("auto").type == expected
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         loading.resolve_device("gpu0")
+
+
+def test_tokenizer_context_is_capped_at_the_model_positions(local_model: Path) -> None:
+    # The built tokenizer saves a placeholder model_max_length larger than the model's 48 positions.
+    tokenizer = loading.load_tokenizer(str(local_model))
+    assert tokenizer.model_max_length == TINY.n_positions
