@@ -27,10 +27,10 @@ import torch
 from rlfb.rewards import RewardSet, feedback
 from rlfb.rewards.training import RewardModelConfig, train_reward_model
 
-# Pairwise: 2 epochs at 1e-3 reach 87% against VADER on rlfb-tiny (4 epochs at 3e-3 on a random 2-layer model
-# reached 82%, so pretraining matters). The other kinds use the same settings, untuned.
+# Pairwise, on rlfb-tiny, 1 thread: 2 epochs at 1e-3 reach 78.8% against VADER, 4 epochs at 3e-3 reach 87.8%
+# in 45 s. The other kinds use 2 epochs at 1e-3, untuned.
 SETTINGS: dict[str, dict[str, float]] = {
-    "pairwise": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
+    "pairwise": {"epochs": 4, "learning_rate": 3e-3, "batch_size": 32},
     "pointwise": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
     "rating": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
     "token": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 32},
