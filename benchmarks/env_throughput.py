@@ -180,6 +180,8 @@ def main() -> None:
           f"{torch.get_num_threads()}, clock: {clock}, median of {args.repeats} runs")
     forced_tokenizer = copy.deepcopy(tokenizer)
     forced_tokenizer.add_special_tokens({"eos_token": NEVER_TOKEN})  # no logit in the model: never sampled
+    # The 64-token runs use `scaling_model`, which has room for them even when the loaded model does not.
+    forced_tokenizer.model_max_length = max(forced_tokenizer.model_max_length, PROMPT_TOKENS + 64)
     sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=32)
     long_sampling = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64)
     venv = make_venv(tokenizer, device, 32)
