@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from rlfb.errors import RlfbError
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints help, or an "invalid choice" error naming the commands
         return 0
     name, rest = argv[0], argv[1:]
+    # peft calls a transformers method that transformers 5 renamed; users can do nothing about it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     module_name, help_text = SUBCOMMANDS[name]
     try:
         module = importlib.import_module(module_name)
