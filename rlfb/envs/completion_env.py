@@ -22,7 +22,15 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rlfb.envs.core import EpisodeScorer, PromptSource, TextEnvSettings, check_options, observation_space
+from rlfb.envs.core import (
+    EpisodeScorer,
+    PromptSource,
+    TextEnvProperties,
+    TextEnvSettings,
+    check_options,
+    choose_single_prompt,
+    observation_space,
+)
 from rlfb.envs.tasks import Task
 from rlfb.errors import ConfigError
 
@@ -34,7 +42,7 @@ DEFAULT_CHARSET = string.ascii_letters + string.digits + string.punctuation + " 
 """Printable ASCII without tabs and newlines: what the ``text`` action space samples from by default."""
 
 
-class CompletionEnv(gym.Env[dict[str, np.ndarray], Any]):
+class CompletionEnv(TextEnvProperties, gym.Env[dict[str, np.ndarray], Any]):
     """A prompt in, a whole completion as the action, its reward out.
 
     * Action with ``action_type="tokens"``: ``MultiDiscrete([vocab_size] * max_new_tokens)``; the completion is
@@ -65,8 +73,7 @@ class CompletionEnv(gym.Env[dict[str, np.ndarray], Any]):
                  render_mode: str | None = None) -> None:
         if action_type not in ACTION_TYPES:
             raise ConfigError(f"unknown action_type {action_type!r}; expected one of {list(ACTION_TYPES)}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"unknown render_mode {render_mode!r}; supported: {self.metadata['render_modes']}")
+        self._check_render_mode(render_mode)
         self.settings = TextEnvSettings.from_kwargs(task, model, tokenizer, rewards, max_prompt_tokens,
                                                     max_new_tokens, split, vocab_size)
         self.action_type = action_type
@@ -88,20 +95,12 @@ class CompletionEnv(gym.Env[dict[str, np.ndarray], Any]):
         self._text = ""
         self._done = True
 
-    @property
-    def num_truncated_prompts(self) -> int:
-        """How many prompts lost their first tokens to ``max_prompt_tokens`` so far."""
-        return self._prompts.num_truncated_prompts
-
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Draw a prompt from ``self.np_random`` (options ``split``, ``prompt``, ``index`` as for TextGeneration-v0)."""
         super().reset(seed=seed)
         options = check_options(options, RESET_OPTIONS)
-        prompt, index = options.get("prompt"), options.get("index")
-        rows, prompt_index = self._prompts.choose(
-            self.np_random, 1, split=options.get("split"), indices=None if index is None else [index],
-            prompts=None if prompt is None else [prompt])
+        rows, prompt_index = choose_single_prompt(self._prompts, self.np_random, options)
         self._row = rows[0]
         prompt_ids, prompt_mask = self._prompts.encode(rows)
         length = self.settings.max_new_tokens

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from rlfb.rewards import RewardSet
 
 __all__ = ["EpisodeScores", "EpisodeScorer", "PromptSource", "PromptTruncationWarning", "TextEnvSettings",
-           "check_options", "observation_space"]
+           "TextEnvProperties", "check_options", "choose_single_prompt", "observation_space"]
 
 # Tokenizers without a real limit report a huge model_max_length (1e30); only smaller values are checked.
 _UNSET_MODEL_MAX_LENGTH = 1_000_000
@@ -91,6 +91,63 @@ class TextEnvSettings:
         return self.max_prompt_tokens + self.max_new_tokens
 
 
+class TextEnvProperties:
+    """The read-only properties every text environment exposes from its settings and prompt source.
+
+    A mixin placed before the Gymnasium base class; the environment sets :attr:`settings` and
+    :attr:`_prompts` in its constructor.
+    """
+
+    metadata: dict[str, Any]
+    settings: TextEnvSettings
+    _prompts: PromptSource
+
+    @property
+    def task(self) -> Task:
+        """The task prompts come from."""
+        return self.settings.task
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (left padding)."""
+        return self.settings.tokenizer
+
+    @property
+    def rewards(self) -> RewardSet:
+        """The :class:`rlfb.rewards.RewardSet`; bind a scorer to it for model-based rewards."""
+        return self.settings.rewards
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Width of the prompt region of an observation."""
+        return self.settings.max_prompt_tokens
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens per episode before truncation."""
+        return self.settings.max_new_tokens
+
+    @property
+    def eos_token_id(self) -> int:
+        """The token that terminates an episode."""
+        return self.settings.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The token in unattended columns."""
+        return self.settings.pad_token_id
+
+    @property
+    def num_truncated_prompts(self) -> int:
+        """How many prompts lost their first tokens to ``max_prompt_tokens`` so far."""
+        return self._prompts.num_truncated_prompts
+
+    def _check_render_mode(self, render_mode: str | None) -> None:
+        """Reject a render mode that ``metadata["render_modes"]`` does not list."""
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}; supported: {self.metadata['render_modes']}")
+
+
 def prompt_width(max_prompt_tokens: int | None, max_new_tokens: int, tokenizer: Any) -> int:
     """The width of the prompt region: as given, or by default what the context window leaves (at most 64).
 
@@ -144,6 +201,14 @@ def check_options(options: Mapping[str, Any] | None, known: Sequence[str]) -> di
     if unknown:
         raise ValueError(f"unknown reset option(s) {unknown}; known: {', '.join(known)}")
     return options
+
+
+def choose_single_prompt(prompts: PromptSource, rng: np.random.Generator,
+                         options: Mapping[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The one row of a single-episode reset, honouring the options ``split``, ``prompt`` and ``index``."""
+    prompt, index = options.get("prompt"), options.get("index")
+    return prompts.choose(rng, 1, split=options.get("split"), indices=None if index is None else [index],
+                          prompts=None if prompt is None else [prompt])
 
 
 class PromptSource:

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from rlfb.envs.core import TextEnvSettings, check_options, observation_space
+from rlfb.envs.core import (
+    TextEnvProperties,
+    TextEnvSettings,
+    check_options,
+    choose_single_prompt,
+    observation_space,
+)
 from rlfb.envs.episodes import DenseReward, TokenEpisodes
 from rlfb.envs.tasks import Task
 
@@ -31,7 +37,7 @@ __all__ = ["TextGenerationEnv"]
 RESET_OPTIONS = ("split", "prompt", "index")
 
 
-class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
+class TextGenerationEnv(TextEnvProperties, gym.Env[dict[str, np.ndarray], np.int64]):
     """One episode = one completion of one prompt, built a token per step.
 
     * Action: ``Discrete(vocab_size)``, the next token id.
@@ -66,29 +72,14 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
                  tokenizer: Any | None = None, rewards: Any = None, max_new_tokens: int = 32,
                  max_prompt_tokens: int | None = None, split: str = "train", dense_reward: DenseReward | None = None,
                  vocab_size: int | None = None, render_mode: str | None = None) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"unknown render_mode {render_mode!r}; supported: {self.metadata['render_modes']}")
+        self._check_render_mode(render_mode)
         self.settings = TextEnvSettings.from_kwargs(task, model, tokenizer, rewards, max_prompt_tokens,
                                                     max_new_tokens, split, vocab_size)
         self.render_mode = render_mode
         self._episodes = TokenEpisodes(self.settings, 1, torch.device("cpu"), dense_reward)
+        self._prompts = self._episodes.prompts
         self.observation_space = observation_space(self.settings)  # type: ignore[assignment]
         self.action_space = spaces.Discrete(self.settings.vocab_size)
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        """Width of the prompt region of an observation."""
-        return self.settings.max_prompt_tokens
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Tokens per episode before truncation."""
-        return self.settings.max_new_tokens
-
-    @property
-    def num_truncated_prompts(self) -> int:
-        """How many prompts lost their first tokens to ``max_prompt_tokens`` so far."""
-        return self._episodes.prompts.num_truncated_prompts
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -101,10 +92,7 @@ class TextGenerationEnv(gym.Env[dict[str, np.ndarray], np.int64]):
         """
         super().reset(seed=seed)
         options = check_options(options, RESET_OPTIONS)
-        prompt, index = options.get("prompt"), options.get("index")
-        rows, prompt_index = self._episodes.prompts.choose(
-            self.np_random, 1, split=options.get("split"), indices=None if index is None else [index],
-            prompts=None if prompt is None else [prompt])
+        rows, prompt_index = choose_single_prompt(self._prompts, self.np_random, options)
         self._episodes.start([0], rows, prompt_index)
         return self._observation(), {"prompt": rows[0]["prompt"], "prompt_index": int(prompt_index[0])}
 

@@ -36,7 +36,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlfb.envs.core import EpisodeScores, TextEnvSettings, check_options, observation_space
+from rlfb.envs.core import EpisodeScores, TextEnvProperties, TextEnvSettings, check_options, observation_space
 from rlfb.envs.episodes import DenseReward, TokenEpisodes
 from rlfb.envs.tasks import Task
 from rlfb.errors import ConfigError
@@ -46,7 +46,7 @@ __all__ = ["TextGenerationVectorEnv"]
 RESET_OPTIONS = ("split", "prompts", "indices", "reset_mask")
 
 
-class TextGenerationVectorEnv(VectorEnv):
+class TextGenerationVectorEnv(TextEnvProperties, VectorEnv):
     """N text-generation episodes, one token per row per step, as torch tensors on ``device``.
 
     Spaces: ``single_action_space = Discrete(vocab_size)``, ``action_space = MultiDiscrete([vocab_size] * N)``;
@@ -90,47 +90,13 @@ class TextGenerationVectorEnv(VectorEnv):
         self.group_size = group_size
         self.device = resolve_device(device)
         self._episodes = TokenEpisodes(self.settings, num_envs, self.device, dense_reward)
+        self._prompts = self._episodes.prompts
         self.single_observation_space = observation_space(self.settings)
         self.single_action_space = spaces.Discrete(self.settings.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
 
-    # ---- the things agents read ------------------------------------------------------------------------
-    @property
-    def task(self) -> Task:
-        """The task prompts come from."""
-        return self.settings.task
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (left padding)."""
-        return self.settings.tokenizer
-
-    @property
-    def rewards(self) -> Any:
-        """The :class:`rlfb.rewards.RewardSet`; bind a scorer to it for model-based rewards."""
-        return self.settings.rewards
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        """Width of the prompt region of an observation."""
-        return self.settings.max_prompt_tokens
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Tokens per episode before truncation."""
-        return self.settings.max_new_tokens
-
-    @property
-    def eos_token_id(self) -> int:
-        """The token that terminates an episode."""
-        return self.settings.eos_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        """The token in unattended columns."""
-        return self.settings.pad_token_id
-
+    # ---- the things agents read (task, tokenizer, rewards, token ids, lengths: TextEnvProperties) -------
     @property
     def finished(self) -> torch.Tensor:
         """(N,) bool: rows whose episode has ended (or never started)."""
@@ -140,11 +106,6 @@ class TextGenerationVectorEnv(VectorEnv):
     def all_finished(self) -> bool:
         """Whether every row's episode has ended."""
         return not bool(self._episodes.active.any())
-
-    @property
-    def num_truncated_prompts(self) -> int:
-        """How many prompts lost their first tokens to ``max_prompt_tokens`` so far."""
-        return self._episodes.prompts.num_truncated_prompts
 
     # ---- Gymnasium API ---------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None,
@@ -164,7 +125,7 @@ class TextGenerationVectorEnv(VectorEnv):
         super().reset(seed=seed)
         options = check_options(options, RESET_OPTIONS)
         row_numbers = self._rows_to_reset(options.get("reset_mask"))
-        rows, prompt_index = self._episodes.prompts.choose(
+        rows, prompt_index = self._prompts.choose(
             self.np_random, len(row_numbers) // self.group_size, split=options.get("split"),
             indices=options.get("indices"), prompts=options.get("prompts"))
         self._episodes.start(row_numbers, rows, prompt_index, self.group_size)
