@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,29 @@ def run_turns(args: argparse.Namespace, sides: list[str], script: str,
     return results
 
 
+def add_driver_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scratch directory and the hidden worker switch (also used by benchmarks/time_to_target.py)."""
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def drive(args: argparse.Namespace, run_side: Callable[[argparse.Namespace, str], dict[str, Any]],
+          sides: list[str], script: str, extra: list[str]) -> dict[str, list[dict[str, Any]]] | None:
+    """As a worker (``--worker SIDE``): run that side and print its JSON result; returns None.
+
+    As the driver: build the model once in the scratch directory, before the timed runs, then let the
+    sides take turns (:func:`run_turns`) and return their results.
+    """
+    if args.worker:
+        print(json.dumps(run_side(args, args.worker)), flush=True)
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        args.workdir = Path(args.workdir or scratch)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        model_path(args, args.workdir)
+        return run_turns(args, sides, script, extra)
+
+
 def forwarded(args: argparse.Namespace) -> list[str]:
     """The shared settings as command-line arguments for a worker."""
     keys = ("model_size", "model", "device", "num_envs", "group_size", "max_new_tokens", "learning_rate", "beta",
@@ -250,19 +274,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=6, help="updates per run (the first is warm-up)")
     parser.add_argument("--rounds", type=int, default=1, help="turns per side; the median is reported")
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["grpo", "ppo"])
-    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_driver_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args, args.worker)), flush=True)
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        args.workdir = Path(args.workdir or scratch)
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        model_path(args, args.workdir)  # build the random GPT-2 once, before the timed runs
-        sides = [side for pair in args.pairs for side in PAIRS[pair]]
-        results = run_turns(args, sides, str(Path(__file__).resolve()), extra=["--updates", str(args.updates)])
-    print_report(args, results)
+    sides = [side for pair in args.pairs for side in PAIRS[pair]]
+    results = drive(args, worker, sides, str(Path(__file__).resolve()), extra=["--updates", str(args.updates)])
+    if results is not None:
+        print_report(args, results)
 
 
 def print_report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:

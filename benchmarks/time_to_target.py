@@ -17,7 +17,6 @@ of training time is reported as "not reached" with its best held-out reward.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import add_common_arguments, model_path, rlfb_trainer, run_turns, trl_trainer  # noqa: E402
+from throughput import (  # noqa: E402
+    add_common_arguments,
+    add_driver_arguments,
+    drive,
+    model_path,
+    rlfb_trainer,
+    trl_trainer,
+)
 
 SIDES = ("rlfb-grpo", "rlfb-ppo", "trl-grpo")
 
@@ -130,20 +136,14 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts per evaluation")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     parser.add_argument("--rounds", type=int, default=1, help="turns per side; the median time is reported")
-    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_driver_arguments(parser)
     parser.set_defaults(ppo_epochs=4, ppo_minibatches=4)  # rlfb's PPO defaults: time to target as users run it
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args, args.worker)), flush=True)
+    results = drive(args, worker, list(args.sides), str(Path(__file__).resolve()), extra=[
+        "--threshold", str(args.threshold), "--max-seconds", str(args.max_seconds),
+        "--eval-every", str(args.eval_every), "--eval-prompts", str(args.eval_prompts)])
+    if results is None:
         return
-    with tempfile.TemporaryDirectory() as scratch:
-        args.workdir = Path(args.workdir or scratch)
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        model_path(args, args.workdir)
-        results = run_turns(args, list(args.sides), str(Path(__file__).resolve()), extra=[
-            "--threshold", str(args.threshold), "--max-seconds", str(args.max_seconds),
-            "--eval-every", str(args.eval_every), "--eval-prompts", str(args.eval_prompts)])
     print(f"\nthreshold: held-out mean VADER >= {args.threshold} on {args.eval_prompts} prompts; model "
           f"{args.model_size}, {args.num_envs} completions/update ({args.group_size} per prompt), <= "
           f"{args.max_new_tokens} tokens, lr {args.learning_rate}, beta {args.beta}, eval every {args.eval_every} "
