@@ -20,47 +20,34 @@ TINY = builtin.TinyModelRecipe(n_documents=400, vocab_size=300, n_layer=1, n_emb
                                n_positions=48, steps=12, batch_size=8, warmup_steps=3, learning_rate=1e-2)
 
 
-@pytest.fixture
-def rlfb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("RLFB_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("tiny")
-    builtin.build_model(TINY, output, progress=False)
-    return output
-
-
-def test_build_output_loads_with_plain_transformers(built: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(built)
-    tokenizer = AutoTokenizer.from_pretrained(built)
+def test_build_output_loads_with_plain_transformers(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert model.config.model_type == "gpt2" and model.config.n_layer == 1
     assert tokenizer.eos_token == tokenizer.bos_token == tokenizer.pad_token == "<|endoftext|>"
     assert model.config.eos_token_id == tokenizer.eos_token_id
     # digits are single tokens, so "17+25=" is 6 tokens whatever the merges learned
     assert tokenizer.convert_ids_to_tokens(tokenizer("17+25=")["input_ids"]) == ["1", "7", "+", "2", "5", "="]
     assert tokenizer.decode(tokenizer("The plot was great.")["input_ids"]) == "The plot was great."
-    record = json.loads((built / builtin.MARKER_FILE).read_text())
+    record = json.loads((tiny_model_dir / builtin.MARKER_FILE).read_text())
     assert record["recipe_hash"] == TINY.fingerprint()
     assert record["parameters"] == sum(p.numel() for p in model.parameters())
-    assert record["weights_sha256"] == builtin.weights_sha256(built)
+    assert record["weights_sha256"] == builtin.weights_sha256(tiny_model_dir)
 
 
-def test_pretraining_lowers_the_loss(built: Path) -> None:
-    record = json.loads((built / builtin.MARKER_FILE).read_text())
+def test_pretraining_lowers_the_loss(tiny_model_dir: Path) -> None:
+    record = json.loads((tiny_model_dir / builtin.MARKER_FILE).read_text())
     assert record["final_loss"] < 5.0  # log(300) = 5.7 is the loss of a uniform guess
 
 
-def test_same_recipe_gives_identical_weights_and_another_seed_does_not(built: Path, tmp_path: Path) -> None:
+def test_same_recipe_gives_identical_weights_and_another_seed_does_not(tiny_model_dir: Path, tmp_path: Path) -> None:
     again, other_seed = tmp_path / "again", tmp_path / "other"
     again.mkdir()
     other_seed.mkdir()
     builtin.build_model(TINY, again, progress=False)
     builtin.build_model(builtin.TinyModelRecipe(**{**TINY.__dict__, "seed": 1}), other_seed, progress=False)
-    assert builtin.weights_sha256(again) == builtin.weights_sha256(built)
-    assert builtin.weights_sha256(other_seed) != builtin.weights_sha256(built)
+    assert builtin.weights_sha256(again) == builtin.weights_sha256(tiny_model_dir)
+    assert builtin.weights_sha256(other_seed) != builtin.weights_sha256(tiny_model_dir)
 
 
 def test_cache_lives_under_rlfb_home_and_is_reused(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,9 +83,9 @@ def test_staging_dirs_of_killed_builds_are_removed_and_live_ones_kept(rlfb_home:
     assert oct(path.stat().st_mode & 0o777) == oct(0o755)  # readable like any model directory
 
 
-def test_entry_of_another_recipe_is_not_complete(built: Path) -> None:
-    assert builtin.is_complete(built, TINY)
-    assert not builtin.is_complete(built, builtin.TinyModelRecipe(**{**TINY.__dict__, "steps": 31}))
+def test_entry_of_another_recipe_is_not_complete(tiny_model_dir: Path) -> None:
+    assert builtin.is_complete(tiny_model_dir, TINY)
+    assert not builtin.is_complete(tiny_model_dir, builtin.TinyModelRecipe(**{**TINY.__dict__, "steps": 31}))
 
 
 def test_concurrent_builds_leave_one_valid_entry(rlfb_home: Path) -> None:

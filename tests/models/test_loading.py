@@ -15,17 +15,10 @@ TINY = builtin.TinyModelRecipe(n_documents=300, vocab_size=280, n_layer=1, n_emb
 
 
 @pytest.fixture
-def rlfb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("RLFB_HOME", str(tmp_path / "home"))
+def rlfb_home(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The empty RLFB_HOME of conftest.py, with rlfb-tiny built from the small TINY recipe."""
     monkeypatch.setitem(builtin.BUILTIN_RECIPES, "rlfb-tiny", TINY)
-    return tmp_path / "home"
-
-
-@pytest.fixture(scope="module")
-def local_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("local-model")
-    builtin.build_model(TINY, output, progress=False)
-    return output
+    return rlfb_home
 
 
 @pytest.mark.parametrize("name", ["./no/such/model", "/no/such/dir", "models/../missing/x", "~/nope", ""])
@@ -58,16 +51,16 @@ def test_builtin_name_builds_on_first_use_into_rlfb_home(rlfb_home: Path) -> Non
     assert model.config.n_embd == 16 and not model.training
 
 
-def test_local_directory_loads_through_the_same_code(local_model: Path) -> None:
-    assert loading.resolve_model_path(str(local_model)) == str(local_model)
-    model, tokenizer = loading.load_model(str(local_model), device="cpu", dtype=torch.float64)
+def test_local_directory_loads_through_the_same_code(tiny_model_dir: Path) -> None:
+    assert loading.resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    model, tokenizer = loading.load_model(str(tiny_model_dir), device="cpu", dtype=torch.float64)
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == tokenizer.eos_token_id
     assert model.dtype == torch.float64 and model.config.pad_token_id == tokenizer.pad_token_id
     assert not model.training and model.device == torch.device("cpu")
 
 
-def test_left_padding_lets_a_batch_continue_at_the_right_edge(local_model: Path) -> None:
-    model, tokenizer = loading.load_model(str(local_model), device="cpu")
+def test_left_padding_lets_a_batch_continue_at_the_right_edge(tiny_model_dir: Path) -> None:
+    model, tokenizer = loading.load_model(str(tiny_model_dir), device="cpu")
     batch = tokenizer(["1+2=", "The plot of this film was"], return_tensors="pt", padding=True)
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].tolist() == [1, 1]
 
@@ -95,7 +88,7 @@ def test_resolve_device() -> None:
         loading.resolve_device("gpu0")
 
 
-def test_tokenizer_context_is_capped_at_the_model_positions(local_model: Path) -> None:
+def test_tokenizer_context_is_capped_at_the_model_positions(tiny_model_dir: Path) -> None:
     # The built tokenizer saves a placeholder model_max_length larger than the model's 48 positions.
-    tokenizer = loading.load_tokenizer(str(local_model))
+    tokenizer = loading.load_tokenizer(str(tiny_model_dir))
     assert tokenizer.model_max_length == TINY.n_positions
