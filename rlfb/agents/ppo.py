@@ -260,7 +260,8 @@ class PPOAgent(Agent):
                 break
 
         # 5. The KL coefficient follows the observed sequence KL (mean over completions of sum_t kl_t).
-        sequence_kl = float(kl.sum(1).mean())
+        sequence_kl_tensor = kl.sum(1).mean()
+        sequence_kl = float(sequence_kl_tensor)
         self.kl_controller.update(sequence_kl, batch_size)
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
@@ -271,7 +272,7 @@ class PPOAgent(Agent):
             {
                 "train/kl": sequence_kl,
                 "train/kl_coef": kl_coef,
-                "train/kl_penalty": float(-kl_coef * kl.sum(1).mean()),
+                "train/kl_penalty": float(-kl_coef * sequence_kl_tensor),
                 "train/advantage_mean": raw_advantage_mean,
                 "train/return_mean": float(masked_mean(returns, mask)),
                 "train/value_mean": float(masked_mean(old.values, mask)),
@@ -309,16 +310,13 @@ class PPOAgent(Agent):
         loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * entropy
         if not (self.stepper.backward(loss) and self.stepper.step()):
             return None
-        return {
-            "train/loss": loss.item(),
-            "train/policy_loss": policy_loss.item(),
-            "train/value_loss": value_loss.item(),
-            "train/entropy": entropy.item(),
-            "train/clip_fraction": float(clip_fraction),
-            "train/value_clip_fraction": float(value_clip_fraction),
-            "train/approx_kl": float(approx_kl),
-            "train/grad_norm": self.stepper.last_grad_norm,
-        }
+        # One device-to-host copy for all the statistics instead of one sync per scalar.
+        names = ("train/loss", "train/policy_loss", "train/value_loss", "train/entropy",
+                 "train/clip_fraction", "train/value_clip_fraction", "train/approx_kl")  # fmt: skip
+        values = torch.stack(
+            [loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction, approx_kl]
+        ).tolist()
+        return {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
 
     def state_dict(self) -> dict[str, Any]:
         return {
