@@ -191,7 +191,9 @@ class ReinforceAgent(Agent):
         # bias; Liu et al. 2025 "Understanding R1-Zero-Like Training"). Chunks accumulate gradients.
         total_tokens = mask.sum().clamp(min=1)
         chunk = c.minibatch_size or rollout.batch_size
-        sums = {"train/policy_loss": 0.0, "train/entropy": 0.0, "train/kl_loss": 0.0}
+        # (policy_loss, entropy, kl_loss) summed over chunks on the device, in float64 as Python floats would;
+        # read back once after the loop rather than synchronising on every chunk.
+        sums = torch.zeros(3, dtype=torch.float64, device=mask.device)
         finite = True
         for first in range(0, rollout.batch_size, chunk):
             rows = torch.arange(first, min(first + chunk, rollout.batch_size), device=mask.device)
@@ -205,7 +207,7 @@ class ReinforceAgent(Agent):
             policy_loss = -(advantages[rows].unsqueeze(1) * forward.logprobs * batch_mask).sum() / total_tokens
             entropy = (forward.entropy * batch_mask).sum() / total_tokens
             loss = policy_loss - c.entropy_coef * entropy
-            kl_loss = torch.zeros(())
+            kl_loss = policy_loss.new_zeros(())
             if c.kl_penalty == "loss":
                 # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024)
                 log_ratio = old.reference_logprobs[rows] - forward.logprobs
@@ -214,9 +216,7 @@ class ReinforceAgent(Agent):
             if not self.stepper.backward(loss):
                 finite = False
                 break
-            sums["train/policy_loss"] += policy_loss.item()
-            sums["train/entropy"] += entropy.item()
-            sums["train/kl_loss"] += kl_loss.item()
+            sums += torch.stack([policy_loss, entropy, kl_loss]).detach().double()
         if finite:
             self.stepper.step()
 
@@ -225,15 +225,16 @@ class ReinforceAgent(Agent):
         if c.baseline == "ema":
             # Updated after use: b_{n+1} = d * b_n + (1 - d) * mean(R_n)
             self.baseline_value = c.baseline_decay * self.baseline_value + (1 - c.baseline_decay) * mean_return
-        self.kl_controller.update(float(sequence_kl.mean()), rollout.batch_size)
+        mean_sequence_kl = float(sequence_kl.mean())
+        self.kl_controller.update(mean_sequence_kl, rollout.batch_size)
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
         self.updates += 1
 
-        metrics = dict(sums)
+        metrics = dict(zip(("train/policy_loss", "train/entropy", "train/kl_loss"), sums.tolist(), strict=True))
         metrics.update(
             {
-                "train/kl": float(sequence_kl.mean()),
+                "train/kl": mean_sequence_kl,
                 "train/kl_coef": kl_coef,
                 "train/return_mean": mean_return,
                 "train/advantage_mean": float(advantages.mean()),
