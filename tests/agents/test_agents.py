@@ -153,3 +153,33 @@ def test_linear_schedule_decays_the_learning_rate() -> None:
     rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0]))
     rates = [agent.update(rollout)["train/learning_rate"] for _ in range(3)]
     assert rates == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
+
+
+def test_reinforce_minibatches_accumulate_the_whole_batch_gradient() -> None:
+    # Rows of different lengths: the loss is normalised by the batch's token count, so chunking must not
+    # change the gradient (a per-chunk normalisation would scale the chunks differently).
+    completions = torch.tensor([[5, 0, 0], [7, 8, 0], [8, 9, 1], [9, 0, 0]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    rollout = make_rollout(completions, mask, torch.tensor([1.0, 0.0, 2.0, -1.0]))
+
+    def gradient_and_metrics(minibatch_size: int | None) -> tuple[list[torch.Tensor], dict[str, float]]:
+        policy = tiny_policy(seed=4, value_head=False)
+        options = {"minibatch_size": minibatch_size, "kl_penalty": "loss", "entropy_coef": 0.1}
+        agent = make_agent("reinforce", policy, options)
+        captured: list[torch.Tensor] = []
+        apply_gradients = agent.stepper.step
+
+        def capture_then_step() -> bool:
+            captured.extend(p.grad.clone() for p in agent.stepper.parameters)
+            return apply_gradients()
+
+        agent.stepper.step = capture_then_step
+        return captured, agent.update(rollout)
+
+    whole, whole_metrics = gradient_and_metrics(None)
+    chunked, chunked_metrics = gradient_and_metrics(1)
+    assert sum(g.abs().sum() for g in whole) > 1e-3  # the comparison below means something
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    for key in ("train/policy_loss", "train/entropy", "train/kl_loss", "train/kl"):
+        assert chunked_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-7), key
