@@ -32,6 +32,9 @@ def test_sentiment_can_include_the_prompt():
     with_prompt = SentimentReward(include_prompt=True)(["I hated it, but"], [" fine."])
     without = SentimentReward()(["I hated it, but"], [" fine."])
     assert with_prompt[0] != without[0]
+    # The prompt's "hated" pulls the score down: prompt and completion are scored as one text.
+    assert with_prompt[0] < 0 < without[0]
+    assert with_prompt == SentimentReward()([""], ["I hated it, but fine."])
 
 
 def test_exact_and_numeric_match_use_the_answer_column():
