@@ -210,7 +210,11 @@ class PPOAgent(Agent):
         )
         self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.generator = torch.Generator().manual_seed(c.seed)
-        self.updates = 0
+
+    @property
+    def updates(self) -> int:
+        """Updates done so far (the stepper counts them; resumed with its state)."""
+        return self.stepper.updates_done
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
@@ -265,7 +269,6 @@ class PPOAgent(Agent):
         self.kl_controller.update(sequence_kl, batch_size)
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
-        self.updates += 1
 
         metrics = {key: value / max(steps, 1) for key, value in sums.items()}
         metrics.update(
@@ -324,11 +327,9 @@ class PPOAgent(Agent):
             "stepper": self.stepper.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "generator": self.generator.get_state(),
-            "updates": self.updates,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.generator.set_state(state["generator"])
-        self.updates = int(state["updates"])

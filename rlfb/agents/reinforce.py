@@ -158,7 +158,6 @@ class ReinforceAgent(Agent):
         )
         self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.baseline_value = 0.0
-        self.updates = 0
 
     def advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """(B,) sequence advantages A = R - b for the configured baseline (EMA state is not changed)."""
@@ -169,6 +168,11 @@ class ReinforceAgent(Agent):
         if c.baseline == "rloo":
             return rloo_advantages(returns, c.group_size)
         return grpo_advantages(returns, c.group_size)
+
+    @property
+    def updates(self) -> int:
+        """Updates done so far (the stepper counts them; resumed with its state)."""
+        return self.stepper.updates_done
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
@@ -229,7 +233,6 @@ class ReinforceAgent(Agent):
         self.kl_controller.update(mean_sequence_kl, rollout.batch_size)
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
-        self.updates += 1
 
         metrics = dict(zip(("train/policy_loss", "train/entropy", "train/kl_loss"), sums.tolist(), strict=True))
         metrics.update(
@@ -254,11 +257,9 @@ class ReinforceAgent(Agent):
             "stepper": self.stepper.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "baseline_value": self.baseline_value,
-            "updates": self.updates,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.baseline_value = float(state["baseline_value"])
-        self.updates = int(state["updates"])
