@@ -289,7 +289,9 @@ class Policy:
                 # dropped below) instead of materialising (B, L, V).
                 logits_to_keep=num_completion + 1,
             )
-        logits = output.logits[:, :-1].float() / temperature  # (B, T, V)
+        logits = output.logits[:, :-1].float()  # (B, T, V)
+        if temperature != 1.0:  # dividing by 1 would copy (B, T, V) floats for an identical result
+            logits = logits / temperature
         log_distribution = torch.log_softmax(logits, dim=-1)  # (B, T, V)
         targets = input_ids[:, completion_start:]  # (B, T)
         logprobs = log_distribution.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
