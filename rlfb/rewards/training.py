@@ -274,20 +274,25 @@ def _evaluate_tokens(scorer: RewardModelReward, rows: list[dict[str, Any]], gold
     for row in rows:
         input_ids, labels = token_labels(tokenizer, row["prompt"], row["completion"], row["segments"])
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([input_ids], device=model.device)).logits[0, :, 0].cpu()
-        labelled = [i for i, label in enumerate(labels) if label >= 0]
-        agree += sum(int((logits[i] > 0).item() == bool(labels[i])) for i in labelled)
-        count += len(labelled)
+            logits = model(input_ids=torch.tensor([input_ids], device=model.device)).logits[0, :, 0]
+        predicted = (logits > 0).tolist()  # one copy to the host, not one .item() per token
+        agreed, labelled_count = _agreement(predicted, labels)
+        agree, count = agree + agreed, count + labelled_count
         if gold:
             gold_row = feedback.gold_segments(gold, row["prompt"], row["completion"])
             _, gold_labels = token_labels(tokenizer, row["prompt"], row["completion"], gold_row)
-            gold_labelled = [i for i, label in enumerate(gold_labels) if label >= 0]
-            agree_gold += sum(int((logits[i] > 0).item() == bool(gold_labels[i])) for i in gold_labelled)
-            count_gold += len(gold_labelled)
+            agreed, labelled_count = _agreement(predicted, gold_labels)
+            agree_gold, count_gold = agree_gold + agreed, count_gold + labelled_count
     metrics = {"token_accuracy": agree / max(count, 1)}
     if gold:
         metrics["gold_token_accuracy"] = agree_gold / max(count_gold, 1)
     return metrics
+
+
+def _agreement(predicted: list[bool], labels: list[int]) -> tuple[int, int]:
+    """(tokens where the prediction matches the label, labelled tokens); a label < 0 means unlabelled."""
+    labelled = [i for i, label in enumerate(labels) if label >= 0]
+    return sum(predicted[i] == bool(labels[i]) for i in labelled), len(labelled)
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
