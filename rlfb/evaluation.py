@@ -84,7 +84,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         raise ValueError("evaluation needs at least one held-out prompt")
     tokenizer = policy.tokenizer
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    prompts, completions, completion_ids, prompt_ids = [], [], [], []
+    prompts, completions, completion_ids = [], [], []
     kl_per_completion, reference_logprobs_all = [], []
     for first in range(0, len(rows), batch_size):
         batch_rows = rows[first:first + batch_size]
@@ -105,13 +105,15 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         reference = policy.reference_logprobs(full_ids, full_mask, start)  # (B, T)
         maskf = mask.float()
         kl_per_completion.extend(((logprobs - reference) * maskf).sum(1).tolist())
-        for row in range(len(batch_rows)):
-            length = int(mask[row].sum())
-            ids = generation.completion_ids[row, :length].tolist()
+        # One host copy per tensor for the batch, not several per row.
+        lengths = mask.sum(1).tolist()
+        batch_completion_ids = generation.completion_ids.tolist()
+        batch_reference = reference.tolist()
+        for row, length in enumerate(lengths):
+            ids = batch_completion_ids[row][:length]
             completion_ids.append(ids)
-            prompt_ids.append(input_ids[row][attention_mask[row].bool()].tolist())
             completions.append(tokenizer.decode(ids, skip_special_tokens=True))
-            reference_logprobs_all.extend(reference[row, :length].tolist())
+            reference_logprobs_all.extend(batch_reference[row][:length])
         prompts.extend(batch_prompts)
 
     columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
