@@ -183,3 +183,17 @@ def test_reinforce_minibatches_accumulate_the_whole_batch_gradient() -> None:
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
     for key in ("train/policy_loss", "train/entropy", "train/kl_loss", "train/kl"):
         assert chunked_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-7), key
+
+
+def test_ema_baseline_is_used_before_it_absorbs_the_batch() -> None:
+    # b_0 = 0; decay 0.5; batch mean return 2 -> advantages use b_0, then b_1 = 0.5 * 0 + 0.5 * 2 = 1.
+    agent = make_agent("reinforce", tiny_policy(value_head=False),
+                       {"baseline_decay": 0.5, "kl_coef": 0.0, "kl_target": None})  # fmt: skip
+    completions = torch.tensor([[5, 0], [7, 0]])
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 3.0]))
+    first = agent.update(rollout)
+    assert (first["train/baseline"], first["train/advantage_mean"], first["train/return_mean"]) == (0.0, 2.0, 2.0)
+    assert agent.baseline_value == 1.0
+    second = agent.update(rollout)
+    assert (second["train/baseline"], second["train/advantage_mean"]) == (1.0, 1.0)
+    assert agent.baseline_value == 1.5
