@@ -197,3 +197,20 @@ def test_ema_baseline_is_used_before_it_absorbs_the_batch() -> None:
     second = agent.update(rollout)
     assert (second["train/baseline"], second["train/advantage_mean"]) == (1.0, 1.0)
     assert agent.baseline_value == 1.5
+
+
+@pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
+def test_reinforce_kl_penalty_enters_the_return_or_the_loss(kl_penalty: str) -> None:
+    agent = make_agent("reinforce", tiny_policy(value_head=False),
+                       {"learning_rate": 0.05, "kl_coef": 0.5, "kl_target": None, "kl_penalty": kl_penalty})  # fmt: skip
+    completions = torch.tensor([[5, 0], [7, 0]])
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 3.0]))
+    agent.update(rollout)  # the policy leaves the reference, so the second update sees a KL
+    metrics = agent.update(rollout)
+    assert abs(metrics["train/kl"]) > 1e-3
+    if kl_penalty == "reward":  # R = score - beta * sum_t kl_t
+        assert metrics["train/return_mean"] == pytest.approx(2.0 - 0.5 * metrics["train/kl"], rel=1e-5)
+        assert metrics["train/kl_loss"] == 0.0
+    else:  # the return is the score; the k3 KL is a loss term
+        assert metrics["train/return_mean"] == 2.0
+        assert metrics["train/kl_loss"] > 0.0
