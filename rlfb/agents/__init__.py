@@ -12,7 +12,13 @@ from rlfb.agents.base import AGENT_PRESETS, Agent, DegenerateUpdateError, Gradie
 from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
 from rlfb.agents.ppo import PPOAgent, PPOConfig
 from rlfb.agents.reinforce import ReinforceAgent, ReinforceConfig
-from rlfb.agents.rollout import Rollout, RolloutEvaluation, collect_rollout, evaluate_rollout
+from rlfb.agents.rollout import (
+    Rollout,
+    RolloutEvaluation,
+    collect_rollout,
+    evaluate_rollout,
+    rollout_reference_logprobs,
+)
 
 __all__ = [
     "AGENT_PRESETS",
@@ -31,4 +37,5 @@ __all__ = [
     "evaluate_rollout",
     "make_agent",
     "make_kl_controller",
+    "rollout_reference_logprobs",
 ]

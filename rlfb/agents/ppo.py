@@ -3,7 +3,8 @@
 Each completion token is an action; the state is the prompt plus the tokens so far. The update, top to
 bottom (docs/algorithms.md gives the source of every step):
 
-1. Old log-probs, reference log-probs and values in no-grad passes over the full sequences.
+1. Reference log-probs in a no-grad pass over the full sequences; old log-probs and values likewise, or,
+   with one minibatch, from the first gradient step's own forward pass (the same numbers, one pass fewer).
 2. Per-token rewards: r_t = -beta * (log pi_old - log pi_ref)_t  (+ dense rewards)  (+ score at the last
    token) -- Ziegler et al. 2019, spread over tokens as in their code and Stiennon et al. 2020.
 3. GAE(gamma, lambda) advantages and returns (Schulman et al. 2016); advantages whitened over the batch.
@@ -23,9 +24,9 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
 from rlfb.agents.kl import make_kl_controller
-from rlfb.agents.rollout import Rollout, evaluate_rollout
+from rlfb.agents.rollout import Rollout, evaluate_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
-from rlfb.models.policy import Policy
+from rlfb.models.policy import Policy, PolicyForward
 
 
 @dataclasses.dataclass
@@ -221,19 +222,29 @@ class PPOAgent(Agent):
         mask = rollout.completion_mask.float()  # (B, T)
         batch_size = rollout.batch_size
 
-        # 1. pi_old, pi_ref, V_old: no-grad passes over the full sequences.
+        # 1. pi_ref in a no-grad pass. pi_old and V_old: with one minibatch, the first gradient step's own
+        #    forward pass, detached (same weights, same inputs: the same numbers, one pass fewer); with
+        #    several, no-grad passes (every row's advantage is needed before the first step).
         minibatch_size = max(1, batch_size // c.num_minibatches)
-        old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=minibatch_size)
-        assert old.values is not None
+        first_forward: PolicyForward | None = None
+        if minibatch_size >= batch_size:
+            reference_logprobs = rollout_reference_logprobs(self.policy, rollout, c.temperature)
+            first_forward = self._forward(rollout)
+            assert first_forward.values is not None
+            old_logprobs, old_values = first_forward.logprobs.detach() * mask, first_forward.values.detach() * mask
+        else:
+            old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=minibatch_size)
+            assert old.values is not None
+            old_logprobs, old_values, reference_logprobs = old.logprobs, old.values, old.reference_logprobs
 
         # 2. Per-token rewards with the KL penalty, at the coefficient beta of this update.
         kl_coef = self.kl_controller.value
         rewards, kl = token_rewards(
-            rollout.scores, old.logprobs, old.reference_logprobs, mask, kl_coef, rollout.per_token_rewards
+            rollout.scores, old_logprobs, reference_logprobs, mask, kl_coef, rollout.per_token_rewards
         )
 
         # 3. GAE, then whitening of the advantages over the whole batch.
-        advantages, returns = generalized_advantages(rewards, old.values, mask, c.gamma, c.gae_lambda)
+        advantages, returns = generalized_advantages(rewards, old_values, mask, c.gamma, c.gae_lambda)
         raw_advantage_mean = float(masked_mean(advantages, mask))  # before whitening, which zeroes it
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
@@ -247,9 +258,13 @@ class PPOAgent(Agent):
             order = torch.randperm(batch_size, generator=self.generator).to(mask.device)
             for first in range(0, batch_size, minibatch_size):
                 rows = order[first : first + minibatch_size]
+                forward = None
+                if first_forward is not None:  # the pass that gave pi_old, over the batch in its own order
+                    rows, forward, first_forward = torch.arange(batch_size, device=mask.device), first_forward, None
                 stats = self._minibatch_step(
-                    rollout.select(rows), old.logprobs[rows], old.values[rows], advantages[rows], returns[rows]
-                )
+                    rollout.select(rows), old_logprobs[rows], old_values[rows], advantages[rows], returns[rows],
+                    forward,
+                )  # fmt: skip
                 if stats is None:  # degenerate: abandon this update
                     stop = True
                     break
@@ -278,8 +293,8 @@ class PPOAgent(Agent):
                 "train/kl_penalty": float(-kl_coef * sequence_kl_tensor),
                 "train/advantage_mean": raw_advantage_mean,
                 "train/return_mean": float(masked_mean(returns, mask)),
-                "train/value_mean": float(masked_mean(old.values, mask)),
-                "train/explained_variance": explained_variance(old.values, returns, mask),
+                "train/value_mean": float(masked_mean(old_values, mask)),
+                "train/explained_variance": explained_variance(old_values, returns, mask),
                 "train/learning_rate": learning_rate,
                 "train/epochs": float(epochs_done),
                 "train/skipped_updates": float(self.stepper.skipped_updates),
@@ -294,13 +309,13 @@ class PPOAgent(Agent):
         old_values: torch.Tensor,
         advantages: torch.Tensor,
         returns: torch.Tensor,
+        forward: PolicyForward | None = None,
     ) -> dict[str, float] | None:
-        """One gradient step on a minibatch; None when it was degenerate and skipped."""
+        """One gradient step on a minibatch (``forward``: its forward pass, if already run); None when it was
+        degenerate and skipped."""
         c = self.config
         mask = batch.completion_mask.float()
-        forward = self.policy.forward_logprobs_values(
-            batch.input_ids, batch.attention_mask, batch.completion_start, temperature=c.temperature
-        )
+        forward = forward if forward is not None else self._forward(batch)
         assert forward.values is not None and forward.entropy is not None
         policy_loss, clip_fraction, approx_kl = clipped_surrogate_loss(
             forward.logprobs, old_logprobs, advantages, mask, c.clip_range
@@ -320,6 +335,13 @@ class PPOAgent(Agent):
             [loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction, approx_kl]
         ).tolist()
         return {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
+
+    def _forward(self, batch: Rollout) -> PolicyForward:
+        """Log-probs, values and entropies of ``batch``'s completion tokens, with gradients."""
+        return self.policy.forward_logprobs_values(
+            batch.input_ids, batch.attention_mask, batch.completion_start,
+            temperature=self.config.temperature, entropy_grad=self.config.entropy_coef != 0,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -29,9 +29,9 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper
 from rlfb.agents.kl import make_kl_controller
-from rlfb.agents.rollout import Rollout, evaluate_rollout
+from rlfb.agents.rollout import Rollout, evaluate_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
-from rlfb.models.policy import Policy
+from rlfb.models.policy import Policy, PolicyForward
 
 BASELINES = ("ema", "rloo", "grpo")
 KL_PENALTIES = ("reward", "loss")
@@ -177,8 +177,19 @@ class ReinforceAgent(Agent):
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
         mask = rollout.completion_mask.float()  # (B, T)
-        old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=c.minibatch_size)
-        kl = (old.logprobs - old.reference_logprobs) * mask  # (B, T) k1 per token
+        chunk = c.minibatch_size or rollout.batch_size
+        # log pi_old: when one chunk takes the whole batch, the gradient step's own forward pass (detached)
+        # gives it -- same weights, same inputs, one pass fewer. With several chunks the returns need every
+        # row's KL before the first chunk's loss, hence a separate no-grad pass.
+        whole_batch_forward = None
+        if chunk >= rollout.batch_size:
+            reference_logprobs = rollout_reference_logprobs(self.policy, rollout, c.temperature)
+            whole_batch_forward = self._forward(rollout)
+            old_logprobs = whole_batch_forward.logprobs.detach() * mask
+        else:
+            old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=chunk)
+            old_logprobs, reference_logprobs = old.logprobs, old.reference_logprobs
+        kl = (old_logprobs - reference_logprobs) * mask  # (B, T) k1 per token
         sequence_kl = kl.sum(1)  # (B,)
         kl_coef = self.kl_controller.value
 
@@ -194,27 +205,22 @@ class ReinforceAgent(Agent):
         # normalised by the batch's token count (a constant within the batch, so no per-sequence length
         # bias; Liu et al. 2025 "Understanding R1-Zero-Like Training"). Chunks accumulate gradients.
         total_tokens = mask.sum().clamp(min=1)
-        chunk = c.minibatch_size or rollout.batch_size
         # (policy_loss, entropy, kl_loss) summed over chunks on the device, in float64 as Python floats would;
         # read back once after the loop rather than synchronising on every chunk.
         sums = torch.zeros(3, dtype=torch.float64, device=mask.device)
         finite = True
         for first in range(0, rollout.batch_size, chunk):
             rows = torch.arange(first, min(first + chunk, rollout.batch_size), device=mask.device)
-            batch = rollout.select(rows)
-            batch_mask = mask[rows]
-            forward = self.policy.forward_logprobs_values(
-                batch.input_ids, batch.attention_mask, batch.completion_start,
-                temperature=c.temperature, with_values=False,
-            )  # fmt: skip
+            forward = whole_batch_forward if whole_batch_forward is not None else self._forward(rollout.select(rows))
             assert forward.entropy is not None
+            batch_mask = mask[rows]
             policy_loss = -(advantages[rows].unsqueeze(1) * forward.logprobs * batch_mask).sum() / total_tokens
             entropy = (forward.entropy * batch_mask).sum() / total_tokens
             loss = policy_loss - c.entropy_coef * entropy
             kl_loss = policy_loss.new_zeros(())
             if c.kl_penalty == "loss":
                 # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024)
-                log_ratio = old.reference_logprobs[rows] - forward.logprobs
+                log_ratio = reference_logprobs[rows] - forward.logprobs
                 kl_loss = ((torch.exp(log_ratio) - log_ratio - 1.0) * batch_mask).sum() / total_tokens
                 loss = loss + kl_coef * kl_loss
             if not self.stepper.backward(loss):
@@ -250,6 +256,14 @@ class ReinforceAgent(Agent):
         if c.baseline == "ema":
             metrics["train/baseline"] = baseline_used
         return metrics
+
+    def _forward(self, batch: Rollout) -> PolicyForward:
+        """Log-probs and entropies of ``batch``'s completion tokens, with gradients (no values)."""
+        c = self.config
+        return self.policy.forward_logprobs_values(
+            batch.input_ids, batch.attention_mask, batch.completion_start, temperature=c.temperature,
+            with_values=False, entropy_grad=c.entropy_coef != 0,
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -2,7 +2,8 @@
 
 :func:`collect_rollout` drives the token-per-step vector env with a KV-cached sampler and returns a
 :class:`Rollout`. :func:`evaluate_rollout` then recomputes, in no-grad passes over the full sequences, the
-log-probs and values the agents need (see its docstring for why the sampler's own log-probs are not used).
+log-probs and values the agents need (see its docstring for why the sampler's own log-probs are not used);
+:func:`rollout_reference_logprobs` computes the reference's alone.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def evaluate_rollout(
     pi_new / pi_old must be exactly 1 before the first gradient step, so pi_old comes from the same
     full-sequence forward the update uses. The reference and the values come from the same kind of pass.
 
+    An agent whose first gradient step takes the whole batch in one forward pass does not need this: that
+    forward *is* pi_old (same weights, same inputs), so it detaches its outputs and calls only
+    :func:`rollout_reference_logprobs`, one pass fewer per update (TRL's GRPOTrainer skips the old-log-prob
+    pass for the same reason when ``num_iterations == 1``).
+
     Args:
         policy: The policy (adapter enabled = current policy; disabled = reference).
         rollout: The batch.
@@ -121,7 +127,6 @@ def evaluate_rollout(
     chunk_size = chunk_size or rollout.batch_size
     input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
     logprobs: list[torch.Tensor] = []
-    reference: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     for first in range(0, rollout.batch_size, chunk_size):
         rows = slice(first, first + chunk_size)
@@ -131,15 +136,33 @@ def evaluate_rollout(
         logprobs.append(forward.logprobs)
         if forward.values is not None:
             values.append(forward.values)
-        reference.append(
-            policy.reference_logprobs(input_ids[rows], attention_mask[rows], start, temperature=temperature)
-        )
     mask = rollout.completion_mask.to(logprobs[0].dtype)
     return RolloutEvaluation(
         logprobs=torch.cat(logprobs) * mask,
-        reference_logprobs=torch.cat(reference) * mask,
+        reference_logprobs=rollout_reference_logprobs(policy, rollout, temperature, chunk_size),
         values=torch.cat(values) * mask if values else None,
     )
+
+
+@torch.no_grad()
+def rollout_reference_logprobs(
+    policy: Policy, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None
+) -> torch.Tensor:
+    """(B, T) log pi_ref of the completion tokens (adapter disabled), 0 past each row's end.
+
+    Args:
+        policy: The policy; its reference is the same model with the LoRA adapter switched off.
+        rollout: The batch.
+        temperature: The sampling temperature (logits are divided by it).
+        chunk_size: Rows per forward pass, to bound memory; ``None`` is the whole batch.
+    """
+    chunk_size = chunk_size or rollout.batch_size
+    input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
+    reference = [
+        policy.reference_logprobs(input_ids[rows], attention_mask[rows], start, temperature=temperature)
+        for rows in (slice(first, first + chunk_size) for first in range(0, rollout.batch_size, chunk_size))
+    ]
+    return torch.cat(reference) * rollout.completion_mask.to(reference[0].dtype)
 
 
 def collect_rollout(

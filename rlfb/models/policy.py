@@ -254,6 +254,7 @@ class Policy:
         temperature: float = 1.0,
         with_values: bool = True,
         with_entropy: bool = True,
+        entropy_grad: bool = True,
     ) -> PolicyForward:
         """Log-probs, values and entropies of the completion tokens in one forward pass.
 
@@ -265,6 +266,9 @@ class Policy:
                 (Huang et al. 2024, "The N+ implementation details of RLHF with PPO").
             with_values: Compute values (ignored without a value head).
             with_entropy: Compute entropies.
+            entropy_grad: Let gradients flow through the entropies. False computes them detached, for a
+                metric: with an entropy bonus of 0, the (B, T, V) entropy graph would cost memory and a
+                backward pass for nothing.
 
         Returns:
             A :class:`PolicyForward` of (B, T) tensors. Gradients flow unless called under ``no_grad``.
@@ -297,7 +301,8 @@ class Policy:
         logprobs = log_distribution.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
         entropy = None
         if with_entropy:
-            entropy = -(log_distribution.exp() * log_distribution).sum(-1)  # (B, T)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = -(log_distribution.exp() * log_distribution).sum(-1)  # (B, T)
         values = None
         if want_values:
             assert self.value_head is not None

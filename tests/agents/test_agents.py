@@ -9,10 +9,19 @@ import pytest
 import torch
 from conftest import contains_token, make_rollout, sample_rollout, tiny_policy
 
-from rlfb.agents import DegenerateUpdateError, PPOAgent, PPOConfig, ReinforceAgent, make_agent
+from rlfb.agents import DegenerateUpdateError, PPOAgent, PPOConfig, ReinforceAgent, evaluate_rollout, make_agent
+from rlfb.agents.base import masked_mean
 from rlfb.errors import ConfigError
 
 TARGET_TOKEN = 5
+
+
+def perturb_adapter(policy, seed: int = 0) -> None:
+    """Move the adapter (and value head) off zero, so the policy differs from the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in policy.trainable_parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
 
 
 def mean_reward(policy, generator: torch.Generator, group_size: int = 1) -> float:
@@ -155,16 +164,20 @@ def test_linear_schedule_decays_the_learning_rate() -> None:
     assert rates == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
 
 
-def test_reinforce_minibatches_accumulate_the_whole_batch_gradient() -> None:
+@pytest.mark.parametrize("kl_penalty", ["loss", "reward"])
+def test_reinforce_minibatches_accumulate_the_whole_batch_gradient(kl_penalty: str) -> None:
     # Rows of different lengths: the loss is normalised by the batch's token count, so chunking must not
-    # change the gradient (a per-chunk normalisation would scale the chunks differently).
+    # change the gradient (a per-chunk normalisation would scale the chunks differently). The whole batch
+    # takes pi_old from its gradient step's own forward pass, the chunks from a separate no-grad pass: the
+    # two must agree, in the loss and in the return (kl_penalty="reward" puts pi_old in the advantages).
     completions = torch.tensor([[5, 0, 0], [7, 8, 0], [8, 9, 1], [9, 0, 0]])
     mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
     rollout = make_rollout(completions, mask, torch.tensor([1.0, 0.0, 2.0, -1.0]))
 
     def gradient_and_metrics(minibatch_size: int | None) -> tuple[list[torch.Tensor], dict[str, float]]:
         policy = tiny_policy(seed=4, value_head=False)
-        options = {"minibatch_size": minibatch_size, "kl_penalty": "loss", "entropy_coef": 0.1}
+        perturb_adapter(policy)  # a KL to the reference, so pi_old matters to the loss or the return
+        options = {"minibatch_size": minibatch_size, "kl_penalty": kl_penalty, "entropy_coef": 0.1}
         agent = make_agent("reinforce", policy, options)
         captured: list[torch.Tensor] = []
         apply_gradients = agent.stepper.step
@@ -181,8 +194,29 @@ def test_reinforce_minibatches_accumulate_the_whole_batch_gradient() -> None:
     assert sum(g.abs().sum() for g in whole) > 1e-3  # the comparison below means something
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
-    for key in ("train/policy_loss", "train/entropy", "train/kl_loss", "train/kl"):
+    assert abs(whole_metrics["train/kl"]) > 1e-2
+    for key in ("train/policy_loss", "train/entropy", "train/kl_loss", "train/kl", "train/return_mean"):
         assert chunked_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-7), key
+
+
+def test_ppo_with_one_minibatch_takes_pi_old_from_its_first_step() -> None:
+    # One minibatch: the first gradient step's forward pass doubles as the no-grad "old" pass. It must be
+    # the same numbers: the ratio is exactly 1 in that step (no clipping, approx KL 0), and the KL and
+    # value statistics equal those of evaluate_rollout on the weights before the update.
+    policy = tiny_policy(seed=5)
+    perturb_adapter(policy)
+    agent = PPOAgent(policy, PPOConfig(epochs=1, num_minibatches=1, kl_target=None))
+    completions = torch.tensor([[5, 0, 0], [7, 8, 0], [8, 9, 1], [9, 0, 0]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    rollout = make_rollout(completions, mask, torch.tensor([1.0, 0.0, 2.0, -1.0]))
+    before = evaluate_rollout(policy, rollout)
+    metrics = agent.update(rollout)
+    expected_kl = float(((before.logprobs - before.reference_logprobs) * mask).sum(1).mean())
+    assert abs(expected_kl) > 1e-2
+    assert metrics["train/kl"] == pytest.approx(expected_kl, rel=1e-5)
+    assert metrics["train/value_mean"] == pytest.approx(float(masked_mean(before.values, mask.float())), rel=1e-5)
+    assert metrics["train/approx_kl"] == 0.0 and metrics["train/clip_fraction"] == 0.0
+    assert metrics["train/value_clip_fraction"] == 0.0
 
 
 def test_ema_baseline_is_used_before_it_absorbs_the_batch() -> None:

@@ -115,6 +115,17 @@ def test_left_padding_does_not_change_logprobs() -> None:
     torch.testing.assert_close(padded.entropy, unpadded.entropy)
 
 
+def test_entropy_is_detached_unless_its_gradient_is_asked_for() -> None:
+    # With no entropy bonus the agents take the entropy as a metric only: no (B, T, V) graph behind it.
+    policy = Policy(gpt2(), tokenizer=None, device="cpu")
+    input_ids, attention_mask = sequences()
+    with_grad = policy.forward_logprobs_values(input_ids, attention_mask, 3)
+    metric_only = policy.forward_logprobs_values(input_ids, attention_mask, 3, entropy_grad=False)
+    assert with_grad.entropy.requires_grad and not metric_only.entropy.requires_grad
+    assert metric_only.logprobs.requires_grad  # the log-probs still carry the gradient
+    torch.testing.assert_close(metric_only.entropy, with_grad.entropy.detach())
+
+
 def test_outputs_shapes_value_head_and_temperature() -> None:
     policy = Policy(gpt2(), tokenizer=None, device="cpu")
     input_ids, attention_mask = sequences()
