@@ -178,8 +178,29 @@ def load_model(name_or_path: str, device: str | torch.device = "auto", dtype: to
         raise _not_found(name_or_path, error) from error
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    fuse_tanh_gelu(model)
     model = model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers wraps .to()
     return model, tokenizer
+
+
+def fuse_tanh_gelu(model: torch.nn.Module) -> int:
+    """Run the tanh approximation of GELU as PyTorch's fused kernel; returns the number of modules swapped.
+
+    GPT-2's ``activation_function="gelu_new"`` (and ``"gelu_fast"``) is, in transformers, the formula
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) written as eight elementwise tensor operations, forward
+    and backward. ``torch.nn.functional.gelu(x, approximate="tanh")`` computes the same function in one
+    kernel (outputs agree to ~5e-7, float32 rounding), several times faster; on rlfb-tiny the activation
+    was a fifth of every forward pass. Transformers calls this kernel ``"gelu_pytorch_tanh"``.
+    """
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
 
 
 def _not_found(name_or_path: str, error: Exception) -> ModelNotFoundError:

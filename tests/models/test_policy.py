@@ -183,3 +183,22 @@ def test_scorer_gives_policy_and_reference_logprobs() -> None:
     scored_reference = policy.scorer.completion_logprobs([[3, 4]], [[5, 6, 7]], reference=True)[0]
     torch.testing.assert_close(scored, policy_logprobs.detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(scored_reference, reference_logprobs, atol=1e-5, rtol=0)
+
+
+def test_tanh_gelu_runs_as_one_kernel_with_the_same_outputs() -> None:
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlfb.models.loading import fuse_tanh_gelu
+
+    model = gpt2()  # GPT-2's activation_function is "gelu_new"
+    input_ids, attention_mask = sequences()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert fuse_tanh_gelu(model) == model.config.n_layer
+    assert not any(isinstance(module, NewGELUActivation) for module in model.modules())
+    assert all(isinstance(block.mlp.act, GELUTanh) for block in model.transformer.h)
+    with torch.no_grad():
+        fused = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    assert fuse_tanh_gelu(model) == 0  # idempotent
+    assert fuse_tanh_gelu(Policy(gpt2(), tokenizer=None, device="cpu").model) == 0  # Policy fuses on wrap
