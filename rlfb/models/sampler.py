@@ -16,6 +16,10 @@ Conventions:
       ``temperature == 0`` (greedy) they are ``log softmax(logits)``.
     * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on and
       leaves the compute batch (with its cache rows), so later steps cost only what the unfinished rows need.
+    * Rows with the same prompt (a group of k completions per prompt) are encoded once and their cache
+      rows repeated.
+    * GPT-2 models run on :class:`~rlfb.models.decoding.GPT2Decoder`, the same function without
+      transformers' per-call overhead; other models on their own forward.
 
 The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
 dropout does not perturb sampling. Forward passes run under ``torch.inference_mode`` (about 5% faster than
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rlfb.models.decoding import GPT2Decoder
 
 __all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
 
@@ -172,6 +178,8 @@ class TokenSampler:
         generator: Source of randomness for reproducible sampling (on the model's device).
         eos_token_id: Token id (or ids) that end a row; default: the model's generation config.
         pad_token_id: Token given to finished rows; default: the model's, else the first EOS id.
+        lean_decoder: Run :class:`~rlfb.models.decoding.GPT2Decoder` where it applies (GPT-2 models in eval
+            mode); False always calls the model's own forward.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -192,8 +200,10 @@ class TokenSampler:
         *,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
+        lean_decoder: bool = True,
     ) -> None:
         self.model = model
+        self.lean_decoder = lean_decoder
         self.sampling = sampling
         self.generator = generator
         eos = eos_token_id if eos_token_id is not None else _default_token_id(model, "eos_token_id")
@@ -204,7 +214,7 @@ class TokenSampler:
         self.pad_token_id = int(pad) if isinstance(pad, int) else self.eos_token_ids[0]
         self.finished: torch.Tensor | None = None
         self.num_generated = 0
-        self._cache: Any = None
+        self._cache: Any = None  # the transformers cache, or a GPT2Decoder holding its own
         self._next_logits: torch.Tensor | None = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
         self._mask_width = 0
@@ -241,18 +251,32 @@ class TokenSampler:
                 "(tokenizer.padding_side = 'left') and contain at least one token"
             )
         self._check_context(attention_mask)
+        # Encode each distinct prompt once (k completions per prompt share one), then repeat its cache rows.
+        prompts = torch.cat([input_ids, attention_mask], 1)
+        distinct, copies = torch.unique(prompts, dim=0, return_inverse=True)
+        if len(distinct) == len(prompts):  # nothing shared: keep the batch as it is
+            distinct, copies = prompts, None
+        encode_ids, encode_mask = distinct.split(input_ids.shape[1], dim=1)
         # Left padding shifts each row; positions restart at 0 on each row's first real token.
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        encode_positions = (encode_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        if self.lean_decoder and GPT2Decoder.supports(self.model):
+            self._cache = GPT2Decoder(self.model)
+            logits = self._cache.prefill(encode_ids, encode_mask, self.sampling.max_new_tokens, encode_positions)
+            if copies is not None:
+                self._cache.select_rows(copies)
+        else:
+            outputs = self.model(
+                input_ids=encode_ids,
+                attention_mask=encode_mask,
+                position_ids=encode_positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._cache, logits = outputs.cache, outputs.logits[:, -1, :]
+            if copies is not None:
+                self._cache.batch_select_indices(copies)
+        self._next_logits = (logits if copies is None else logits[copies]).float()  # (A, V), A = rows generating
         width = input_ids.shape[1] + self.sampling.max_new_tokens
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._cache = outputs.cache
-        self._next_logits = outputs.logits[:, -1, :].float()  # (A, V), A = rows still generating
         # The mask grows by one column per step; a buffer of the final width avoids re-allocating it.
         self._mask_buffer = attention_mask.new_zeros((attention_mask.shape[0], width))
         self._mask_buffer[:, : input_ids.shape[1]] = attention_mask
@@ -309,22 +333,29 @@ class TokenSampler:
             active_tokens = active_tokens[~just_finished]
         self._mask_buffer[:, self._mask_width] = 1
         self._mask_width += 1
-        outputs = self.model(
-            input_ids=active_tokens[:, None],
-            attention_mask=self._mask_buffer[:, : self._mask_width],
-            position_ids=self._next_position[:, None],
-            cache=self._cache,
-            use_cache=True,
-        )
+        attention_mask = self._mask_buffer[:, : self._mask_width]
+        if isinstance(self._cache, GPT2Decoder):
+            logits = self._cache.step(active_tokens, self._next_position, attention_mask)
+        else:
+            outputs = self.model(
+                input_ids=active_tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=self._next_position[:, None],
+                cache=self._cache,
+                use_cache=True,
+            )
+            self._cache, logits = outputs.cache, outputs.logits[:, -1, :]
         self._next_position = self._next_position + 1
-        self._cache = outputs.cache
-        self._next_logits = outputs.logits[:, -1, :].float()
+        self._next_logits = logits.float()
 
     def _drop_rows(self, keep: torch.Tensor) -> None:
         """Keep only the compute rows where ``keep`` (A,) is True: cache, mask, positions, row map."""
         assert self._next_position is not None
         kept = keep.nonzero().flatten()
-        self._cache.batch_select_indices(kept)
+        if isinstance(self._cache, GPT2Decoder):
+            self._cache.select_rows(kept)
+        else:
+            self._cache.batch_select_indices(kept)
         self._mask_buffer = self._mask_buffer[kept]
         self._next_position = self._next_position[kept]
         self._rows = self._rows[kept]

@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import contains_token, make_rollout, sample_rollout, tiny_policy
 
-from rlfb.agents import DegenerateUpdateError, PPOAgent, PPOConfig, ReinforceAgent, evaluate_rollout, make_agent
+from rlfb.agents import (
+    DegenerateUpdateError,
+    PPOAgent,
+    PPOConfig,
+    ReinforceAgent,
+    evaluate_rollout,
+    make_agent,
+)
 from rlfb.agents.base import masked_mean
 from rlfb.errors import ConfigError
 
