@@ -61,12 +61,12 @@ def _unwrap(model: nn.Module) -> Any:
 def _projection(module: Any) -> _Projection:
     """The effective weights of a Conv1D, with the active LoRA adapters merged in (not in place)."""
     if isinstance(module, LoraLayer):
-        base = module.get_base_layer()
+        base: Any = module.get_base_layer()
         weight = base.weight
         if not module.disable_adapters and not module.merged:
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    weight = weight + module.get_delta_weight(adapter)  # (in, out), scale included
+                    weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # (in, out), scaled
         return _Projection(weight, base.bias)
     return _Projection(module.weight, module.bias)
 
