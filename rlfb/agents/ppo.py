@@ -24,7 +24,7 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
 from rlfb.agents.kl import make_kl_controller
-from rlfb.agents.rollout import Rollout, evaluate_rollout, rollout_reference_logprobs
+from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -338,10 +338,8 @@ class PPOAgent(Agent):
 
     def _forward(self, batch: Rollout) -> PolicyForward:
         """Log-probs, values and entropies of ``batch``'s completion tokens, with gradients."""
-        return self.policy.forward_logprobs_values(
-            batch.input_ids, batch.attention_mask, batch.completion_start,
-            temperature=self.config.temperature, entropy_grad=self.config.entropy_coef != 0,
-        )  # fmt: skip
+        c = self.config
+        return forward_rollout(self.policy, batch, temperature=c.temperature, entropy_grad=c.entropy_coef != 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {

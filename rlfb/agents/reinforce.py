@@ -29,7 +29,7 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper
 from rlfb.agents.kl import make_kl_controller
-from rlfb.agents.rollout import Rollout, evaluate_rollout, rollout_reference_logprobs
+from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -260,10 +260,9 @@ class ReinforceAgent(Agent):
     def _forward(self, batch: Rollout) -> PolicyForward:
         """Log-probs and entropies of ``batch``'s completion tokens, with gradients (no values)."""
         c = self.config
-        return self.policy.forward_logprobs_values(
-            batch.input_ids, batch.attention_mask, batch.completion_start, temperature=c.temperature,
-            with_values=False, entropy_grad=c.entropy_coef != 0,
-        )  # fmt: skip
+        return forward_rollout(
+            self.policy, batch, temperature=c.temperature, with_values=False, entropy_grad=c.entropy_coef != 0
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from rlfb.models.policy import Policy
+from rlfb.models.policy import Policy, PolicyForward
 from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 
@@ -99,6 +100,70 @@ class RolloutEvaluation(NamedTuple):
     values: torch.Tensor | None
 
 
+# Rows per forward pass over a rollout: rows sorted by completion length, each pass trimmed to its own
+# width. On rlfb-tiny with 32 rows of a sentiment rollout (35% of the padded batch is padding), two passes of 16
+# took 17 ms instead of 20 (no grad) and 39 instead of 45 (forward and backward); more, smaller passes gain
+# little more on a small model, where each call has a fixed cost.
+ROWS_PER_PASS = 16
+
+
+def forward_rollout(
+    policy: Policy,
+    rollout: Rollout,
+    *,
+    reference: bool = False,
+    max_rows_per_pass: int | None = None,
+    **forward_options: Any,
+) -> PolicyForward:
+    """:meth:`Policy.forward_logprobs_values` over a rollout, in passes of rows of similar length.
+
+    A rollout is padded to its longest prompt and its longest completion; the padding costs as much compute
+    as real tokens. Rows are sorted by completion length and split into passes of at most
+    ``ROWS_PER_PASS`` (and ``max_rows_per_pass``) rows; each pass drops the prompt columns none of its rows
+    uses and the completion columns past its longest completion. Outputs are put back in the rollout's row
+    order, 0 past each pass's width; gradients flow as from one pass.
+
+    Args:
+        policy: The policy.
+        rollout: The batch.
+        reference: Run the reference (adapter disabled, no grad) instead of the policy.
+        max_rows_per_pass: Also bound the rows per pass (memory).
+        **forward_options: ``temperature``, ``with_values``, ``with_entropy``, ``entropy_grad``.
+
+    Returns:
+        A :class:`~rlfb.models.policy.PolicyForward` of (B, T) tensors.
+    """
+    batch_size, width = rollout.batch_size, rollout.completion_ids.shape[1]
+    rows_per_pass = min(ROWS_PER_PASS, max_rows_per_pass or batch_size)
+    order = torch.argsort(rollout.completion_mask.sum(1), stable=True)
+    passes: list[PolicyForward] = []
+    for rows in order.split(rows_per_pass):
+        prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+        first = int(prompt_mask.bool().any(0).nonzero()[0])  # the first prompt column a row of this pass uses
+        length = int(completion_mask.sum(1).max())
+        input_ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :length]], 1)
+        attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :length]], 1)
+        start = rollout.completion_start - first
+        if reference:
+            logprobs = policy.reference_logprobs(input_ids, attention_mask, start, **forward_options)
+            passes.append(PolicyForward(logprobs, None, None))
+        else:
+            passes.append(policy.forward_logprobs_values(input_ids, attention_mask, start, **forward_options))
+
+    back = torch.argsort(order)  # sorted position of each row of the rollout
+
+    def assemble(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.pad(part, (0, width - part.shape[1])) for part in parts])[back]
+
+    values = [part.values for part in passes if part.values is not None]
+    entropy = [part.entropy for part in passes if part.entropy is not None]
+    return PolicyForward(
+        logprobs=assemble([part.logprobs for part in passes]),
+        values=assemble(values) if values else None,
+        entropy=assemble(entropy) if entropy else None,
+    )
+
+
 @torch.no_grad()
 def evaluate_rollout(
     policy: Policy, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None
@@ -124,23 +189,14 @@ def evaluate_rollout(
     Returns:
         A :class:`RolloutEvaluation`.
     """
-    chunk_size = chunk_size or rollout.batch_size
-    input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
-    logprobs: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for first in range(0, rollout.batch_size, chunk_size):
-        rows = slice(first, first + chunk_size)
-        forward = policy.forward_logprobs_values(
-            input_ids[rows], attention_mask[rows], start, temperature=temperature, with_entropy=False
-        )
-        logprobs.append(forward.logprobs)
-        if forward.values is not None:
-            values.append(forward.values)
-    mask = rollout.completion_mask.to(logprobs[0].dtype)
+    forward = forward_rollout(
+        policy, rollout, max_rows_per_pass=chunk_size, temperature=temperature, with_entropy=False
+    )
+    mask = rollout.completion_mask.to(forward.logprobs.dtype)
     return RolloutEvaluation(
-        logprobs=torch.cat(logprobs) * mask,
+        logprobs=forward.logprobs * mask,
         reference_logprobs=rollout_reference_logprobs(policy, rollout, temperature, chunk_size),
-        values=torch.cat(values) * mask if values else None,
+        values=forward.values * mask if forward.values is not None else None,
     )
 
 
@@ -156,13 +212,10 @@ def rollout_reference_logprobs(
         temperature: The sampling temperature (logits are divided by it).
         chunk_size: Rows per forward pass, to bound memory; ``None`` is the whole batch.
     """
-    chunk_size = chunk_size or rollout.batch_size
-    input_ids, attention_mask, start = rollout.input_ids, rollout.attention_mask, rollout.completion_start
-    reference = [
-        policy.reference_logprobs(input_ids[rows], attention_mask[rows], start, temperature=temperature)
-        for rows in (slice(first, first + chunk_size) for first in range(0, rollout.batch_size, chunk_size))
-    ]
-    return torch.cat(reference) * rollout.completion_mask.to(reference[0].dtype)
+    forward = forward_rollout(
+        policy, rollout, reference=True, max_rows_per_pass=chunk_size, temperature=temperature
+    )
+    return forward.logprobs * rollout.completion_mask.to(forward.logprobs.dtype)
 
 
 def collect_rollout(
