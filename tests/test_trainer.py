@@ -73,7 +73,8 @@ def test_train_writes_metrics_checkpoints_final_adapter_and_eval(tiny_model_dir:
     assert set(saved) == {"before", "after"} and len(saved["after"]["samples"]) == 3
     # The one periodic save (step 2), logged with the next update's row as docs/metrics.md says.
     assert [row["step"] for row in rows if "time/checkpoint_s" in row] == [3]
-    assert result.after.kl > 1e-4, result.after.kl
+    # The policy left the reference. (The k1 estimate over a few completions may be of either sign.)
+    assert abs(result.after.kl) > 1e-4, result.after.kl
 
 
 def test_same_seed_gives_identical_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:

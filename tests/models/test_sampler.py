@@ -173,3 +173,15 @@ def test_sampled_tensors_are_ordinary_tensors_usable_in_a_loss(model: GPT2LMHead
     (weight * logprobs).sum().backward()  # an inference tensor would refuse to be saved for backward
     assert torch.equal(weight.grad, logprobs)
     tokens[0] = EOS  # and they can be modified in place
+
+
+def test_sampled_token_frequencies_follow_the_probabilities() -> None:
+    # 100,000 draws: each frequency within 0.01 of its probability (5 standard errors at most); a token of
+    # probability 0 is never drawn, wherever it sits in the vocabulary.
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])
+    logits = torch.log(probs).expand(100_000, -1)
+    tokens, logprobs = _choose_tokens(logits, SamplingConfig(), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=len(probs)).float() / len(tokens)
+    assert torch.allclose(frequencies, probs, atol=0.01), frequencies
+    assert frequencies[probs == 0].sum() == 0
+    torch.testing.assert_close(logprobs, torch.log(probs)[tokens])
