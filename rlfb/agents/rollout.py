@@ -8,6 +8,7 @@ log-probs and values the agents need (see its docstring for why the sampler's ow
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -136,18 +137,19 @@ def forward_rollout(
     batch_size, width = rollout.batch_size, rollout.completion_ids.shape[1]
     rows_per_pass = min(ROWS_PER_PASS, max_rows_per_pass or batch_size)
     order = torch.argsort(rollout.completion_mask.sum(1), stable=True)
+    if reference:  # the adapter switched off once for all passes (peft visits every module to switch it)
+        forward_options.update(with_values=False, with_entropy=False)
     passes: list[PolicyForward] = []
-    for rows in order.split(rows_per_pass):
-        prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
-        first = int(prompt_mask.bool().any(0).nonzero()[0])  # the first prompt column a row of this pass uses
-        length = int(completion_mask.sum(1).max())
-        input_ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :length]], 1)
-        attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :length]], 1)
-        start = rollout.completion_start - first
-        if reference:
-            logprobs = policy.reference_logprobs(input_ids, attention_mask, start, **forward_options)
-            passes.append(PolicyForward(logprobs, None, None))
-        else:
+    with policy.reference() if reference else contextlib.nullcontext(), torch.set_grad_enabled(
+        torch.is_grad_enabled() and not reference
+    ):
+        for rows in order.split(rows_per_pass):
+            prompt_mask, completion_mask = rollout.prompt_mask[rows], rollout.completion_mask[rows]
+            first = int(prompt_mask.bool().any(0).nonzero()[0])  # the first prompt column a row of this pass uses
+            length = int(completion_mask.sum(1).max())
+            input_ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :length]], 1)
+            attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :length]], 1)
+            start = rollout.completion_start - first
             passes.append(policy.forward_logprobs_values(input_ids, attention_mask, start, **forward_options))
 
     back = torch.argsort(order)  # sorted position of each row of the rollout

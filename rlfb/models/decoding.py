@@ -32,13 +32,13 @@ from transformers.pytorch_utils import Conv1D
 
 
 class _Projection(NamedTuple):
-    """A Conv1D-style affine map y = x W + b, W of shape (in, out)."""
+    """A Conv1D-style affine map y = x W + b of 2-D inputs, W of shape (in, out)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        return torch.addmm(self.bias, x, self.weight)
 
 
 class _BlockWeights(NamedTuple):
@@ -191,6 +191,7 @@ class GPT2Decoder:
         """The blocks over ``hidden`` (A, T, C) at cache columns [L, L + T); logits at the last position."""
         rows, new, channels = hidden.shape
         start, end = self._length, self._length + new
+        hidden = hidden.reshape(rows * new, channels)  # 2-D between the attentions: plain addmm, no reshapes
         for block, keys, values in zip(self._blocks, self._keys, self._values, strict=True):
             heads, head_dim = keys.shape[1], keys.shape[3]
             query, key, value = block.attention(_layer_norm(block.ln_1, hidden)).split(channels, dim=-1)
@@ -200,10 +201,10 @@ class GPT2Decoder:
                 query.view(rows, new, heads, head_dim).transpose(1, 2),
                 keys[:, :, :end], values[:, :, :end], attn_mask=allowed, scale=block.scaling,
             )  # fmt: skip
-            hidden = hidden + block.attention_output(attended.transpose(1, 2).reshape(rows, new, channels))
+            hidden = hidden + block.attention_output(attended.transpose(1, 2).reshape(rows * new, channels))
             hidden = hidden + block.mlp_output(block.activation(block.mlp_input(_layer_norm(block.ln_2, hidden))))
         self._length = end
-        last = _layer_norm(self.model.transformer.ln_f, hidden[:, -1])  # (A, C)
+        last = _layer_norm(self.model.transformer.ln_f, hidden.view(rows, new, channels)[:, -1])  # (A, C)
         return self.model.lm_head(last)
 
     @staticmethod
