@@ -19,7 +19,9 @@ the number of torch threads. ``--ppo-epochs`` sets PPO's passes over each batch 
 ``num_iterations`` alike (default 1 for both: the same number of optimizer steps).
 
 Measured: completions per second of the whole loop (generation, reward, update), from the end of the
-first update to the end of the last (the first update is warm-up on both sides); the same per second of
+first update to the end of the last (the first update is warm-up on both sides); completion tokens per
+second (completions per second times the mean completion length each side logs: the policies drift
+apart as they learn, and a side whose completions got shorter would look faster per completion); the same per second of
 this process's CPU time (with ``--threads 1`` on a machine shared with other jobs, the wall clock measures
 the neighbours too, CPU time much less so); and peak memory: the process's peak resident set
 (``ru_maxrss``) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -188,15 +190,19 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
     model = model_path(args, workdir)
     times: list[float] = []
     cpu_times: list[float] = []  # this process's CPU time: what a neighbour's load does not inflate
+    lengths: list[float] = []  # mean completion length of each update, as each side logs it
 
     def tick() -> None:
         times.append(time.perf_counter())
         cpu_times.append(time.process_time())
 
+    def rlfb_tick(step: int, metrics: dict[str, float]) -> None:
+        tick()
+        lengths.append(metrics["rollout/completion_length"])
+
     with tempfile.TemporaryDirectory(dir=workdir) as output_dir:
         if side.startswith("rlfb"):
-            trainer = rlfb_trainer(args, side.split("-")[1], model, Path(output_dir), args.updates,
-                                   [lambda step, metrics: tick()])
+            trainer = rlfb_trainer(args, side.split("-")[1], model, Path(output_dir), args.updates, [rlfb_tick])
         else:
             trainer = trl_trainer(args, side.split("-")[1], model, Path(output_dir), args.updates,
                                   [trl_step_clock(tick)])
@@ -205,14 +211,20 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
         started = time.perf_counter()
         trainer.train()
         total_s = time.perf_counter() - started
+        if not side.startswith("rlfb"):
+            lengths = [row["completions/mean_length"] for row in trainer.state.log_history
+                       if "completions/mean_length" in row]
     if len(times) < 2:
         raise SystemExit(f"{side}: need at least 2 updates to time the loop, got {len(times)}")
     steady_s = times[-1] - times[0]
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     cpu_s = cpu_times[-1] - cpu_times[0]
-    return {"side": side, "updates": len(times), "completions_per_s": (len(times) - 1) * args.num_envs / steady_s,
+    completions_per_s = (len(times) - 1) * args.num_envs / steady_s
+    mean_length = statistics.fmean(lengths[1:])  # over the timed updates (the first is warm-up)
+    return {"side": side, "updates": len(times), "completions_per_s": completions_per_s,
             "completions_per_cpu_s": (len(times) - 1) * args.num_envs / cpu_s,
+            "mean_completion_length": mean_length, "tokens_per_s": completions_per_s * mean_length,
             "seconds_per_update": steady_s / (len(times) - 1), "train_call_s": total_s, "peak_mb": peak_mb}
 
 
@@ -289,17 +301,20 @@ def print_report(args: argparse.Namespace, results: dict[str, list[dict[str, Any
     print(f"\nmodel {args.model_size}, device {args.device}, {args.num_envs} completions/update "
           f"({args.group_size} per prompt), <= {args.max_new_tokens} tokens, {args.updates} updates, "
           f"{args.rounds} round(s), torch threads {args.threads or 'default'}; median over rounds")
-    print(f"{'side':<10} {'completions/s':>14} {'per CPU-s':>10} {'s/update':>9} {'peak MB':>9}")
+    print(f"{'side':<10} {'completions/s':>14} {'per CPU-s':>10} {'mean len':>9} {'tokens/s':>9} {'s/update':>9} "
+          f"{'peak MB':>9}")
     for side in results:
         print(f"{side:<10} {median(side, 'completions_per_s'):>14.2f} {median(side, 'completions_per_cpu_s'):>10.2f} "
-              f"{median(side, 'seconds_per_update'):>9.2f} {median(side, 'peak_mb'):>9.0f}")
+              f"{median(side, 'mean_completion_length'):>9.2f} {median(side, 'tokens_per_s'):>9.0f} "
+              f"{median(side, 'seconds_per_update'):>9.3f} {median(side, 'peak_mb'):>9.0f}")
     for pair in args.pairs:
         ours, theirs = PAIRS[pair]
         speed = median(ours, "completions_per_s") / median(theirs, "completions_per_s")
         cpu_speed = median(ours, "completions_per_cpu_s") / median(theirs, "completions_per_cpu_s")
+        token_speed = median(ours, "tokens_per_s") / median(theirs, "tokens_per_s")
         memory = median(ours, "peak_mb") / median(theirs, "peak_mb")
-        print(f"{ours} / {theirs}: throughput x{speed:.2f} (per CPU-second x{cpu_speed:.2f}), "
-              f"peak memory x{memory:.2f}")
+        print(f"{ours} / {theirs}: throughput x{speed:.2f} (per CPU-second x{cpu_speed:.2f}; in completion tokens "
+              f"per second x{token_speed:.2f}), peak memory x{memory:.2f}")
 
 
 if __name__ == "__main__":
