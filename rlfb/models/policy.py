@@ -47,7 +47,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from rlfb.errors import ConfigError, ModelNotFoundError
-from rlfb.models.loading import fuse_tanh_gelu, load_model, resolve_device
+from rlfb.models.loading import load_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,6 @@ class Policy:
         self.device = resolve_device(device)
         self.tokenizer = tokenizer
         lora = lora or LoraSettings()
-        fuse_tanh_gelu(model)  # the same function, one kernel (load_model did it already for rlfb's loads)
         if isinstance(model, PeftModel):
             self.model = model
         else:

@@ -201,4 +201,5 @@ def test_tanh_gelu_runs_as_one_kernel_with_the_same_outputs() -> None:
         fused = model(input_ids=input_ids, attention_mask=attention_mask).logits
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
     assert fuse_tanh_gelu(model) == 0  # idempotent
-    assert fuse_tanh_gelu(Policy(gpt2(), tokenizer=None, device="cpu").model) == 0  # Policy fuses on wrap
+    # A model handed to Policy is the caller's: it is wrapped, not altered (load_model is where rlfb fuses).
+    assert fuse_tanh_gelu(Policy(gpt2(), tokenizer=None, device="cpu").model) == model.config.n_layer
