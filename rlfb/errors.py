@@ -25,3 +25,7 @@ class RewardError(RlfbError, RuntimeError):
 
 class DatasetError(RlfbError, ValueError):
     """A task's prompt source is empty, unreadable or lacks the prompt column."""
+
+
+class DivergedModelError(RlfbError, FloatingPointError):
+    """The model's next-token probabilities are NaN or inf: its weights or logits have diverged."""

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft import PeftType
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -66,7 +67,9 @@ def _projection(module: Any) -> _Projection:
         if not module.disable_adapters and not module.merged:
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    weight = weight + module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # (in, out), scaled
+                    # (in, out), scale included; peft keeps adapters in float32 on a bf16 / fp16 model
+                    delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
+                    weight = weight + delta.to(weight.dtype)
         return _Projection(weight, base.bias)
     return _Projection(module.weight, module.bias)
 
@@ -107,9 +110,16 @@ class GPT2Decoder:
     def supports(model: nn.Module) -> bool:
         """Whether :class:`GPT2Decoder` computes exactly what ``model``'s forward does.
 
-        True for a GPT-2 causal LM in eval mode without cross-attention, bare or with plain LoRA adapters
-        (no DoRA or other variant, no LoRA bias) on the Conv1D layers of its blocks.
+        True for a GPT-2 causal LM in eval mode without cross-attention, bare or with plain, unmerged LoRA
+        adapters (no DoRA or other variant, no LoRA bias) on the Conv1D layers of its blocks. False for
+        every other peft method (prompt or prefix tuning add tokens this decoder does not know) and for a
+        merged adapter (peft unmerges it when the adapter is disabled; the decoder would keep it).
         """
+        peft_configs = getattr(model, "peft_config", None)
+        if isinstance(peft_configs, dict) and any(
+            getattr(config, "peft_type", None) != PeftType.LORA for config in peft_configs.values()
+        ):
+            return False
         inner = _unwrap(model)
         config = getattr(inner, "config", None)
         if getattr(config, "model_type", None) != "gpt2" or getattr(config, "add_cross_attention", False):
@@ -127,6 +137,8 @@ class GPT2Decoder:
             if module not in projections or not isinstance(module.get_base_layer(), Conv1D):
                 return False  # an adapter on the embeddings, the head, or a layer this decoder does not know
             if any(module.lora_variant.values()) or any(getattr(module, "lora_bias", {}).values()):
+                return False
+            if module.merged:
                 return False
         return all(isinstance(module.get_base_layer() if isinstance(module, LoraLayer) else module, Conv1D)
                    for module in projections)  # fmt: skip
@@ -160,8 +172,12 @@ class GPT2Decoder:
         heads = transformer.h[0].attn.num_heads
         head_dim = hidden.shape[-1] // heads
         shape = (rows, heads, width + max_new_tokens, head_dim)
-        self._keys = [hidden.new_empty(shape) for _ in self._blocks]
-        self._values = [hidden.new_empty(shape) for _ in self._blocks]
+        # Under autocast (bf16 on CUDA) keys and values come out of the projections in the autocast dtype:
+        # store them so, as transformers' cache does (half the memory of float32 buffers, no casts per step).
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        self._keys = [hidden.new_empty(shape, dtype=dtype) for _ in self._blocks]
+        self._values = [hidden.new_empty(shape, dtype=dtype) for _ in self._blocks]
         # Query i sees keys j <= i that are real tokens; a padding query also sees itself, so that no softmax
         # row is empty (an all-masked row gives NaN, which would reach the cache).
         causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()

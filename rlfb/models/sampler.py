@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from rlfb.errors import DivergedModelError
 from rlfb.models.decoding import GPT2Decoder
 
 __all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
@@ -149,6 +150,11 @@ def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) 
     the first to exceed u.
     """
     cumulative = probs.cumsum(dim=-1)  # (B, V)
+    if not bool(torch.isfinite(cumulative[:, -1]).all()):
+        raise DivergedModelError(
+            "the next-token probabilities contain NaN or inf: the model's weights or logits have diverged "
+            "(try a lower learning rate, or resume from an earlier checkpoint)"
+        )
     threshold = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=probs.dtype)
     threshold = threshold * cumulative[:, -1:]
     return torch.searchsorted(cumulative, threshold, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

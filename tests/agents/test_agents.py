@@ -259,26 +259,39 @@ def test_reinforce_kl_penalty_enters_the_return_or_the_loss(kl_penalty: str) -> 
 
 
 def test_forward_rollout_in_passes_equals_one_padded_pass() -> None:
-    # 20 rows of different prompt and completion lengths: two passes of similar lengths, each trimmed,
-    # give what one pass over the padded batch gives, in the rollout's row order, with gradients.
+    # 20 rows in shuffled order: 16 short completions (1-3 of 6 columns) whose prompts are all left-padded,
+    # 4 full-length ones with full prompts. Sorted by length, the first pass drops a prompt column and three
+    # completion columns; both passes must give what one pass over the padded batch gives, in row order.
     generator = torch.Generator().manual_seed(0)
-    batch, width = 20, 5
-    lengths = torch.randint(1, width + 1, (batch,), generator=generator)
+    batch, prompt_width, width = 20, 3, 6
+    lengths = torch.tensor([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 6, 6, 6, 6])
+    padding = torch.tensor([1, 2] * 8 + [0] * 4)  # left padding of each prompt
+    order = torch.randperm(batch, generator=generator)
+    lengths, padding = lengths[order], padding[order]
     completion_mask = (torch.arange(width) < lengths[:, None]).long()
+    prompt_mask = (torch.arange(prompt_width) >= padding[:, None]).long()
     completions = torch.randint(1, 16, (batch, width), generator=generator) * completion_mask
-    prompt_ids = torch.randint(1, 16, (batch, 3), generator=generator)
+    prompt_ids = torch.randint(1, 16, (batch, prompt_width), generator=generator) * prompt_mask
     rollout = make_rollout(completions, completion_mask, torch.zeros(batch), prompt_ids=prompt_ids)
-    prompt_mask = (torch.arange(3) >= torch.randint(0, 3, (batch, 1), generator=generator)).long()
-    rollout = rollout._replace(prompt_mask=prompt_mask, prompt_ids=prompt_ids * prompt_mask)  # left padding
+    rollout = rollout._replace(prompt_mask=prompt_mask)
     policy = tiny_policy(seed=6)
     perturb_adapter(policy)
     single = policy.forward_logprobs_values(rollout.input_ids, rollout.attention_mask, rollout.completion_start)
+
+    widths: list[int] = []
+    forward = policy.forward_logprobs_values
+
+    def recording_forward(input_ids: torch.Tensor, *args: object, **kwargs: object):
+        widths.append(input_ids.shape[1])
+        return forward(input_ids, *args, **kwargs)
+
+    policy.forward_logprobs_values = recording_forward  # type: ignore[method-assign]
     passes = forward_rollout(policy, rollout)
-    assert ROWS_PER_PASS < batch  # more than one pass
+    reference = forward_rollout(policy, rollout, reference=True).logprobs
+    assert ROWS_PER_PASS == 16 and widths == [2 + 3, 3 + 6] * 2  # trimmed, then full width; twice
     mask = completion_mask.float()
     for name in ("logprobs", "values", "entropy"):
         torch.testing.assert_close(getattr(passes, name) * mask, getattr(single, name) * mask, atol=1e-5, rtol=1e-5)
-    reference = forward_rollout(policy, rollout, reference=True).logprobs
     expected = policy.reference_logprobs(rollout.input_ids, rollout.attention_mask, rollout.completion_start)
     torch.testing.assert_close(reference * mask, expected * mask, atol=1e-5, rtol=1e-5)
     (passes.logprobs * mask).sum().backward()

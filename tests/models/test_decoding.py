@@ -78,12 +78,33 @@ def test_adapter_disabled_decodes_the_base_model() -> None:
     assert all(torch.equal(p, base_weights[name]) for name, p in model.named_parameters() if "lora_" not in name)
 
 
+@torch.no_grad()
+def test_a_bfloat16_model_with_a_float32_adapter_decodes_like_its_forward() -> None:
+    # peft keeps the adapter in float32 on a bf16 model; the merged weights must stay in the model's dtype.
+    model = with_trained_lora(gpt2(seed=4).to(torch.bfloat16))
+    assert any(p.dtype == torch.float32 for name, p in model.named_parameters() if "lora_" in name)
+    ids, mask = torch.tensor([[EOS, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1]])
+    logits = GPT2Decoder(model).prefill(ids, mask, max_new_tokens=2)
+    expected = full_forward_last_logits(model, ids, mask)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected.float(), atol=0.05, rtol=0.05)  # bf16 rounding
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notes on a LoRA over the tied head
 def test_supports_only_what_it_computes_exactly() -> None:
+    from peft import PromptTuningConfig
+
     assert GPT2Decoder.supports(gpt2())
     assert GPT2Decoder.supports(with_trained_lora(gpt2()))
     assert not GPT2Decoder.supports(gpt2().train())  # dropout would differ
     assert not GPT2Decoder.supports(with_trained_lora(gpt2(), use_dora=True))
+    # Prompt tuning adds virtual tokens the decoder knows nothing of.
+    prompt_tuned = get_peft_model(gpt2(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert not GPT2Decoder.supports(prompt_tuned.eval())
+    # A merged adapter: peft unmerges it when the adapter is disabled, the decoder could not.
+    merged = with_trained_lora(gpt2())
+    merged.merge_adapter()
+    assert not GPT2Decoder.supports(merged)
     on_head = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True))
     assert not GPT2Decoder.supports(on_head.eval())
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,

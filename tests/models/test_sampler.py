@@ -185,3 +185,11 @@ def test_sampled_token_frequencies_follow_the_probabilities() -> None:
     assert torch.allclose(frequencies, probs, atol=0.01), frequencies
     assert frequencies[probs == 0].sum() == 0
     torch.testing.assert_close(logprobs, torch.log(probs)[tokens])
+
+
+def test_nan_probabilities_are_a_clear_error() -> None:
+    from rlfb.errors import DivergedModelError
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]])
+    with pytest.raises(DivergedModelError, match="NaN or inf: the model's weights or logits have diverged"):
+        _choose_tokens(logits, SamplingConfig(), torch.Generator().manual_seed(0))
