@@ -1,0 +1,7 @@
+"""``python -m rlfb ...`` runs the ``rlfb`` command line (what ``torchrun -m rlfb`` and ``accelerate launch -m rlfb`` need)."""
+
+import sys
+
+from rlfb.cli import main
+
+sys.exit(main())
