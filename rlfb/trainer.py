@@ -40,13 +40,16 @@ import torch
 
 from rlfb import checkpoint as checkpointing
 from rlfb.config import RunConfig, check_section, load_config
-from rlfb.errors import ConfigError
+from rlfb.errors import ConfigError, RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
 
 EVAL_FILE = "eval.json"
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
 AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
+# Rollouts in a row that no reward scored before the run stops: one such batch can be bad luck (every
+# completion missed a format), several mean the rewards cannot score this task and training learns nothing.
+UNSCORED_ROLLOUTS_LIMIT = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A callback sees the update number and its metrics after each update; returning False stops training.
@@ -134,6 +137,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
         self._stop_requested = False
         self._phase = "setup"
+        self._unscored_rollouts = 0  # consecutive rollouts no reward scored
 
     @property
     def run_dir(self) -> Path:
@@ -298,6 +302,7 @@ class Trainer:
                 started = time.perf_counter()
                 rollout = self._collect_rollout(self.venv, self.policy, self.sampling, self.generator)
                 rollout_s = time.perf_counter() - started
+                self._check_scored(rollout)
                 self._phase = "update"
                 metrics = self.agent.update(rollout)
                 update_s = time.perf_counter() - started - rollout_s
@@ -334,6 +339,24 @@ class Trainer:
             progress.close()
             self._phase = "done"
         return None
+
+    def _check_scored(self, rollout: Any) -> None:
+        """Stop with a :class:`RewardError` after ``UNSCORED_ROLLOUTS_LIMIT`` rollouts in a row no reward scored.
+
+        Raises:
+            RewardError: naming the rewards, how many rollouts, and what their None meant.
+        """
+        self._unscored_rollouts = 0 if bool(rollout.scored.any()) else self._unscored_rollouts + 1
+        if self._unscored_rollouts < UNSCORED_ROLLOUTS_LIMIT:
+            return
+        count, first = self._unscored_rollouts, self.step + 2 - self._unscored_rollouts
+        names = ", ".join(repr(name) for name in self.reward_set.names)
+        raise RewardError(
+            f"reward(s) {names} returned None for every sample of {count} rollouts in a row (updates {first} to "
+            f"{self.step + 1}, {count * rollout.batch_size} completions). None means 'no score for this sample' "
+            "(TRL's contract), so these batches carry no reward signal and training would learn nothing; make the "
+            "reward return a float for the samples it can judge (check the task columns it reads), or add a "
+            "reward that scores every sample")
 
     def _budget_spent(self) -> bool:
         budget = self.config.budget
@@ -421,12 +444,19 @@ class Trainer:
 
 
 def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
-    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations."""
-    scores = rollout.scores.double()
+    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations.
+
+    The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
+    returned None for is not a reward of 0, whatever the agents are given for it.
+    """
+    scored = rollout.scored
+    scores = rollout.scores.double()[scored]
     mask = rollout.completion_mask.bool()
     ended = ((rollout.completion_ids == eos_token_id) & mask).any(1)  # (B,) the completion has its EOS
-    metrics = {"rollout/reward_mean": float(scores.mean()),
-               "rollout/reward_std": float(scores.std(unbiased=False)),
+    nan = float("nan")
+    metrics = {"rollout/reward_mean": float(scores.mean()) if scores.numel() else nan,
+               "rollout/reward_std": float(scores.std(unbiased=False)) if scores.numel() else nan,
+               "rollout/scored_fraction": float(scored.double().mean()),
                "rollout/completion_length": float(mask.sum(1).double().mean()),
                "rollout/truncated_fraction": float((~ended).double().mean())}
     for name in reward_names:
