@@ -7,6 +7,7 @@ runs the same function on a run directory or a base model.
 What is measured (docs/metrics.md has healthy values):
 
 * ``reward/LABEL``: mean of each reward component, and ``reward/total`` (the weighted sum).
+* ``reward_metric/NAME``: what the rewards logged with ``log_metric`` while scoring.
 * ``kl``: mean over completions of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] at temperature 1, the
   k1 estimate of KL(pi || pi_ref) in nats per completion (0 before training: the adapter starts at zero).
 * ``fluency``: mean over all completion tokens of log pi_ref(a_t|s_t), the base model's log-likelihood
@@ -31,6 +32,7 @@ import torch
 from rlfb.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, find_checkpoint
 from rlfb.config import RunConfig, load_config
 from rlfb.models.sampler import SamplingConfig, generate
+from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
 _WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
@@ -47,10 +49,12 @@ class EvalResult:
     distinct_2: float
     num_prompts: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    reward_metrics: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Scalar metrics named as in docs/metrics.md (``eval/reward/sentiment``, ``eval/kl``, ...)."""
         result = {f"{prefix}reward/{name}": value for name, value in self.rewards.items()}
+        result.update({f"{prefix}{LOGGED_METRIC_PREFIX}{name}": value for name, value in self.reward_metrics.items()})
         result.update({f"{prefix}kl": self.kl, f"{prefix}fluency": self.fluency,
                        f"{prefix}completion_length": self.completion_length,
                        f"{prefix}distinct_1": self.distinct_1, f"{prefix}distinct_2": self.distinct_2})
@@ -59,7 +63,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"rewards": self.rewards, "kl": self.kl, "fluency": self.fluency,
                 "completion_length": self.completion_length, "distinct_1": self.distinct_1,
-                "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples}
+                "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples,
+                "reward_metrics": self.reward_metrics}
 
 
 @torch.no_grad()
@@ -125,6 +130,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     finally:
         if updating is not None:
             reward_set.update_normalization = updating
+    reward_set.pop_logged()  # what the rewards logged here is in the result, not for the next rollout's logs
     rewards = {"total": _nanmean(result.total)}
     rewards.update({name: _nanmean(values) for name, values in result.components.items()})
     lengths = [len(ids) for ids in completion_ids]
@@ -139,6 +145,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         distinct_2=distinct_n(completions, 2),
         num_prompts=len(rows),
         samples=samples,
+        reward_metrics=result.metrics,
     )
 
 

@@ -43,6 +43,7 @@ from rlfb.config import RunConfig, check_section, load_config
 from rlfb.errors import ConfigError, RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
+from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
 EVAL_FILE = "eval.json"
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
@@ -302,6 +303,7 @@ class Trainer:
                 started = time.perf_counter()
                 rollout = self._collect_rollout(self.venv, self.policy, self.sampling, self.generator)
                 rollout_s = time.perf_counter() - started
+                reward_logs = self.reward_set.pop_logged()
                 self._check_scored(rollout)
                 self._phase = "update"
                 metrics = self.agent.update(rollout)
@@ -310,11 +312,13 @@ class Trainer:
                 self.elapsed_s += rollout_s + update_s
                 self._phase = "log"
                 metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
+                metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
+                                for name, value in reward_logs.metrics.items()})
                 tokens = float(rollout.completion_mask.sum())
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
-                self._log(metrics, rollout)
+                self._log(metrics, rollout, reward_logs.extra)
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
                                      kl=f"{metrics.get('train/kl', float('nan')):.2f}", refresh=False)
@@ -363,15 +367,19 @@ class Trainer:
         return ((budget.updates is not None and self.step >= budget.updates)
                 or (budget.time_limit_s is not None and self.elapsed_s >= budget.time_limit_s))
 
-    def _log(self, metrics: dict[str, float], rollout: Any) -> None:
+    def _log(self, metrics: dict[str, float], rollout: Any, reward_extra: list[dict[str, Any]]) -> None:
         logging_config = self.config.logging
         if self.step % logging_config.log_every == 0:
             self.logger.record_many(metrics)
             self.logger.dump(self.step)
         if logging_config.samples_every and self.step % logging_config.samples_every == 0:
-            scores = rollout.scores.tolist()
+            # A row no reward scored shows NaN, as in the metrics, not the 0 the agent was given.
+            scores = torch.where(rollout.scored, rollout.scores, float("nan")).tolist()
             self.logger.log_samples("samples/rollout", rollout.prompts[:SAMPLES_LOGGED],
                                     rollout.completions[:SAMPLES_LOGGED], scores[:SAMPLES_LOGGED], self.step)
+            if reward_extra:
+                self.logger.log_text("samples/reward_extra", extra_markdown(reward_extra[:SAMPLES_LOGGED]),
+                                     self.step)
 
     def _evaluate(self, step: int, label: str | None) -> EvalResult | None:
         """Evaluate on the held-out prompts, log ``eval/...`` at ``step``; label it in eval.json if given."""
@@ -464,6 +472,18 @@ def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int
         finite = values[~torch.isnan(values)]
         metrics[f"rollout/reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
     return metrics
+
+
+def extra_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the rows of :attr:`RewardLogs.extra`: prompt, completion, then each logged column."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["|" + "|".join(columns) + "|", "|" + "-|" * len(columns)]
+    lines += ["|" + "|".join(cell(row.get(column)) for column in columns) + "|" for row in rows]
+    return "\n".join(lines)
 
 
 def agent_config_class(agent_name: str) -> type:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,6 +21,15 @@ from rlfb.trainer import Trainer, rollout_metrics
 def never_scores(prompts: list[str], completions: list[str], **kwargs: object) -> list[None]:
     """None for every sample: a reward that cannot judge this task."""
     return [None] * len(completions)
+
+
+@register("test_logs_vowels")
+def logs_vowels(prompts: list[str], completions: list[str], log_metric, log_extra, **kwargs: object) -> list[float]:
+    """1 for a completion with a vowel, else 0; logs the batch's fraction and a per-completion column."""
+    scores = [float(any(letter in "aeiou" for letter in text)) for text in completions]
+    log_metric("vowel_fraction", sum(scores) / len(scores))
+    log_extra("has_vowel", [bool(score) for score in scores])
+    return scores
 
 
 def hand_rollout(scores: list[float], components: dict[str, list[float]]) -> Rollout:
@@ -61,3 +71,26 @@ def test_a_reward_that_never_scores_stops_the_run_after_three_rollouts(tiny_mode
     rows = [row for row in read_metrics(trainer.run_dir) if "rollout/reward_mean" in row]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(math.isnan(row["rollout/reward_mean"]) and row["rollout/scored_fraction"] == 0.0 for row in rows)
+    samples = [json.loads(line) for line in (trainer.run_dir / "samples.jsonl").read_text().splitlines()]
+    (table,) = [entry["text"] for entry in samples if entry["tag"] == "samples/rollout"]
+    assert table.count("|nan|") == 4  # an unscored completion shows no reward, not the 0 the agent got
+
+
+def test_what_a_reward_logs_reaches_metrics_jsonl_at_its_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_model_dir, tmp_path, "rewards=[test_logs_vowels]", "budget.num_envs=8")
+    run_dir = Trainer(config).train().run_dir
+    rows = read_metrics(run_dir)
+    updates = [row for row in rows if "rollout/reward_mean" in row]
+    assert [row["step"] for row in updates] == [1, 2, 3, 4]
+    # The env scores a rollout in several calls, as completions end; the logged fraction is the batch's.
+    for row in updates:
+        assert row["rollout/reward_metric/vowel_fraction"] == pytest.approx(row["rollout/reward/test_logs_vowels"])
+    assert len({row["rollout/reward_metric/vowel_fraction"] for row in updates}) > 1  # not one constant
+    evaluations = [row for row in rows if "eval/kl" in row]
+    assert [row["step"] for row in evaluations] == [0, 4]
+    for row in evaluations:
+        assert row["eval/reward_metric/vowel_fraction"] == pytest.approx(row["eval/reward/test_logs_vowels"])
+    extra = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    tables = [entry for entry in extra if entry["tag"] == "samples/reward_extra"]
+    assert [entry["step"] for entry in tables] == [2, 4]  # with samples/rollout, every samples_every updates
+    assert tables[0]["text"].startswith("|prompt|completion|has_vowel|\n|-|-|-|\n|")
