@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,10 +68,31 @@ class EvalResult:
                 "reward_metrics": self.reward_metrics}
 
 
+def encode_for_generation(tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig,
+                          max_prompt_tokens: int | None, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded prompt ids and mask under training's prompt rule, P trimmed to the longest prompt.
+
+    The rule is the environments' (:func:`rlfb.envs.core.encode_prompts` at the width
+    :func:`rlfb.envs.core.prompt_width` gives): a prompt longer than the window keeps its last tokens, with
+    a :class:`~rlfb.envs.core.PromptTruncationWarning`, so evaluation sees what training saw.
+    """
+    from rlfb.envs.core import TRUNCATION_FIX, PromptTruncationWarning, encode_prompts, prompt_width
+
+    width = prompt_width(max_prompt_tokens, sampling.max_new_tokens, tokenizer)
+    input_ids, attention_mask, truncated = encode_prompts(tokenizer, prompts, width)
+    if truncated:
+        warnings.warn(f"{len(truncated)} of {len(prompts)} prompts are longer than max_prompt_tokens={width} "
+                      f"(the longest: {max(truncated)} tokens); keeping their last tokens (left truncation), as "
+                      f"training does; {TRUNCATION_FIX}", PromptTruncationWarning, stacklevel=3)
+    first_used = int(attention_mask.any(0).argmax())  # columns no prompt uses cost compute; drop them
+    return (torch.as_tensor(input_ids[:, first_used:], device=device),
+            torch.as_tensor(attention_mask[:, first_used:], device=device))
+
+
 @torch.no_grad()
 def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: Any,
                     sampling: SamplingConfig, seed: int, batch_size: int = 64,
-                    num_samples: int = 3) -> EvalResult:
+                    num_samples: int = 3, max_prompt_tokens: int | None = None) -> EvalResult:
     """Sample one completion per held-out row and measure it.
 
     Args:
@@ -81,6 +103,8 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         seed: seed of a generator used only here, so evaluation never moves the training RNG streams.
         batch_size: prompts per generation batch.
         num_samples: completions kept as text samples.
+        max_prompt_tokens: the prompt window (the run's ``sampling.max_prompt_tokens``); a longer prompt
+            keeps its last tokens, as in training. None: the environments' default for the tokenizer.
 
     Returns:
         The :class:`EvalResult`.
@@ -94,9 +118,8 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     for first in range(0, len(rows), batch_size):
         batch_rows = rows[first:first + batch_size]
         batch_prompts = [row["prompt"] for row in batch_rows]
-        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True)  # as the env does
-        input_ids = encoded["input_ids"].to(policy.device)  # (B, P), left-padded
-        attention_mask = encoded["attention_mask"].to(policy.device)
+        input_ids, attention_mask = encode_for_generation(tokenizer, batch_prompts, sampling, max_prompt_tokens,
+                                                          policy.device)  # (B, P) each, left-padded
         generation = generate(policy.model, input_ids, attention_mask, sampling,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               generator=generator)
@@ -215,18 +238,18 @@ def load_policy(run_dir_or_model: str | Path, device: str = "auto") -> tuple[Any
 
 @torch.no_grad()
 def sample_completions(policy: Any, prompts: Sequence[str], sampling: SamplingConfig, seed: int,
-                       num_samples: int = 1) -> list[list[str]]:
-    """``num_samples`` completions of each prompt, reproducible from ``seed``.
+                       num_samples: int = 1, max_prompt_tokens: int | None = None) -> list[list[str]]:
+    """``num_samples`` completions of each prompt, reproducible from ``seed``; prompts as in :func:`evaluate_policy`.
 
     Returns:
         One list of ``num_samples`` completions per prompt.
     """
     tokenizer = policy.tokenizer
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
-    encoded = tokenizer(repeated, return_tensors="pt", padding=True)  # as the env does
+    input_ids, attention_mask = encode_for_generation(tokenizer, repeated, sampling, max_prompt_tokens,
+                                                      policy.device)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    generation = generate(policy.model, encoded["input_ids"].to(policy.device),
-                          encoded["attention_mask"].to(policy.device), sampling,
+    generation = generate(policy.model, input_ids, attention_mask, sampling,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           generator=generator)
     texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)

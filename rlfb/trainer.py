@@ -191,7 +191,8 @@ class Trainer:
             "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
             task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
             group_size=self.group_size,
-            max_new_tokens=config.sampling.max_new_tokens, device=str(self.device))
+            max_new_tokens=config.sampling.max_new_tokens, max_prompt_tokens=config.sampling.max_prompt_tokens,
+            device=str(self.device))
         self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
@@ -387,7 +388,8 @@ class Trainer:
             return None
         started = time.perf_counter()
         result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
-                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples)
+                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,
+                                 max_prompt_tokens=self.venv.unwrapped.max_prompt_tokens)
         self.logger.record_many(result.metrics())
         self.logger.record("time/eval_s", time.perf_counter() - started)
         self.logger.dump(step)

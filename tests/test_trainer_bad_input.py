@@ -94,3 +94,37 @@ def test_what_a_reward_logs_reaches_metrics_jsonl_at_its_step(tiny_model_dir: Pa
     tables = [entry for entry in extra if entry["tag"] == "samples/reward_extra"]
     assert [entry["step"] for entry in tables] == [2, 4]  # with samples/rollout, every samples_every updates
     assert tables[0]["text"].startswith("|prompt|completion|has_vowel|\n|-|-|-|\n|")
+
+
+def long_prompt_task(tmp_path: Path) -> str:
+    """A dataset task of 4 prompts, each far longer than the tiny model's 64-position context."""
+    path = tmp_path / "long.jsonl"
+    sentence = "the acting was wonderful and the plot kept me guessing until the very end "
+    path.write_text("".join(json.dumps({"prompt": f"{index} {sentence * 8}"}) + "\n" for index in range(4)))
+    return f"task={{name: dataset, kwargs: {{path: {path}, eval_fraction: 0}}}}"
+
+
+def test_prompts_longer_than_the_context_are_truncated_alike_in_training_and_evaluation(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    from rlfb.envs.core import PromptTruncationWarning
+
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", long_prompt_task(tmp_path), "budget.updates=1",
+                         "sampling.max_prompt_tokens=20")
+    with pytest.warns(PromptTruncationWarning) as caught:
+        result = Trainer(config).train()
+    messages = [str(warning.message) for warning in caught if warning.category is PromptTruncationWarning]
+    assert any(message.startswith("a prompt of") and "max_prompt_tokens=20" in message for message in messages)
+    assert any(message.startswith("4 of 4 prompts are longer than max_prompt_tokens=20") for message in messages)
+    assert all("`sampling.max_prompt_tokens` in a run config" in message for message in messages)  # a real key
+    assert result.step == 1 and result.after is not None and result.after.num_prompts == 4
+
+
+def test_a_prompt_window_the_context_cannot_hold_fails_before_the_run_directory(tiny_model_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    from rlfb.errors import ConfigError
+
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", "sampling.max_prompt_tokens=60")
+    with pytest.raises(ConfigError, match="max_prompt_tokens \\+ max_new_tokens = 66 exceeds the model's context "
+                                          "window of 64 tokens; lower one of them \\(`sampling.max_prompt_tokens`"):
+        Trainer(config).train()
+    assert not (tmp_path / "runs").exists()
