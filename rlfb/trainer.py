@@ -17,6 +17,11 @@ Interrupts: the first Ctrl-C lets the current update finish, then saves a checkp
 (``TrainResult.interrupted``); a second one stops at once. A ``KeyboardInterrupt`` raised while the
 rollout is collected or between updates also saves (the state of the last completed update).
 
+Failures: the run directory is created only once the run can start: everything is loaded and checked,
+and the "before" evaluation (the first call of the rewards) has run. An error after that leaves a
+``FAILED`` file in the run directory (the update reached and the error); ``--resume`` says so, continues
+from the last checkpoint and removes it.
+
 Rank-awareness: only the main process logs, writes checkpoints and evaluates, so a multi-process
 trainer (each rank rolling out its share) can reuse this loop.
 """
@@ -46,6 +51,7 @@ from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, 
 from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
 EVAL_FILE = "eval.json"
+FAILED_FILE = "FAILED"  # in a run directory whose training stopped on an error: {"step": N, "error": "..."}
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
 AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
 # Rollouts in a row that no reward scored before the run stops: one such batch can be bad luck (every
@@ -258,20 +264,29 @@ class Trainer:
         """Run until ``budget.updates`` or ``budget.time_limit_s``; see the module docstring."""
         config = self.config
         self._build()
-        if self._run_dir is None:
-            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
-                                         config.logging.run_name)
         resumed = self.resume_checkpoint is not None
         if self.resume_checkpoint is not None:
             self._restore(self.resume_checkpoint)
-        elif self.is_main_process:
+        before = self._load_eval("before") if resumed else None
+        try:
+            # Measured before a fresh run directory exists: the first call of the rewards (one that raises)
+            # and the first prompts fail here and leave nothing behind.
+            measured = self._measure() if before is None else None
+        except BaseException:
+            self.venv.close()
+            raise
+        if self._run_dir is None:
+            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
+                                         config.logging.run_name)
+        if not resumed and self.is_main_process:
             (self.run_dir / checkpointing.CONFIG_FILE).write_text(config.to_yaml())
         self.logger = self._make_logger(truncate_after=self.step if resumed else None)
         try:
-            before = self._load_eval("before") if resumed else None
+            if resumed:
+                self._clear_failure()
             if before is None:
                 self.logger.log_hyperparameters(config.to_dict())
-                before = self._evaluate(step=0, label="before")
+                before = self._record_eval(measured, step=0, label="before")
             with self._graceful_interrupts():
                 interruption = self._loop()
             if interruption is not None:
@@ -288,9 +303,27 @@ class Trainer:
                 self.logger.log_text("eval/comparison", f"```\n{table}\n```", self.step)
                 self._say(table)
             return TrainResult(self.run_dir, self.step, before, after, checkpoint=final)
+        except Exception as error:
+            self._mark_failed(error)
+            raise
         finally:
             self.logger.close()
             self.venv.close()
+
+    def _mark_failed(self, error: Exception) -> None:
+        """Write ``RUN_DIR/FAILED`` (the update reached and the error), so the run directory says it failed."""
+        if self.is_main_process:
+            failure = {"step": self.step, "error": f"{type(error).__name__}: {error}"}
+            (self.run_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2) + "\n")
+
+    def _clear_failure(self) -> None:
+        """On resume, say that the run had failed (and how), and remove its FAILED mark."""
+        path = self.run_dir / FAILED_FILE
+        if self.is_main_process and path.is_file():
+            failure = json.loads(path.read_text())
+            self._say(f"{self.run_dir} had failed at update {failure['step']} ({failure['error']}); "
+                      f"continuing from its checkpoint at update {self.step}")
+            path.unlink()
 
     def _loop(self) -> _Interruption | None:
         """Updates until the budget is spent or a callback says stop (None), or until Ctrl-C."""
@@ -384,14 +417,26 @@ class Trainer:
 
     def _evaluate(self, step: int, label: str | None) -> EvalResult | None:
         """Evaluate on the held-out prompts, log ``eval/...`` at ``step``; label it in eval.json if given."""
+        return self._record_eval(self._measure(), step, label)
+
+    def _measure(self) -> tuple[EvalResult, float] | None:
+        """The held-out evaluation and its seconds (None without eval prompts, or off the main process)."""
         if not self.eval_rows or not self.is_main_process:
             return None
         started = time.perf_counter()
         result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
                                  seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,
                                  max_prompt_tokens=self.venv.unwrapped.max_prompt_tokens)
+        return result, time.perf_counter() - started
+
+    def _record_eval(self, measured: tuple[EvalResult, float] | None, step: int,
+                     label: str | None) -> EvalResult | None:
+        """Log what :meth:`_measure` returned at ``step``; keep it in eval.json under ``label`` if given."""
+        if measured is None:
+            return None
+        result, seconds = measured
         self.logger.record_many(result.metrics())
-        self.logger.record("time/eval_s", time.perf_counter() - started)
+        self.logger.record("time/eval_s", seconds)
         self.logger.dump(step)
         self.logger.log_samples("samples/eval", [s["prompt"] for s in result.samples],
                                 [s["completion"] for s in result.samples],

@@ -32,6 +32,12 @@ def logs_vowels(prompts: list[str], completions: list[str], log_metric, log_extr
     return scores
 
 
+@register("test_raises")
+def raises(prompts: list[str], completions: list[str], **kwargs: object) -> list[float]:
+    """Fails on every call, as a reward with a bug does."""
+    raise KeyError("score")
+
+
 def hand_rollout(scores: list[float], components: dict[str, list[float]]) -> Rollout:
     """A rollout of one-token completions (token 1, never EOS) with the given rewards."""
     batch = len(scores)
@@ -71,6 +77,8 @@ def test_a_reward_that_never_scores_stops_the_run_after_three_rollouts(tiny_mode
     rows = [row for row in read_metrics(trainer.run_dir) if "rollout/reward_mean" in row]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(math.isnan(row["rollout/reward_mean"]) and row["rollout/scored_fraction"] == 0.0 for row in rows)
+    failure = json.loads((trainer.run_dir / "FAILED").read_text())
+    assert failure["step"] == 2 and failure["error"] == f"RewardError: {message}"
     samples = [json.loads(line) for line in (trainer.run_dir / "samples.jsonl").read_text().splitlines()]
     (table,) = [entry["text"] for entry in samples if entry["tag"] == "samples/rollout"]
     assert table.count("|nan|") == 4  # an unscored completion shows no reward, not the 0 the agent got
@@ -126,5 +134,29 @@ def test_a_prompt_window_the_context_cannot_hold_fails_before_the_run_directory(
     config = tiny_config(tiny_model_dir, tmp_path / "runs", "sampling.max_prompt_tokens=60")
     with pytest.raises(ConfigError, match="max_prompt_tokens \\+ max_new_tokens = 66 exceeds the model's context "
                                           "window of 64 tokens; lower one of them \\(`sampling.max_prompt_tokens`"):
+        Trainer(config).train()
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.filterwarnings("ignore:reward 'test_never_scores' returned None:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:every reward returned None:RuntimeWarning")
+def test_resuming_a_failed_run_says_so_and_clears_the_mark(tiny_model_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    failing = Trainer(tiny_config(tiny_model_dir, tmp_path, "rewards=[test_never_scores]", "budget.updates=10",
+                                  "checkpoint.every=1", "eval.num_prompts=0"))
+    with pytest.raises(RewardError):
+        failing.train()
+    run_dir = failing.run_dir
+    fixed = tiny_config(tiny_model_dir, tmp_path, "budget.updates=3", "checkpoint.every=1", "eval.num_prompts=0")
+    capsys.readouterr()
+    result = Trainer(fixed, resume_from=run_dir).train()
+    assert f"{run_dir} had failed at update 2 (RewardError: reward(s) 'test_never_scores' returned None" \
+        in capsys.readouterr().out
+    assert result.step == 3 and not (run_dir / "FAILED").exists()
+
+
+def test_a_reward_that_raises_fails_before_the_run_directory_exists(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", "rewards=[test_raises]")
+    with pytest.raises(RewardError, match="reward 'test_raises' raised KeyError: 'score'"):
         Trainer(config).train()
     assert not (tmp_path / "runs").exists()
