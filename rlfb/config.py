@@ -99,6 +99,9 @@ class SamplingConfig:
     top_k: int = field(default=0, metadata=_help("keep the k most likely tokens; 0 keeps all"))
     top_p: float = field(default=1.0, metadata=_help("nucleus sampling mass; 1.0 keeps all"))
     max_new_tokens: int = field(default=32, metadata=_help("longest completion, in tokens"))
+    max_prompt_tokens: int | None = field(default=None, metadata=_help(
+        "prompt window, in tokens: a longer prompt keeps its last tokens, in training and evaluation alike; "
+        "null: 64, or less when the model's context window needs room for max_new_tokens"))
 
 
 @dataclass
@@ -443,6 +446,8 @@ def validate(config: RunConfig) -> RunConfig:
     require(0 < sampling.top_p <= 1, "sampling.top_p", sampling.top_p, "in (0, 1]")
     require(sampling.top_k >= 0, "sampling.top_k", sampling.top_k, ">= 0 (0 keeps all tokens)")
     require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", sampling.max_new_tokens, ">= 1")
+    require(sampling.max_prompt_tokens is None or sampling.max_prompt_tokens >= 1, "sampling.max_prompt_tokens",
+            sampling.max_prompt_tokens, ">= 1 or null")
     require(config.lora.r >= 1, "lora.r", config.lora.r, ">= 1")
     require(0 <= config.lora.dropout < 1, "lora.dropout", config.lora.dropout, "in [0, 1)")
     require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")

@@ -7,6 +7,7 @@ runs the same function on a run directory or a base model.
 What is measured (docs/metrics.md has healthy values):
 
 * ``reward/LABEL``: mean of each reward component, and ``reward/total`` (the weighted sum).
+* ``reward_metric/NAME``: what the rewards logged with ``log_metric`` while scoring.
 * ``kl``: mean over completions of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] at temperature 1, the
   k1 estimate of KL(pi || pi_ref) in nats per completion (0 before training: the adapter starts at zero).
 * ``fluency``: mean over all completion tokens of log pi_ref(a_t|s_t), the base model's log-likelihood
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from rlfb.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, find_checkpoint
 from rlfb.config import RunConfig, load_config
 from rlfb.models.sampler import SamplingConfig, generate
+from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
 _WORD = re.compile(r"\w+(?:'\w+)?|[^\w\s]")
 
@@ -47,10 +50,12 @@ class EvalResult:
     distinct_2: float
     num_prompts: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    reward_metrics: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Scalar metrics named as in docs/metrics.md (``eval/reward/sentiment``, ``eval/kl``, ...)."""
         result = {f"{prefix}reward/{name}": value for name, value in self.rewards.items()}
+        result.update({f"{prefix}{LOGGED_METRIC_PREFIX}{name}": value for name, value in self.reward_metrics.items()})
         result.update({f"{prefix}kl": self.kl, f"{prefix}fluency": self.fluency,
                        f"{prefix}completion_length": self.completion_length,
                        f"{prefix}distinct_1": self.distinct_1, f"{prefix}distinct_2": self.distinct_2})
@@ -59,13 +64,35 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return {"rewards": self.rewards, "kl": self.kl, "fluency": self.fluency,
                 "completion_length": self.completion_length, "distinct_1": self.distinct_1,
-                "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples}
+                "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples,
+                "reward_metrics": self.reward_metrics}
+
+
+def encode_for_generation(tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig,
+                          max_prompt_tokens: int | None, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded prompt ids and mask under training's prompt rule, P trimmed to the longest prompt.
+
+    The rule is the environments' (:func:`rlfb.envs.core.encode_prompts` at the width
+    :func:`rlfb.envs.core.prompt_width` gives): a prompt longer than the window keeps its last tokens, with
+    a :class:`~rlfb.envs.core.PromptTruncationWarning`, so evaluation sees what training saw.
+    """
+    from rlfb.envs.core import TRUNCATION_FIX, PromptTruncationWarning, encode_prompts, prompt_width
+
+    width = prompt_width(max_prompt_tokens, sampling.max_new_tokens, tokenizer)
+    input_ids, attention_mask, truncated = encode_prompts(tokenizer, prompts, width)
+    if truncated:
+        warnings.warn(f"{len(truncated)} of {len(prompts)} prompts are longer than max_prompt_tokens={width} "
+                      f"(the longest: {max(truncated)} tokens); keeping their last tokens (left truncation), as "
+                      f"training does; {TRUNCATION_FIX}", PromptTruncationWarning, stacklevel=3)
+    first_used = int(attention_mask.any(0).argmax())  # columns no prompt uses cost compute; drop them
+    return (torch.as_tensor(input_ids[:, first_used:], device=device),
+            torch.as_tensor(attention_mask[:, first_used:], device=device))
 
 
 @torch.no_grad()
 def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: Any,
                     sampling: SamplingConfig, seed: int, batch_size: int = 64,
-                    num_samples: int = 3) -> EvalResult:
+                    num_samples: int = 3, max_prompt_tokens: int | None = None) -> EvalResult:
     """Sample one completion per held-out row and measure it.
 
     Args:
@@ -76,6 +103,8 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         seed: seed of a generator used only here, so evaluation never moves the training RNG streams.
         batch_size: prompts per generation batch.
         num_samples: completions kept as text samples.
+        max_prompt_tokens: the prompt window (the run's ``sampling.max_prompt_tokens``); a longer prompt
+            keeps its last tokens, as in training. None: the environments' default for the tokenizer.
 
     Returns:
         The :class:`EvalResult`.
@@ -89,9 +118,8 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     for first in range(0, len(rows), batch_size):
         batch_rows = rows[first:first + batch_size]
         batch_prompts = [row["prompt"] for row in batch_rows]
-        encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True)  # as the env does
-        input_ids = encoded["input_ids"].to(policy.device)  # (B, P), left-padded
-        attention_mask = encoded["attention_mask"].to(policy.device)
+        input_ids, attention_mask = encode_for_generation(tokenizer, batch_prompts, sampling, max_prompt_tokens,
+                                                          policy.device)  # (B, P) each, left-padded
         generation = generate(policy.model, input_ids, attention_mask, sampling,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               generator=generator)
@@ -125,6 +153,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     finally:
         if updating is not None:
             reward_set.update_normalization = updating
+    reward_set.pop_logged()  # what the rewards logged here is in the result, not for the next rollout's logs
     rewards = {"total": _nanmean(result.total)}
     rewards.update({name: _nanmean(values) for name, values in result.components.items()})
     lengths = [len(ids) for ids in completion_ids]
@@ -139,6 +168,7 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         distinct_2=distinct_n(completions, 2),
         num_prompts=len(rows),
         samples=samples,
+        reward_metrics=result.metrics,
     )
 
 
@@ -208,18 +238,18 @@ def load_policy(run_dir_or_model: str | Path, device: str = "auto") -> tuple[Any
 
 @torch.no_grad()
 def sample_completions(policy: Any, prompts: Sequence[str], sampling: SamplingConfig, seed: int,
-                       num_samples: int = 1) -> list[list[str]]:
-    """``num_samples`` completions of each prompt, reproducible from ``seed``.
+                       num_samples: int = 1, max_prompt_tokens: int | None = None) -> list[list[str]]:
+    """``num_samples`` completions of each prompt, reproducible from ``seed``; prompts as in :func:`evaluate_policy`.
 
     Returns:
         One list of ``num_samples`` completions per prompt.
     """
     tokenizer = policy.tokenizer
     repeated = [prompt for prompt in prompts for _ in range(num_samples)]
-    encoded = tokenizer(repeated, return_tensors="pt", padding=True)  # as the env does
+    input_ids, attention_mask = encode_for_generation(tokenizer, repeated, sampling, max_prompt_tokens,
+                                                      policy.device)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
-    generation = generate(policy.model, encoded["input_ids"].to(policy.device),
-                          encoded["attention_mask"].to(policy.device), sampling,
+    generation = generate(policy.model, input_ids, attention_mask, sampling,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           generator=generator)
     texts = [tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)

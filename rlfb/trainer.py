@@ -17,6 +17,11 @@ Interrupts: the first Ctrl-C lets the current update finish, then saves a checkp
 (``TrainResult.interrupted``); a second one stops at once. A ``KeyboardInterrupt`` raised while the
 rollout is collected or between updates also saves (the state of the last completed update).
 
+Failures: the run directory is created only once the run can start: everything is loaded and checked,
+and the "before" evaluation (the first call of the rewards) has run. An error after that leaves a
+``FAILED`` file in the run directory (the update reached and the error); ``--resume`` says so, continues
+from the last checkpoint and removes it.
+
 Rank-awareness: only the main process logs, writes checkpoints and evaluates, so a multi-process
 trainer (each rank rolling out its share) can reuse this loop.
 """
@@ -40,13 +45,18 @@ import torch
 
 from rlfb import checkpoint as checkpointing
 from rlfb.config import RunConfig, check_section, load_config
-from rlfb.errors import ConfigError
+from rlfb.errors import ConfigError, RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
+from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
 EVAL_FILE = "eval.json"
+FAILED_FILE = "FAILED"  # in a run directory whose training stopped on an error: {"step": N, "error": "..."}
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
 AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
+# Rollouts in a row that no reward scored before the run stops: one such batch can be bad luck (every
+# completion missed a format), several mean the rewards cannot score this task and training learns nothing.
+UNSCORED_ROLLOUTS_LIMIT = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A callback sees the update number and its metrics after each update; returning False stops training.
@@ -134,6 +144,7 @@ class Trainer:
         self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
         self._stop_requested = False
         self._phase = "setup"
+        self._unscored_rollouts = 0  # consecutive rollouts no reward scored
 
     @property
     def run_dir(self) -> Path:
@@ -186,7 +197,8 @@ class Trainer:
             "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
             task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
             group_size=self.group_size,
-            max_new_tokens=config.sampling.max_new_tokens, device=str(self.device))
+            max_new_tokens=config.sampling.max_new_tokens, max_prompt_tokens=config.sampling.max_prompt_tokens,
+            device=str(self.device))
         self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
@@ -252,20 +264,29 @@ class Trainer:
         """Run until ``budget.updates`` or ``budget.time_limit_s``; see the module docstring."""
         config = self.config
         self._build()
-        if self._run_dir is None:
-            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
-                                         config.logging.run_name)
         resumed = self.resume_checkpoint is not None
         if self.resume_checkpoint is not None:
             self._restore(self.resume_checkpoint)
-        elif self.is_main_process:
+        before = self._load_eval("before") if resumed else None
+        try:
+            # Measured before a fresh run directory exists: the first call of the rewards (one that raises)
+            # and the first prompts fail here and leave nothing behind.
+            measured = self._measure() if before is None else None
+        except BaseException:
+            self.venv.close()
+            raise
+        if self._run_dir is None:
+            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
+                                         config.logging.run_name)
+        if not resumed and self.is_main_process:
             (self.run_dir / checkpointing.CONFIG_FILE).write_text(config.to_yaml())
         self.logger = self._make_logger(truncate_after=self.step if resumed else None)
         try:
-            before = self._load_eval("before") if resumed else None
+            if resumed:
+                self._clear_failure()
             if before is None:
                 self.logger.log_hyperparameters(config.to_dict())
-                before = self._evaluate(step=0, label="before")
+                before = self._record_eval(measured, step=0, label="before")
             with self._graceful_interrupts():
                 interruption = self._loop()
             if interruption is not None:
@@ -282,9 +303,27 @@ class Trainer:
                 self.logger.log_text("eval/comparison", f"```\n{table}\n```", self.step)
                 self._say(table)
             return TrainResult(self.run_dir, self.step, before, after, checkpoint=final)
+        except Exception as error:
+            self._mark_failed(error)
+            raise
         finally:
             self.logger.close()
             self.venv.close()
+
+    def _mark_failed(self, error: Exception) -> None:
+        """Write ``RUN_DIR/FAILED`` (the update reached and the error), so the run directory says it failed."""
+        if self.is_main_process:
+            failure = {"step": self.step, "error": f"{type(error).__name__}: {error}"}
+            (self.run_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2) + "\n")
+
+    def _clear_failure(self) -> None:
+        """On resume, say that the run had failed (and how), and remove its FAILED mark."""
+        path = self.run_dir / FAILED_FILE
+        if self.is_main_process and path.is_file():
+            failure = json.loads(path.read_text())
+            self._say(f"{self.run_dir} had failed at update {failure['step']} ({failure['error']}); "
+                      f"continuing from its checkpoint at update {self.step}")
+            path.unlink()
 
     def _loop(self) -> _Interruption | None:
         """Updates until the budget is spent or a callback says stop (None), or until Ctrl-C."""
@@ -298,6 +337,8 @@ class Trainer:
                 started = time.perf_counter()
                 rollout = self._collect_rollout(self.venv, self.policy, self.sampling, self.generator)
                 rollout_s = time.perf_counter() - started
+                reward_logs = self.reward_set.pop_logged()
+                self._check_scored(rollout)
                 self._phase = "update"
                 metrics = self.agent.update(rollout)
                 update_s = time.perf_counter() - started - rollout_s
@@ -305,11 +346,13 @@ class Trainer:
                 self.elapsed_s += rollout_s + update_s
                 self._phase = "log"
                 metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
+                metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
+                                for name, value in reward_logs.metrics.items()})
                 tokens = float(rollout.completion_mask.sum())
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
-                self._log(metrics, rollout)
+                self._log(metrics, rollout, reward_logs.extra)
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
                                      kl=f"{metrics.get('train/kl', float('nan')):.2f}", refresh=False)
@@ -335,30 +378,65 @@ class Trainer:
             self._phase = "done"
         return None
 
+    def _check_scored(self, rollout: Any) -> None:
+        """Stop with a :class:`RewardError` after ``UNSCORED_ROLLOUTS_LIMIT`` rollouts in a row no reward scored.
+
+        Raises:
+            RewardError: naming the rewards, how many rollouts, and what their None meant.
+        """
+        self._unscored_rollouts = 0 if bool(rollout.scored.any()) else self._unscored_rollouts + 1
+        if self._unscored_rollouts < UNSCORED_ROLLOUTS_LIMIT:
+            return
+        count, first = self._unscored_rollouts, self.step + 2 - self._unscored_rollouts
+        names = ", ".join(repr(name) for name in self.reward_set.names)
+        raise RewardError(
+            f"reward(s) {names} returned None for every sample of {count} rollouts in a row (updates {first} to "
+            f"{self.step + 1}, {count * rollout.batch_size} completions). None means 'no score for this sample' "
+            "(TRL's contract), so these batches carry no reward signal and training would learn nothing; make the "
+            "reward return a float for the samples it can judge (check the task columns it reads), or add a "
+            "reward that scores every sample")
+
     def _budget_spent(self) -> bool:
         budget = self.config.budget
         return ((budget.updates is not None and self.step >= budget.updates)
                 or (budget.time_limit_s is not None and self.elapsed_s >= budget.time_limit_s))
 
-    def _log(self, metrics: dict[str, float], rollout: Any) -> None:
+    def _log(self, metrics: dict[str, float], rollout: Any, reward_extra: list[dict[str, Any]]) -> None:
         logging_config = self.config.logging
         if self.step % logging_config.log_every == 0:
             self.logger.record_many(metrics)
             self.logger.dump(self.step)
         if logging_config.samples_every and self.step % logging_config.samples_every == 0:
-            scores = rollout.scores.tolist()
+            # A row no reward scored shows NaN, as in the metrics, not the 0 the agent was given.
+            scores = torch.where(rollout.scored, rollout.scores, float("nan")).tolist()
             self.logger.log_samples("samples/rollout", rollout.prompts[:SAMPLES_LOGGED],
                                     rollout.completions[:SAMPLES_LOGGED], scores[:SAMPLES_LOGGED], self.step)
+            if reward_extra:
+                self.logger.log_text("samples/reward_extra", extra_markdown(reward_extra[:SAMPLES_LOGGED]),
+                                     self.step)
 
     def _evaluate(self, step: int, label: str | None) -> EvalResult | None:
         """Evaluate on the held-out prompts, log ``eval/...`` at ``step``; label it in eval.json if given."""
+        return self._record_eval(self._measure(), step, label)
+
+    def _measure(self) -> tuple[EvalResult, float] | None:
+        """The held-out evaluation and its seconds (None without eval prompts, or off the main process)."""
         if not self.eval_rows or not self.is_main_process:
             return None
         started = time.perf_counter()
         result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
-                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples)
+                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,
+                                 max_prompt_tokens=self.venv.unwrapped.max_prompt_tokens)
+        return result, time.perf_counter() - started
+
+    def _record_eval(self, measured: tuple[EvalResult, float] | None, step: int,
+                     label: str | None) -> EvalResult | None:
+        """Log what :meth:`_measure` returned at ``step``; keep it in eval.json under ``label`` if given."""
+        if measured is None:
+            return None
+        result, seconds = measured
         self.logger.record_many(result.metrics())
-        self.logger.record("time/eval_s", time.perf_counter() - started)
+        self.logger.record("time/eval_s", seconds)
         self.logger.dump(step)
         self.logger.log_samples("samples/eval", [s["prompt"] for s in result.samples],
                                 [s["completion"] for s in result.samples],
@@ -421,12 +499,19 @@ class Trainer:
 
 
 def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
-    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations."""
-    scores = rollout.scores.double()
+    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations.
+
+    The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
+    returned None for is not a reward of 0, whatever the agents are given for it.
+    """
+    scored = rollout.scored
+    scores = rollout.scores.double()[scored]
     mask = rollout.completion_mask.bool()
     ended = ((rollout.completion_ids == eos_token_id) & mask).any(1)  # (B,) the completion has its EOS
-    metrics = {"rollout/reward_mean": float(scores.mean()),
-               "rollout/reward_std": float(scores.std(unbiased=False)),
+    nan = float("nan")
+    metrics = {"rollout/reward_mean": float(scores.mean()) if scores.numel() else nan,
+               "rollout/reward_std": float(scores.std(unbiased=False)) if scores.numel() else nan,
+               "rollout/scored_fraction": float(scored.double().mean()),
                "rollout/completion_length": float(mask.sum(1).double().mean()),
                "rollout/truncated_fraction": float((~ended).double().mean())}
     for name in reward_names:
@@ -434,6 +519,18 @@ def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int
         finite = values[~torch.isnan(values)]
         metrics[f"rollout/reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
     return metrics
+
+
+def extra_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the rows of :attr:`RewardLogs.extra`: prompt, completion, then each logged column."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["|" + "|".join(columns) + "|", "|" + "-|" * len(columns)]
+    lines += ["|" + "|".join(cell(row.get(column)) for column in columns) + "|" for row in rows]
+    return "\n".join(lines)
 
 
 def agent_config_class(agent_name: str) -> type:

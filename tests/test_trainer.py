@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,7 @@ def test_final_adapter_loads_with_plain_peft_and_generates_like_rlfb_generate(
 def test_cli_train_eval_and_errors(tiny_model_dir: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["train", "--show-keys"]) == 0
-    assert "budget.updates           an integer or null: number of rollout + update" in capsys.readouterr().out
+    assert re.search(r"\nbudget\.updates +an integer or null: number of rollout \+ update", capsys.readouterr().out)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(tiny_config(tiny_model_dir, tmp_path / "runs").to_yaml())
     assert cli_main(["train", str(config_path), "--set", "budget.updates=2", "--set", "logging.run_name=cli"]) == 0

@@ -30,7 +30,8 @@ class Rollout(NamedTuple):
         completion_ids: (B, T) completion token ids, right-padded after EOS.
         completion_mask: (B, T) 1 for real completion tokens (EOS included).
         sampled_logprobs: (B, T) log-probs of the sampled tokens under the sampling distribution.
-        scores: (B,) float32 total sequence reward (weighted sum of the reward components).
+        scores: (B,) float32 total sequence reward (weighted sum of the reward components); 0 where no
+            reward scored the row (see :attr:`scored`).
         reward_components: name -> (B,) float32 unweighted component, NaN where a reward returned None.
         per_token_rewards: (B, T) float32 weighted sum of dense (per-token) rewards, or None.
         prompts: Decoded prompts.
@@ -53,6 +54,18 @@ class Rollout(NamedTuple):
     @property
     def batch_size(self) -> int:
         return int(self.completion_ids.shape[0])
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(B,) bool: some reward scored the row (at least one component is not NaN).
+
+        A row no reward scored carries a score of 0 to the agents, as TRL's ``nansum`` gives it, but it is
+        no evidence about the policy: metrics leave it out.
+        """
+        scored = torch.zeros(self.batch_size, dtype=torch.bool, device=self.scores.device)
+        for values in self.reward_components.values():
+            scored |= ~torch.isnan(values)
+        return scored
 
     @property
     def input_ids(self) -> torch.Tensor:

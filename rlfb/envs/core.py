@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from rlfb.rewards import RewardSet
 
 __all__ = ["EpisodeScores", "EpisodeScorer", "PromptSource", "PromptTruncationWarning", "TextEnvSettings",
-           "TextEnvProperties", "check_options", "choose_single_prompt", "observation_space"]
+           "TextEnvProperties", "check_options", "choose_single_prompt", "encode_prompts", "observation_space",
+           "prompt_width"]
 
 # Tokenizers without a real limit report a huge model_max_length (1e30); only smaller values are checked.
 _UNSET_MODEL_MAX_LENGTH = 1_000_000
@@ -34,6 +35,11 @@ DEFAULT_PROMPT_TOKENS = 64
 
 class PromptTruncationWarning(UserWarning):
     """A prompt was longer than ``max_prompt_tokens`` and lost its first tokens."""
+
+
+# What a truncation warning tells the user to change, in the env's and in a run config's words.
+TRUNCATION_FIX = ("raise max_prompt_tokens (`sampling.max_prompt_tokens` in a run config; prompt plus "
+                  "max_new_tokens must fit the model's context window) to keep whole prompts")
 
 
 def resolve_tokenizer(model: str | None, tokenizer: Any | None) -> Any:
@@ -169,8 +175,36 @@ def prompt_width(max_prompt_tokens: int | None, max_new_tokens: int, tokenizer: 
         raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     if context is not None and max_prompt_tokens + max_new_tokens > context:
         raise ConfigError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens + max_new_tokens} exceeds "
-                          f"the model's context window of {context} tokens; lower one of them")
+                          f"the model's context window of {context} tokens; lower one of them "
+                          "(`sampling.max_prompt_tokens`, `sampling.max_new_tokens` in a run config)")
     return max_prompt_tokens
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Tokenize prompts into (R, width) left-padded ids and mask: the one prompt rule of training and evaluation.
+
+    A prompt longer than ``width`` keeps its last ``width`` tokens (left truncation: the end of a prompt is
+    what the completion continues). An empty prompt becomes the tokenizer's BOS (or EOS) token, so every row
+    has a token to continue. Padding is the tokenizer's pad token (or EOS).
+
+    Returns:
+        The ids, the mask, and the original length of each prompt that was truncated.
+    """
+    eos_token_id = tokenizer.eos_token_id
+    start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_token_id
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
+    encoded = tokenizer(list(prompts))["input_ids"] if prompts else []
+    input_ids = np.full((len(encoded), width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(encoded), width), dtype=np.int64)
+    truncated = []
+    for row, ids in enumerate(encoded):
+        ids = list(ids) or [start_token]
+        if len(ids) > width:
+            truncated.append(len(ids))
+            ids = ids[-width:]
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask, truncated
 
 
 def build_rewards(rewards: Any, task: Task) -> RewardSet:
@@ -257,34 +291,23 @@ class PromptSource:
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize the prompts of ``rows`` into (R, max_prompt_tokens) left-padded ids and mask.
 
-        A prompt longer than ``max_prompt_tokens`` keeps its last tokens (left truncation); it is counted in
-        :attr:`num_truncated_prompts` and the first one triggers a :class:`PromptTruncationWarning`.
-        An empty prompt becomes the tokenizer's BOS (or EOS) token, so every row has a token to continue.
+        See :func:`encode_prompts`. A truncated prompt is counted in :attr:`num_truncated_prompts`; the
+        first one triggers a :class:`PromptTruncationWarning`.
         """
-        settings = self.settings
-        tokenizer, width = settings.tokenizer, settings.max_prompt_tokens
-        encoded = tokenizer([row["prompt"] for row in rows])["input_ids"]
-        start_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else settings.eos_token_id
-        input_ids = np.full((len(rows), width), settings.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, ids in enumerate(encoded):
-            ids = list(ids) or [start_token]
-            if len(ids) > width:
-                self._note_truncation(len(ids))
-                ids = ids[-width:]
-            input_ids[row, width - len(ids):] = ids
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask, truncated = encode_prompts(
+            self.settings.tokenizer, [row["prompt"] for row in rows], self.settings.max_prompt_tokens)
+        if truncated:
+            self._note_truncation(max(truncated), len(truncated))
         return input_ids, attention_mask
 
-    def _note_truncation(self, length: int) -> None:
-        self.num_truncated_prompts += 1
+    def _note_truncation(self, length: int, count: int) -> None:
+        self.num_truncated_prompts += count
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"a prompt of {length} tokens is longer than max_prompt_tokens={self.settings.max_prompt_tokens}; "
                 "keeping its last tokens (left truncation). Later truncations are only counted, in "
-                "env.num_truncated_prompts; raise max_prompt_tokens to keep whole prompts",
-                PromptTruncationWarning, stacklevel=4)
+                f"env.num_truncated_prompts; {TRUNCATION_FIX}", PromptTruncationWarning, stacklevel=4)
 
     @staticmethod
     def _pinned_row(prompt: str | Mapping[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from rlfb.rewards.registry import RewardFunction, build_reward, resolve
 if TYPE_CHECKING:
     from rlfb.rewards.scoring import LogProbScorer
 
+# The logs name a log_metric value after its family: rollout/reward_metric/NAME, eval/reward_metric/NAME.
+LOGGED_METRIC_PREFIX = "reward_metric/"
 _SPEC_KEYS = ("name", "kwargs", "weight", "label", "conversational")
 _PREVIEW_CHARS = 200  # how much of an offending prompt / completion an error message shows
 
@@ -108,7 +110,8 @@ class RewardResult:
         per_token: Weighted sum of the dense components, one (len(completion_ids[i]),) array per sample,
             or ``None`` when no reward is dense. Not included in ``total``.
         scored: (B,) bool, False where every reward returned ``None`` for the sample.
-        metrics: Scalars the rewards logged through their ``log_metric`` keyword argument.
+        metrics: Scalars the rewards logged through their ``log_metric`` keyword argument (a name logged
+            several times in the call: the mean of its values, as TRL averages them).
         extra: Columns the rewards logged through their ``log_extra`` keyword argument.
     """
 
@@ -118,6 +121,22 @@ class RewardResult:
     scored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RewardLogs:
+    """What the rewards logged over several calls, as :meth:`RewardSet.pop_logged` returns it.
+
+    Attributes:
+        metrics: name -> value: each ``log_metric`` name averaged over the calls that logged it, each call
+            weighted by its number of completions (an environment scores a rollout in several calls, as its
+            completions end; for a per-batch mean or fraction this is the whole batch's value).
+        extra: One row per completion of the calls that used ``log_extra``: its ``prompt``, its ``completion``
+            and the logged columns (None where a call did not log a column).
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -159,6 +178,8 @@ class RewardSet:
         self._count = 0.0
         self._mean = 0.0
         self._sum_squares = 0.0  # sum of squared deviations from the mean (Chan et al. parallel variance)
+        self._logged_sums: dict[str, list[float]] = {}  # log_metric name -> [sum of value x batch, batch total]
+        self._logged_extra: list[dict[str, Any]] = []
         self._components = [self._build(spec) for spec in self.specs]
         labels = [component.label for component in self._components]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
@@ -232,10 +253,10 @@ class RewardSet:
             ids = [list(token_ids) for token_ids in completion_ids]
             if len(ids) != len(prompts):
                 raise RewardError(f"got {len(prompts)} prompts but {len(ids)} completion_ids")
-        metrics: dict[str, float] = {}
+        logged: dict[str, list[float]] = {}
         extra: dict[str, list[Any]] = {}
         keyword_arguments = dict(columns, prompts=prompts, completions=completions,
-                                 log_metric=lambda name, value: metrics.__setitem__(name, float(value)),
+                                 log_metric=lambda name, value: logged.setdefault(name, []).append(float(value)),
                                  log_extra=lambda name, values: extra.__setitem__(name, list(values)))
         if ids is not None:
             keyword_arguments["completion_ids"] = ids
@@ -264,7 +285,37 @@ class RewardSet:
             components[component.label] = scores
             if per_token is not None:
                 dense[component.label] = per_token
+        metrics = {name: float(np.mean(values)) for name, values in logged.items()}
+        self._keep_logs(metrics, extra, prompts, completions)
         return self._combine(components, dense, ids, metrics, extra)
+
+    def _keep_logs(self, metrics: dict[str, float], extra: dict[str, list[Any]], prompts: list[str],
+                   completions: list[str]) -> None:
+        """Add one call's ``log_metric`` / ``log_extra`` values to what :meth:`pop_logged` returns."""
+        batch_size = len(prompts)
+        for column, values in extra.items():
+            if len(values) != batch_size:
+                raise RewardError(f"log_extra({column!r}, values) got {len(values)} values for {batch_size} "
+                                  "completions; log one value per completion")
+        for name, value in metrics.items():
+            sums = self._logged_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += value * batch_size
+            sums[1] += batch_size
+        if extra:
+            self._logged_extra.extend(
+                {"prompt": prompt, "completion": completion, **{column: values[index] for column, values in
+                                                                extra.items()}}
+                for index, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)))
+
+    def pop_logged(self) -> RewardLogs:
+        """What the rewards logged (``log_metric``, ``log_extra``) since the last call; see :class:`RewardLogs`.
+
+        The trainer calls it after each rollout and each evaluation and writes the result to its logs.
+        """
+        metrics = {name: total / count for name, (total, count) in self._logged_sums.items() if count}
+        logs = RewardLogs(metrics=metrics, extra=self._logged_extra)
+        self._logged_sums, self._logged_extra = {}, []
+        return logs
 
     @staticmethod
     def _arguments_for(component: _Component, keyword_arguments: dict[str, Any]) -> dict[str, Any]:

@@ -197,6 +197,38 @@ def test_trl_log_metric_and_log_extra_are_collected():
     assert result.extra == {"seen": COMPLETIONS}
 
 
+def test_logged_metrics_are_kept_across_calls_until_popped_weighted_by_batch_size():
+    def fraction_long(prompts, completions, log_metric, log_extra, **kwargs):
+        long = [len(text) > 3 for text in completions]
+        log_metric("long_fraction", sum(long) / len(long))
+        log_metric("calls", 1.0)
+        log_metric("calls", 3.0)  # logged twice in one call: their mean, as TRL averages
+        log_extra("long", long)
+        return [1.0] * len(completions)
+
+    rewards = RewardSet(fraction_long)
+    first = rewards(["a"], ["four"])  # 1 of 1 long
+    rewards(["b", "c", "d"], ["no", "longer", "x"])  # 1 of 3 long, as an env scores a batch as rows end
+    assert first.metrics == {"long_fraction": 1.0, "calls": 2.0}
+    logs = rewards.pop_logged()
+    assert logs.metrics == {"long_fraction": pytest.approx(2 / 4), "calls": 2.0}  # the batch of 4's fraction
+    assert logs.extra == [{"prompt": "a", "completion": "four", "long": True},
+                          {"prompt": "b", "completion": "no", "long": False},
+                          {"prompt": "c", "completion": "longer", "long": True},
+                          {"prompt": "d", "completion": "x", "long": False}]
+    empty = rewards.pop_logged()
+    assert empty.metrics == {} and empty.extra == []
+
+
+def test_log_extra_with_the_wrong_number_of_values_is_a_reward_error():
+    def short_column(prompts, completions, log_extra, **kwargs):
+        log_extra("seen", completions[:1])
+        return [1.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"log_extra\('seen', values\) got 1 values for 2 completions"):
+        RewardSet(short_column)(PROMPTS, COMPLETIONS)
+
+
 def test_clip_and_running_normalization_with_checkpointable_state():
     values = iter([[0.0, 10.0], [20.0, 30.0]])
 
