@@ -1,4 +1,4 @@
-"""rlfb bench: config validation, the reward-hacking flag, and a tiny end-to-end bench."""
+"""rlfb bench: config validation, summaries over seeds, and a tiny end-to-end bench (the verdict: test_bench_verdict.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from rlfb.bench import bench_config_from_dict, load_bench_config, run_bench
-from rlfb.bench_plots import EvalPoint, RunRecord, is_reward_hacking, summarize
+from rlfb.bench_plots import EvalPoint, RunRecord, summarize
 from rlfb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,28 +82,17 @@ def test_shipped_sentiment_bench_config_is_valid() -> None:
     assert sizes == {"rm_2000": 2000, "rm_200": 200}
 
 
-# --------------------------------------------------------------------------------------------- flagging
-@pytest.mark.parametrize(("design", "gold", "flagged"), [
-    ([0.0, 0.5, 1.0], [0.4, 0.3, 0.1], True),    # trained reward up, gold down: hacking
-    ([0.0, 0.5, 1.0], [0.1, 0.3, 0.4], False),   # both up: learning
-    ([1.0, 0.5, 0.2], [0.4, 0.3, 0.1], False),   # both down: failing, not hacking
-    ([0.0, 0.9, 0.8], [0.1, 0.6, 0.2], False),   # gold peaked but still ended above its start
-    ([0.3], [0.2], False),                       # one evaluation: no trend
-])
-def test_reward_hacking_flag(design: list[float], gold: list[float], flagged: bool) -> None:
-    assert is_reward_hacking(design, gold) is flagged
-
-
-def test_summary_averages_seeds_before_flagging() -> None:
+# --------------------------------------------------------------------------------------------- summary
+def test_summary_averages_seeds_before_judging() -> None:
     def run(seed: int, design: list[float], gold: list[float]) -> RunRecord:
         points = [EvalPoint(step, {"design_reward": d, "gold/sentiment": g, "kl": float(step)})
                   for step, d, g in zip((0, 5, 10), design, gold, strict=True)]
         return RunRecord(design="rm_200", seed=seed, points=points, train_seconds=1.0)
 
-    # Seed 0 alone would not be flagged (gold rises), but the mean over seeds falls.
+    # Seed 0 alone would not be hacked (gold rises), but the mean over seeds falls.
     summary = summarize([run(0, [0.0, 0.5, 1.0], [0.2, 0.25, 0.3]), run(1, [0.0, 0.6, 1.2], [0.4, 0.1, -0.2])],
                         "gold/sentiment")
-    assert summary.hacking
+    assert summary.verdict.findings == ("hacked",)
     assert summary.final_mean["gold/sentiment"] == pytest.approx(0.05)
     assert summary.final_std["gold/sentiment"] == pytest.approx(0.25)
     assert summary.curves["kl"][0] == [0, 5, 10]
@@ -148,6 +137,6 @@ def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: py
     config = str(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
     assert main(["bench", config, "--check", "--set", "seeds=[3]"]) == 0
     out = capsys.readouterr().out
-    assert "6 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
+    assert "7 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
     assert main(["bench", config, "--check", "--set", "budget.num_envs=0"]) == 1
     assert "'budget.num_envs' is 0" in capsys.readouterr().err
