@@ -161,7 +161,7 @@ def write_csv(summaries: Sequence[DesignSummary], runs: Sequence[RunRecord], dir
                             + [_csv(value) for key in keys
                                for value in (summary.final_mean.get(key), summary.final_std.get(key))]
                             + [_csv(summary.gold_peak_drop), _csv(summary.train_seconds),
-                               " ".join(summary.verdict.findings), summary.verdict.reason])
+                               "; ".join(summary.verdict.findings), summary.verdict.reason])
     run_keys = sorted({key for run in runs for key in run.final.values})
     with (directory / "runs.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -51,6 +53,19 @@ def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
     assert first.eval.num_prompts == 0  # held-out evaluation is the bench's, with gold rewards
 
 
+def test_verdict_kl_bound_defaults_to_twice_the_bench_agents_kl_target() -> None:
+    agent = {"name": "grpo", "learning_rate": 1e-2, "kl_target": 1.5}
+    # The design without KL (kl: off) does not move the bound: every design is held to the same one.
+    config = bench_config_from_dict(bench_data(agent=agent))
+    assert (config.verdict.max_kl, config.verdict.max_fluency_drop, config.verdict.noise_z) == (3.0, 1.0, 2.0)
+    assert config.verdict_note == "KL bound 2 x the agent's kl_target 1.5 (verdict.max_kl overrides it)."
+    assert bench_config_from_dict(bench_data()).verdict.max_kl == 6.0  # the agent's default kl_target, 3
+    config = bench_config_from_dict(bench_data(agent=agent, verdict={"max_kl": 10, "max_fluency_drop": None}))
+    assert (config.verdict.max_kl, config.verdict.max_fluency_drop) == (10.0, None)
+    config = bench_config_from_dict(bench_data(agent={**agent, "kl_target": None}))
+    assert config.verdict.max_kl is None and "set verdict.max_kl" in config.verdict_note
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"sedes": [0]}, r"unknown key 'sedes'.*did you mean 'seeds'"),
     ({"designs": []}, r"needs 'designs'"),
@@ -67,6 +82,9 @@ def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
     ({"agent": {"name": "grpo", "lerning_rate": 1.0}}, r"design 'vader':.*agent.lerning_rate"),
     ({"eval": {"num_prompts": 0}}, r"'eval.num_prompts' is 0"),
     ({"threads": -1}, r"'threads' is -1; it must be an integer >= 0"),
+    ({"verdict": {"max_kll": 3}}, r"'verdict.max_kll'.*did you mean 'verdict.max_kl'"),
+    ({"verdict": {"noise_z": 0}}, r"'verdict.noise_z' is 0.0; it must be > 0"),
+    ({"verdict": {"max_fluency_drop": -1}}, r"'verdict.max_fluency_drop' is -1.0; it must be > 0, or null"),
 ])
 def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -76,7 +94,10 @@ def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> 
 def test_shipped_sentiment_bench_config_is_valid() -> None:
     config = load_bench_config(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
     names = [design.name for design in config.designs]
-    assert {"vader", "rm_2000", "rm_200", "likelihood", "vader_likelihood", "vader_no_kl"} <= set(names)
+    assert {"vader", "rm_2000", "rm_200", "likelihood", "vader_likelihood", "vader_no_kl", "words"} <= set(names)
+    words = next(design for design in config.designs if design.name == "words")
+    # Hackable on purpose: the word target lies beyond what max_new_tokens can write, so more words always pay.
+    assert words.rewards[0].name == "length" and words.rewards[0].kwargs["target"] > config.shared["sampling"]["max_new_tokens"]
     assert len(config.seeds) == 2
     sizes = {design.name: recipe.size for design in config.designs for recipe in design.recipes.values()}
     assert sizes == {"rm_2000": 2000, "rm_200": 200}
@@ -117,8 +138,19 @@ def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Pa
         rows = list(csv.DictReader(handle))
     assert [row["design"] for row in rows] == ["vader", "vader_no_kl"]
     assert -1.0 <= float(rows[0]["gold/sentiment_mean"]) <= 1.0
-    for plot in ("gold_vs_step.png", "gold_vs_kl.png"):
+    for row in rows:  # the verdict's reason, with its numbers, in the CSV and in the table's last column
+        assert row["verdict_reason"].startswith(row["verdict"].split("; ")[0] + ": ")
+        assert next(line for line in table.splitlines() if line.startswith(f"| {row['design']} |")).endswith(
+            row["verdict_reason"] + ("** |" if row["verdict"] not in ("ok", "no gain") else " |"))
+    assert "KL bound 2 x the agent's kl_target 3" in table
+    for plot in ("gold_vs_step.png", "gold_vs_kl.png", "proxy_gold_vs_sqrt_kl.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    # Every evaluation keeps the gold and trained rewards per held-out prompt; their means are the measures.
+    saved = json.loads((out / "runs" / "vader_no_kl__seed0" / "bench_eval.json").read_text())
+    for point in saved["points"]:
+        for key in ("gold/sentiment", "design_reward"):
+            assert len(point["prompt_values"][key]) == 4
+            assert np.mean(point["prompt_values"][key]) == pytest.approx(point["values"][key])
     for name in ("vader__seed0", "vader_no_kl__seed0"):
         assert list((out / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
         metrics = [yaml.safe_load(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]

@@ -57,6 +57,20 @@ def test_change_noise_adds_paired_prompt_and_seed_variances() -> None:
     assert not result.rose  # +0.4 is within 2 sigma (0.46)
 
 
+def test_seed_noise_is_pooled_over_the_evaluations() -> None:
+    # Two seeds far apart at update 10 agree by chance at update 20: their spread at 20 alone (zero) would
+    # make any change there look certain. Pooled: s^2 = (Var(0.2, 1.0) + Var(0.5, 0.5)) / 2 = 0.16.
+    evaluations = [[EvalPoint(0, {GOLD: 0.0}), EvalPoint(0, {GOLD: 0.0})],
+                   [EvalPoint(10, {GOLD: 0.2}), EvalPoint(10, {GOLD: 1.0})],
+                   [EvalPoint(20, {GOLD: 0.5}), EvalPoint(20, {GOLD: 0.5})]]
+    from_base = change(evaluations, GOLD, 0, 2, z=2.0)
+    assert from_base.value == pytest.approx(0.5)
+    assert from_base.noise == pytest.approx(2.0 * np.sqrt(0.16 / 2))  # one trained end: s^2 / S
+    assert not from_base.rose
+    between = change(evaluations, GOLD, 1, 2, z=2.0)
+    assert between.noise == pytest.approx(2.0 * np.sqrt(2 * 0.16 / 2))  # two trained ends: 2 s^2 / S
+
+
 def test_corrected_z_is_bonferroni_over_the_candidate_peaks() -> None:
     assert corrected_z(2.0, 1) == pytest.approx(2.0)
     assert corrected_z(1.959964, 10) == pytest.approx(2.807, abs=1e-3)  # one-sided 2.5% / 10
