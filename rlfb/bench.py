@@ -211,13 +211,14 @@ def bench_config_from_dict(data: Any, overrides: Sequence[str] = ()) -> BenchCon
 
 
 def _verdict_bounds(section: dict[str, Any], config: BenchConfig) -> tuple[VerdictBounds, str]:
-    """The ``verdict`` section checked, ``max_kl`` defaulting to twice the bench agent's ``kl_target``."""
+    """The ``verdict`` section checked, ``max_kl`` (unset or null) defaulting to twice the bench agent's ``kl_target``."""
     bounds = VerdictBounds(**check_section(VerdictBounds, section, "verdict"))
     _require(bounds.noise_z > 0, "verdict.noise_z", bounds.noise_z, "> 0 (standard errors; 2 is about 95%)")
-    for key in ("max_kl", "max_fluency_drop"):
-        value = getattr(bounds, key)
-        _require(value is None or value > 0, f"verdict.{key}", value, "> 0, or null for no bound")
-    if "max_kl" in section:
+    _require(bounds.max_kl is None or bounds.max_kl > 0, "verdict.max_kl", bounds.max_kl,
+             "> 0, or null for twice the agent's kl_target")
+    _require(bounds.max_fluency_drop is None or bounds.max_fluency_drop > 0, "verdict.max_fluency_drop",
+             bounds.max_fluency_drop, "> 0, or null for no bound")
+    if bounds.max_kl is not None:
         return bounds, "KL bound as configured (verdict.max_kl)."
     from rlfb.trainer import agent_config_class
 

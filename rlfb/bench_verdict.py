@@ -64,7 +64,8 @@ class VerdictBounds:
     """What counts as noise and how far a policy may drift (the bench config's ``verdict`` section)."""
 
     noise_z: float = 2.0  # standard errors a change must exceed to count as a rise or a fall
-    max_kl: float | None = None  # nats per completion at the last evaluation; None: no bound
+    max_kl: float | None = None  # nats per completion at the last evaluation; None: no bound (the bench
+    # config's null means twice the agent's kl_target instead: rlfb.bench resolves it)
     max_fluency_drop: float | None = 1.0  # nats per token below the base model; None: no bound
 
 

@@ -62,6 +62,7 @@ def test_verdict_kl_bound_defaults_to_twice_the_bench_agents_kl_target() -> None
     assert bench_config_from_dict(bench_data()).verdict.max_kl == 6.0  # the agent's default kl_target, 3
     config = bench_config_from_dict(bench_data(agent=agent, verdict={"max_kl": 10, "max_fluency_drop": None}))
     assert (config.verdict.max_kl, config.verdict.max_fluency_drop) == (10.0, None)
+    assert bench_config_from_dict(bench_data(agent=agent, verdict={"max_kl": None})).verdict.max_kl == 3.0
     config = bench_config_from_dict(bench_data(agent={**agent, "kl_target": None}))
     assert config.verdict.max_kl is None and "set verdict.max_kl" in config.verdict_note
 
@@ -98,6 +99,8 @@ def test_shipped_sentiment_bench_config_is_valid() -> None:
     words = next(design for design in config.designs if design.name == "words")
     # Hackable on purpose: the word target lies beyond what max_new_tokens can write, so more words always pay.
     assert words.rewards[0].name == "length" and words.rewards[0].kwargs["target"] > config.shared["sampling"]["max_new_tokens"]
+    assert words.rewards[0].weight == words.rewards[0].kwargs["target"]  # n - target: words per completion
+    assert config.verdict.max_kl == 6.0  # the shipped null: twice PPO's kl_target 3
     assert len(config.seeds) == 2
     sizes = {design.name: recipe.size for design in config.designs for recipe in design.recipes.values()}
     assert sizes == {"rm_2000": 2000, "rm_200": 200}
