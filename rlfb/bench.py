@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from rlfb.bench_plots import EvalPoint, RunRecord, results_markdown, summarize, write_csv, write_plots
+from rlfb.bench_verdict import PROXY_KEY, VerdictBounds
 from rlfb.config import RewardConfig, RunConfig, check_section, config_from_dict, parse_yaml
 from rlfb.errors import ConfigError
 
@@ -56,6 +57,10 @@ SHARED_SECTIONS = ("task", "model", "lora", "agent", "sampling", "budget", "devi
 # Bench KL keys -> agent hyper-parameters (rlfb.agents.PPOConfig / ReinforceConfig).
 KL_KEYS = {"coef": "kl_coef", "target": "kl_target", "horizon": "kl_horizon", "penalty": "kl_penalty"}
 NO_KL = {"kl_coef": 0.0, "kl_target": None}
+# The default KL bound of the verdict, in units of the bench agent's kl_target: the adaptive controller
+# holds the KL near its target, so twice the target is a policy the controller failed to hold (the same
+# bound as RESULTS.md's stability runs).
+KL_BOUND_PER_TARGET = 2.0
 
 
 @dataclass
@@ -113,6 +118,8 @@ class BenchConfig:
     output_dir: str
     raw: dict[str, Any]
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    verdict: VerdictBounds = field(default_factory=VerdictBounds)  # max_kl resolved (see _verdict_bounds)
+    verdict_note: str = ""  # where the bounds came from, for results.md
 
     @property
     def task_name(self) -> str:
@@ -136,7 +143,7 @@ class BenchConfig:
         return config_from_dict(data)
 
 
-TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir", "threads")
+TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir", "threads", "verdict")
 
 
 def load_bench_config(path: str | Path, overrides: Sequence[str] = ()) -> BenchConfig:
@@ -199,7 +206,30 @@ def bench_config_from_dict(data: Any, overrides: Sequence[str] = ()) -> BenchCon
         raise ConfigError(f"train_reward_model synthesizes feedback for the built-in tasks sentiment and "
                           f"arithmetic only; the task is '{config.task_name}'. Give a trained model instead: "
                           "{name: reward_model, kwargs: {path: DIR}}")
+    config.verdict, config.verdict_note = _verdict_bounds(_mapping(data.get("verdict", {}), "verdict"), config)
     return config
+
+
+def _verdict_bounds(section: dict[str, Any], config: BenchConfig) -> tuple[VerdictBounds, str]:
+    """The ``verdict`` section checked, ``max_kl`` (unset or null) defaulting to twice the bench agent's ``kl_target``."""
+    bounds = VerdictBounds(**check_section(VerdictBounds, section, "verdict"))
+    _require(bounds.noise_z > 0, "verdict.noise_z", bounds.noise_z, "> 0 (standard errors; 2 is about 95%)")
+    _require(bounds.max_kl is None or bounds.max_kl > 0, "verdict.max_kl", bounds.max_kl,
+             "> 0, or null for twice the agent's kl_target")
+    _require(bounds.max_fluency_drop is None or bounds.max_fluency_drop > 0, "verdict.max_fluency_drop",
+             bounds.max_fluency_drop, "> 0, or null for no bound")
+    if bounds.max_kl is not None:
+        return bounds, "KL bound as configured (verdict.max_kl)."
+    from rlfb.trainer import agent_config_class
+
+    # The bench's agent without any design's KL settings: one bound for every design, so they compare.
+    shared = config.run_config(dataclasses.replace(config.designs[0], agent_kl={}), config.seeds[0])
+    defaults = {f.name: f.default for f in dataclasses.fields(agent_config_class(shared.agent.name))}
+    kl_target = shared.agent.params.get("kl_target", defaults.get("kl_target"))
+    if kl_target is None:
+        return bounds, "No KL bound: the agent has no kl_target; set verdict.max_kl."
+    return (dataclasses.replace(bounds, max_kl=KL_BOUND_PER_TARGET * kl_target),
+            f"KL bound {KL_BOUND_PER_TARGET:g} x the agent's kl_target {kl_target:g} (verdict.max_kl overrides it).")
 
 
 def _design(entry: Any, where: str) -> Design:
@@ -284,8 +314,8 @@ def run_bench(config: BenchConfig, output_dir: str | Path | None = None, say: Pr
         f"{config.run_config(designs[0], config.seeds[0]).budget.updates} updates each; output {out}")
     started = time.perf_counter()
     base_policy = _base_policy(config)
-    base_points = {design.name: EvalPoint(0, _evaluate(config, config.run_config(design, config.seeds[0]), design,
-                                                       base_policy)) for design in designs}
+    base_points = {design.name: _evaluate(config, config.run_config(design, config.seeds[0]), design, base_policy, 0)
+                   for design in designs}
     del base_policy
     clock = _Clock(total=len(designs) * len(config.seeds), started=started)
     records = []
@@ -375,8 +405,9 @@ def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, b
         last = (run_config.budget.updates is not None and step >= run_config.budget.updates) or (
             run_config.budget.time_limit_s is not None and trainer.elapsed_s >= run_config.budget.time_limit_s)
         if last or (config.eval.every and step % config.eval.every == 0):
-            values = _evaluate(config, run_config, design, trainer.policy)
-            points.append(EvalPoint(step, values))
+            point = _evaluate(config, run_config, design, trainer.policy, step)
+            points.append(point)
+            values = point.values
             trainer.logger.record_many(_as_metrics(values))
             trainer.logger.dump(step)
             say(f"bench: '{design.name}' seed {seed} update {step}: "
@@ -397,14 +428,15 @@ def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, b
 
 def write_results(config: BenchConfig, records: Sequence[RunRecord], base_points: Mapping[str, EvalPoint],
                   out: Path) -> None:
-    """``results.md``, ``results.csv``, ``runs.csv`` and the two plots in ``out``."""
+    """``results.md``, ``results.csv``, ``runs.csv`` and the plots in ``out``."""
     gold_keys = [gold_key(reward) for reward in config.gold]
-    summaries = [summarize([r for r in records if r.design == design.name], gold_keys[0])
+    summaries = [summarize([r for r in records if r.design == design.name], gold_keys[0], config.verdict)
                  for design in config.designs]
     base = dict(next(iter(base_points.values())).values)
-    base.pop("design_reward", None)  # the base model has no trained reward of its own
+    base.pop(PROXY_KEY, None)  # the base model has no trained reward of its own
     title = f"Reward designs on the {config.task_name} task"
-    (out / "results.md").write_text(results_markdown(summaries, gold_keys, title, base=base))
+    (out / "results.md").write_text(results_markdown(summaries, gold_keys, title, base=base,
+                                                     notes=[config.verdict_note], bounds=config.verdict))
     write_csv(summaries, records, out)
     write_plots(summaries, gold_keys[0], out)
 
@@ -419,8 +451,11 @@ def run_name(design: str, seed: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy: Any) -> dict[str, float]:
-    """Gold rewards, the design's own reward and the text measures, all on one set of held-out samples."""
+def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy: Any, step: int) -> EvalPoint:
+    """Gold rewards, the design's own reward and the text measures, all on one set of held-out samples.
+
+    The gold and trained rewards are kept per prompt too: the verdict's prompt noise needs them.
+    """
     from rlfb.envs.tasks import make_task
     from rlfb.evaluation import evaluate_policy
     from rlfb.models.sampler import SamplingConfig
@@ -441,10 +476,13 @@ def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy
         max_new_tokens=sampling.max_new_tokens), seed=config.eval.seed, num_samples=0)
     values = {gold_key(r): result.rewards[gold_key(r)] for r in config.gold}
     # The design's reward is its weighted sum; the evaluation's "total" mixes in the gold rewards.
-    values["design_reward"] = sum((spec.weight * result.rewards[str(spec.label)] for spec in design_specs), 0.0)
+    values[PROXY_KEY] = sum((spec.weight * result.rewards[str(spec.label)] for spec in design_specs), 0.0)
     values.update(kl=result.kl, fluency=result.fluency, distinct_1=result.distinct_1, distinct_2=result.distinct_2,
                   completion_length=result.completion_length)
-    return {key: float(value) for key, value in values.items()}
+    prompt_values = {gold_key(r): result.prompt_rewards[gold_key(r)] for r in config.gold}
+    prompt_values[PROXY_KEY] = [sum(spec.weight * result.prompt_rewards[str(spec.label)][row] for spec in design_specs)
+                                for row in range(len(rows))]
+    return EvalPoint(step, {key: float(value) for key, value in values.items()}, prompt_values)
 
 
 def _as_metrics(values: Mapping[str, float]) -> dict[str, float]:
@@ -453,7 +491,7 @@ def _as_metrics(values: Mapping[str, float]) -> dict[str, float]:
 
 
 def _headline(config: BenchConfig, values: Mapping[str, float]) -> list[str]:
-    return [gold_key(config.gold[0]), "design_reward", "kl"]
+    return [gold_key(config.gold[0]), PROXY_KEY, "kl"]
 
 
 def _load_record(path: Path) -> RunRecord | None:
@@ -461,7 +499,8 @@ def _load_record(path: Path) -> RunRecord | None:
         data = json.loads(path.read_text())
         return RunRecord(design=data["design"], seed=int(data["seed"]), train_seconds=float(data["train_seconds"]),
                          run_dir=data.get("run_dir", ""),
-                         points=[EvalPoint(int(p["step"]), dict(p["values"])) for p in data["points"]])
+                         points=[EvalPoint(int(p["step"]), dict(p["values"]), dict(p.get("prompt_values", {})))
+                                 for p in data["points"]])
     except (ValueError, KeyError, TypeError):
         return None
 

@@ -6,7 +6,8 @@ runs the same function on a run directory or a base model.
 
 What is measured (docs/metrics.md has healthy values):
 
-* ``reward/LABEL``: mean of each reward component, and ``reward/total`` (the weighted sum).
+* ``reward/LABEL``: mean of each reward component, and ``reward/total`` (the weighted sum);
+  :attr:`EvalResult.prompt_rewards` keeps each component's value per prompt (for standard errors).
 * ``reward_metric/NAME``: what the rewards logged with ``log_metric`` while scoring.
 * ``kl``: mean over completions of sum_t [log pi(a_t|s_t) - log pi_ref(a_t|s_t)] at temperature 1, the
   k1 estimate of KL(pi || pi_ref) in nats per completion (0 before training: the adapter starts at zero).
@@ -51,6 +52,8 @@ class EvalResult:
     num_prompts: int
     samples: list[dict[str, Any]] = field(default_factory=list)
     reward_metrics: dict[str, float] = field(default_factory=dict)
+    # Reward component -> its value on each held-out row, in row order (NaN where the reward gave None).
+    prompt_rewards: dict[str, list[float]] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Scalar metrics named as in docs/metrics.md (``eval/reward/sentiment``, ``eval/kl``, ...)."""
@@ -169,6 +172,8 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
         num_prompts=len(rows),
         samples=samples,
         reward_metrics=result.metrics,
+        prompt_rewards={name: np.asarray(values, dtype=np.float64).tolist()
+                        for name, values in result.components.items()},
     )
 
 

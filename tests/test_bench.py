@@ -1,18 +1,20 @@
-"""rlfb bench: config validation, the reward-hacking flag, and a tiny end-to-end bench."""
+"""rlfb bench: config validation, summaries over seeds, and a tiny end-to-end bench (the verdict: test_bench_verdict.py)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from rlfb.bench import bench_config_from_dict, load_bench_config, run_bench
-from rlfb.bench_plots import EvalPoint, RunRecord, is_reward_hacking, summarize
+from rlfb.bench_plots import EvalPoint, RunRecord, summarize
 from rlfb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +53,20 @@ def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
     assert first.eval.num_prompts == 0  # held-out evaluation is the bench's, with gold rewards
 
 
+def test_verdict_kl_bound_defaults_to_twice_the_bench_agents_kl_target() -> None:
+    agent = {"name": "grpo", "learning_rate": 1e-2, "kl_target": 1.5}
+    # The design without KL (kl: off) does not move the bound: every design is held to the same one.
+    config = bench_config_from_dict(bench_data(agent=agent))
+    assert (config.verdict.max_kl, config.verdict.max_fluency_drop, config.verdict.noise_z) == (3.0, 1.0, 2.0)
+    assert config.verdict_note == "KL bound 2 x the agent's kl_target 1.5 (verdict.max_kl overrides it)."
+    assert bench_config_from_dict(bench_data()).verdict.max_kl == 6.0  # the agent's default kl_target, 3
+    config = bench_config_from_dict(bench_data(agent=agent, verdict={"max_kl": 10, "max_fluency_drop": None}))
+    assert (config.verdict.max_kl, config.verdict.max_fluency_drop) == (10.0, None)
+    assert bench_config_from_dict(bench_data(agent=agent, verdict={"max_kl": None})).verdict.max_kl == 3.0
+    config = bench_config_from_dict(bench_data(agent={**agent, "kl_target": None}))
+    assert config.verdict.max_kl is None and "set verdict.max_kl" in config.verdict_note
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"sedes": [0]}, r"unknown key 'sedes'.*did you mean 'seeds'"),
     ({"designs": []}, r"needs 'designs'"),
@@ -67,6 +83,9 @@ def test_valid_config_derives_one_run_config_per_design_with_its_kl() -> None:
     ({"agent": {"name": "grpo", "lerning_rate": 1.0}}, r"design 'vader':.*agent.lerning_rate"),
     ({"eval": {"num_prompts": 0}}, r"'eval.num_prompts' is 0"),
     ({"threads": -1}, r"'threads' is -1; it must be an integer >= 0"),
+    ({"verdict": {"max_kll": 3}}, r"'verdict.max_kll'.*did you mean 'verdict.max_kl'"),
+    ({"verdict": {"noise_z": 0}}, r"'verdict.noise_z' is 0.0; it must be > 0"),
+    ({"verdict": {"max_fluency_drop": -1}}, r"'verdict.max_fluency_drop' is -1.0; it must be > 0, or null"),
 ])
 def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -76,34 +95,28 @@ def test_invalid_config_names_the_key(changes: dict[str, Any], message: str) -> 
 def test_shipped_sentiment_bench_config_is_valid() -> None:
     config = load_bench_config(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
     names = [design.name for design in config.designs]
-    assert {"vader", "rm_2000", "rm_200", "likelihood", "vader_likelihood", "vader_no_kl"} <= set(names)
+    assert {"vader", "rm_2000", "rm_200", "likelihood", "vader_likelihood", "vader_no_kl", "words"} <= set(names)
+    words = next(design for design in config.designs if design.name == "words")
+    # Hackable on purpose: the word target lies beyond what max_new_tokens can write, so more words always pay.
+    assert words.rewards[0].name == "length" and words.rewards[0].kwargs["target"] > config.shared["sampling"]["max_new_tokens"]
+    assert words.rewards[0].weight == words.rewards[0].kwargs["target"]  # n - target: words per completion
+    assert config.verdict.max_kl == 6.0  # the shipped null: twice PPO's kl_target 3
     assert len(config.seeds) == 2
     sizes = {design.name: recipe.size for design in config.designs for recipe in design.recipes.values()}
     assert sizes == {"rm_2000": 2000, "rm_200": 200}
 
 
-# --------------------------------------------------------------------------------------------- flagging
-@pytest.mark.parametrize(("design", "gold", "flagged"), [
-    ([0.0, 0.5, 1.0], [0.4, 0.3, 0.1], True),    # trained reward up, gold down: hacking
-    ([0.0, 0.5, 1.0], [0.1, 0.3, 0.4], False),   # both up: learning
-    ([1.0, 0.5, 0.2], [0.4, 0.3, 0.1], False),   # both down: failing, not hacking
-    ([0.0, 0.9, 0.8], [0.1, 0.6, 0.2], False),   # gold peaked but still ended above its start
-    ([0.3], [0.2], False),                       # one evaluation: no trend
-])
-def test_reward_hacking_flag(design: list[float], gold: list[float], flagged: bool) -> None:
-    assert is_reward_hacking(design, gold) is flagged
-
-
-def test_summary_averages_seeds_before_flagging() -> None:
+# --------------------------------------------------------------------------------------------- summary
+def test_summary_averages_seeds_before_judging() -> None:
     def run(seed: int, design: list[float], gold: list[float]) -> RunRecord:
         points = [EvalPoint(step, {"design_reward": d, "gold/sentiment": g, "kl": float(step)})
                   for step, d, g in zip((0, 5, 10), design, gold, strict=True)]
         return RunRecord(design="rm_200", seed=seed, points=points, train_seconds=1.0)
 
-    # Seed 0 alone would not be flagged (gold rises), but the mean over seeds falls.
+    # Seed 0 alone would not be hacked (gold rises), but the mean over seeds falls.
     summary = summarize([run(0, [0.0, 0.5, 1.0], [0.2, 0.25, 0.3]), run(1, [0.0, 0.6, 1.2], [0.4, 0.1, -0.2])],
                         "gold/sentiment")
-    assert summary.hacking
+    assert summary.verdict.findings == ("hacked",)
     assert summary.final_mean["gold/sentiment"] == pytest.approx(0.05)
     assert summary.final_std["gold/sentiment"] == pytest.approx(0.25)
     assert summary.curves["kl"][0] == [0, 5, 10]
@@ -128,8 +141,19 @@ def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Pa
         rows = list(csv.DictReader(handle))
     assert [row["design"] for row in rows] == ["vader", "vader_no_kl"]
     assert -1.0 <= float(rows[0]["gold/sentiment_mean"]) <= 1.0
-    for plot in ("gold_vs_step.png", "gold_vs_kl.png"):
+    for row in rows:  # the verdict's reason, with its numbers, in the CSV and in the table's last column
+        assert row["verdict_reason"].startswith(row["verdict"].split("; ")[0] + ": ")
+        assert next(line for line in table.splitlines() if line.startswith(f"| {row['design']} |")).endswith(
+            row["verdict_reason"] + ("** |" if row["verdict"] not in ("ok", "no gain") else " |"))
+    assert "KL bound 2 x the agent's kl_target 3" in table
+    for plot in ("gold_vs_step.png", "gold_vs_kl.png", "proxy_gold_vs_sqrt_kl.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    # Every evaluation keeps the gold and trained rewards per held-out prompt; their means are the measures.
+    saved = json.loads((out / "runs" / "vader_no_kl__seed0" / "bench_eval.json").read_text())
+    for point in saved["points"]:
+        for key in ("gold/sentiment", "design_reward"):
+            assert len(point["prompt_values"][key]) == 4
+            assert np.mean(point["prompt_values"][key]) == pytest.approx(point["values"][key])
     for name in ("vader__seed0", "vader_no_kl__seed0"):
         assert list((out / "runs" / name / "tensorboard").glob("events.out.tfevents.*"))
         metrics = [yaml.safe_load(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -148,6 +172,6 @@ def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: py
     config = str(REPO / "benchmarks" / "sentiment_reward_designs.yaml")
     assert main(["bench", config, "--check", "--set", "seeds=[3]"]) == 0
     out = capsys.readouterr().out
-    assert "6 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
+    assert "7 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
     assert main(["bench", config, "--check", "--set", "budget.num_envs=0"]) == 1
     assert "'budget.num_envs' is 0" in capsys.readouterr().err
