@@ -136,10 +136,12 @@ def verify_checkpoint(checkpoint: str | Path) -> str | None:
             expected = {str(name): (int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             return f"{MANIFEST_FILE} is unreadable ({type(error).__name__}: {error})"
+        missing = [name for name in expected if not (checkpoint / name).is_file()]
+        if missing:
+            return f"{', '.join(missing[:3])}{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} " \
+                   f"{'is' if len(missing) == 1 else 'are'} missing"
         for name, (size, digest) in expected.items():
             path = checkpoint / name
-            if not path.is_file():
-                return f"{name} is missing"
             if path.stat().st_size != size:
                 return f"{name} is {path.stat().st_size} bytes but was written with {size}"
             if sha256_of_file(path) != digest:
