@@ -66,6 +66,8 @@ def test_a_truncated_eval_json_stops_the_resume_before_any_file_changes(tiny_mod
     trainer, run_dir = interrupted_run(tiny_model_dir, tmp_path, 2)
     evaluations = run_dir / "eval.json"
     evaluations.write_text(evaluations.read_text()[:50])
+    with (run_dir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 3, "rollout/reward_mean": 0.5}\n')  # logged after the checkpoint: dropped on resume
     before = hashes(run_dir)
     with pytest.raises(RlfbError, match=r"eval.json' is damaged \(.*\); nothing in the run was changed"):
         trainer.train()
