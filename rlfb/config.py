@@ -28,6 +28,7 @@ from typing import Any, Union
 import yaml
 
 from rlfb.errors import ConfigError
+from rlfb.logging import check_run_name
 
 
 def _help(text: str) -> dict[str, str]:
@@ -455,6 +456,7 @@ def validate(config: RunConfig) -> RunConfig:
         require(bool(reward.name), f"rewards.{index}.name", reward.name, "a registered reward name")
     require(config.eval.num_prompts >= 0, "eval.num_prompts", config.eval.num_prompts, ">= 0")
     require(config.eval.every >= 0, "eval.every", config.eval.every, ">= 0 (0: only before and after)")
+    check_run_name(config.logging.run_name)
     require(config.logging.log_every >= 1, "logging.log_every", config.logging.log_every, ">= 1")
     require(config.logging.samples_every >= 0, "logging.samples_every", config.logging.samples_every, ">= 0")
     require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every, ">= 0 (0: only at the end)")

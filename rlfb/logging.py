@@ -27,6 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from rlfb.errors import ConfigError, RlfbError
+from rlfb.files import write_text_atomically
+
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -100,7 +103,8 @@ class JsonlWriter:
 
     Text goes to ``RUN_DIR/samples.jsonl``. On resume, pass the checkpoint's step as
     ``truncate_after``: lines written after that step by the interrupted run are dropped, so the file
-    reads as if the run had never stopped.
+    reads as if the run had never stopped. Both files are read and checked before either is rewritten
+    (each atomically); a partial last line, what a kill during a write leaves, is dropped.
     """
 
     def __init__(self, run_dir: str | Path, truncate_after: int | None = None) -> None:
@@ -109,8 +113,10 @@ class JsonlWriter:
         self.path = run_dir / METRICS_FILE
         self.samples_path = run_dir / SAMPLES_FILE
         if truncate_after is not None:
-            for path in (self.path, self.samples_path):
-                _drop_lines_after(path, truncate_after)
+            kept = {path: [line for line, row in _read_rows(path) if row["step"] <= truncate_after]
+                    for path in (self.path, self.samples_path) if path.exists()}
+            for path, lines in kept.items():
+                write_text_atomically(path, "".join(lines))
         self._file = self.path.open("a")
         self._samples = self.samples_path.open("a")
 
@@ -183,7 +189,11 @@ def make_run_dir(output_dir: str | Path, task: str, agent: str, seed: int, run_n
     """Create and return a fresh run directory ``{task}__{agent}__{seed}__{timestamp}`` (or ``run_name``).
 
     A name already taken gets a ``-2``, ``-3``... suffix rather than mixing two runs' files.
+
+    Raises:
+        ConfigError: ``run_name`` is not one directory name (see :func:`check_run_name`).
     """
+    check_run_name(run_name)
     name = run_name or f"{_slug(task)}__{_slug(agent)}__{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -197,10 +207,52 @@ def make_run_dir(output_dir: str | Path, task: str, agent: str, seed: int, run_n
             candidate = output_dir / f"{name}-{suffix}"
 
 
+def check_run_name(run_name: str | None) -> None:
+    """Refuse a ``logging.run_name`` that is not one plain directory name inside ``output_dir``.
+
+    Raises:
+        ConfigError: the name is empty, ``.`` or ``..``, or holds a path separator or a drive (it would
+            put the run outside ``output_dir``, e.g. ``../x`` or ``/tmp/x``).
+    """
+    if run_name is None:
+        return
+    if run_name.strip() in ("", ".", "..") or any(mark in run_name for mark in ("/", "\\", ":")):
+        raise ConfigError(f"'logging.run_name' is {run_name!r}; it must be one directory name inside output_dir "
+                          "(no '/', '\\', ':', '.' or '..'), e.g. logging.run_name=my-run; set output_dir to "
+                          "choose where runs go")
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """The rows of ``RUN_DIR/metrics.jsonl``, in order (what tests and benchmarks compare)."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of ``RUN_DIR/metrics.jsonl``, in order (what tests and benchmarks compare).
+
+    A partial last line (a kill during a write) is left out.
+    """
+    return [row for _, row in _read_rows(Path(run_dir) / METRICS_FILE)]
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, parsed row) of each complete line of a JSONL log; a partial last line is left out.
+
+    Raises:
+        RlfbError: a line before the last is not a JSON object with a ``step`` (the file was edited or
+            damaged otherwise than by a kill).
+    """
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            if number == len(lines):
+                break  # written when the run was killed: the row was never complete
+            raise RlfbError(f"line {number} of '{path}' is not a JSON row with a 'step' ({line.strip()[:80]!r}); "
+                            "nothing was changed: remove that line to continue the run")
+        rows.append((line if line.endswith("\n") else line + "\n", row))
+    return rows
 
 
 def samples_markdown(prompts: Sequence[str], completions: Sequence[str], rewards: Sequence[float]) -> str:
@@ -235,16 +287,6 @@ def _to_float(key: str, value: Any) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"metric '{key}' must be a number, got {type(value).__name__} {value!r}") from None
     return number
-
-
-def _drop_lines_after(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(kept))
-    temporary.replace(path)
 
 
 def _slug(text: str) -> str:

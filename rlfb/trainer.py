@@ -44,13 +44,16 @@ import numpy as np
 import torch
 
 from rlfb import checkpoint as checkpointing
+from rlfb import run_directory
 from rlfb.config import RunConfig, check_section, load_config
 from rlfb.errors import ConfigError, RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
+from rlfb.files import write_text_atomically
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
+from rlfb.rewards.registry import TRUST_ALL, ImportTrust
 from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = run_directory.EVAL_FILE
 FAILED_FILE = "FAILED"  # in a run directory whose training stopped on an error: {"step": N, "error": "..."}
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
 AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
@@ -110,6 +113,8 @@ class Trainer:
         resume_from: a run directory (or checkpoint) to continue; its metrics files are kept and
             continued. ``None`` starts a fresh run directory under ``config.output_dir``.
         callbacks: called after each update with (update, metrics); returning False stops training.
+        import_trust: the modules the config's ``module:attr`` reward names may import; the default
+            trusts any (the config is the caller's own), :meth:`resume` trusts only those allowed.
 
     Example:
         >>> from rlfb.config import load_config  # doctest: +SKIP
@@ -117,7 +122,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, resume_from: str | Path | None = None,
-                 callbacks: Sequence[Callback] = ()) -> None:
+                 callbacks: Sequence[Callback] = (), import_trust: ImportTrust = TRUST_ALL) -> None:
         from rlfb.agents import AGENT_PRESETS
 
         self.config = config
@@ -134,12 +139,18 @@ class Trainer:
             raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
                               f"group size {self.group_size} of agent '{agent_name}'")
         self.agent_options = self._agent_options()
+        self.import_trust = import_trust
+        for reward in config.rewards:
+            import_trust.check(reward.name)
         self.resume_checkpoint = checkpointing.find_checkpoint(resume_from) if resume_from is not None else None
         self._run_dir: Path | None = None
+        self.config_changes: list[run_directory.ConfigChange] = []
         if self.resume_checkpoint is not None:
             self._run_dir = self.resume_checkpoint.parent
             if self._run_dir.name == checkpointing.CHECKPOINTS_DIR:
                 self._run_dir = self._run_dir.parent
+            saved = load_config(self.resume_checkpoint / checkpointing.CONFIG_FILE)
+            self.config_changes = run_directory.config_changes(saved, config)  # refuses shape changes
         self.step = 0
         self.elapsed_s = 0.0  # training time (rollouts + updates) of this run, across resumes
         self._stop_requested = False
@@ -154,11 +165,15 @@ class Trainer:
         return self._run_dir
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (),
-               callbacks: Sequence[Callback] = ()) -> Trainer:
-        """Continue a run from its own saved config (plus ``overrides``, e.g. a larger budget)."""
-        return cls(load_config(Path(run_dir) / checkpointing.CONFIG_FILE, overrides), resume_from=run_dir,
-                   callbacks=callbacks)
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = (), callbacks: Sequence[Callback] = (),
+               allow_imports: Sequence[str] = ()) -> Trainer:
+        """Continue a run from its own saved config (plus ``overrides``, e.g. a larger budget).
+
+        Its ``module:attr`` reward names may import only the modules in ``allow_imports``.
+        """
+        config_path = Path(run_dir) / checkpointing.CONFIG_FILE
+        return cls(load_config(config_path, overrides), resume_from=run_dir, callbacks=callbacks,
+                   import_trust=run_directory.import_trust(config_path, allow_imports))
 
     # ------------------------------------------------------------------------------------- set-up
     def _build(self) -> None:
@@ -170,7 +185,7 @@ class Trainer:
         from rlfb.envs.tasks import make_task
         from rlfb.models.policy import LoraSettings, Policy, resolve_device
         from rlfb.models.sampler import SamplingConfig
-        from rlfb.rewards import RewardSet, RewardSpec
+        from rlfb.rewards import RewardSet
 
         config = self.config
         seed_everything(config.seed)  # before the policy: LoRA's A matrices are drawn from torch's RNG
@@ -178,8 +193,7 @@ class Trainer:
         self._collect_rollout = collect_rollout
         task_spec: Any = {"name": config.task.name, **config.task.kwargs}
         self.task = make_task(task_spec)
-        self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
-                                     for r in config.rewards])
+        self.reward_set = RewardSet(run_directory.reward_specs(config.rewards, self.import_trust))
         agent_name = config.agent.name
         lora = config.lora
         self.policy = Policy.from_pretrained(
@@ -263,11 +277,15 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run until ``budget.updates`` or ``budget.time_limit_s``; see the module docstring."""
         config = self.config
+        if self.resume_checkpoint is not None:
+            self._say("resuming: " + "; ".join(run_directory.describe_inputs(config, self.resume_checkpoint)))
         self._build()
         resumed = self.resume_checkpoint is not None
+        before = None
         if self.resume_checkpoint is not None:
+            # Every input is read and checked before the run directory is touched.
             self._restore(self.resume_checkpoint)
-        before = self._load_eval("before") if resumed else None
+            before = self._load_eval("before")
         try:
             # Measured before a fresh run directory exists: the first call of the rewards (one that raises)
             # and the first prompts fail here and leave nothing behind.
@@ -278,12 +296,15 @@ class Trainer:
         if self._run_dir is None:
             self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
                                          config.logging.run_name)
-        if not resumed and self.is_main_process:
-            (self.run_dir / checkpointing.CONFIG_FILE).write_text(config.to_yaml())
-        self.logger = self._make_logger(truncate_after=self.step if resumed else None)
+        self.logger = self._make_logger(truncate_after=self.step if resumed else None)  # reads, then truncates
         try:
             if resumed:
                 self._clear_failure()
+            if self.is_main_process and (not resumed or self.config_changes):
+                write_text_atomically(self.run_dir / checkpointing.CONFIG_FILE, config.to_yaml())
+            if self.config_changes:
+                self._say(run_directory.describe_changes(self.config_changes,
+                                                         self.run_dir / checkpointing.CONFIG_FILE))
             if before is None:
                 self.logger.log_hyperparameters(config.to_dict())
                 before = self._record_eval(measured, step=0, label="before")
@@ -314,7 +335,7 @@ class Trainer:
         """Write ``RUN_DIR/FAILED`` (the update reached and the error), so the run directory says it failed."""
         if self.is_main_process:
             failure = {"step": self.step, "error": f"{type(error).__name__}: {error}"}
-            (self.run_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2) + "\n")
+            write_text_atomically(self.run_dir / FAILED_FILE, json.dumps(failure, indent=2) + "\n")
 
     def _clear_failure(self) -> None:
         """On resume, say that the run had failed (and how), and remove its FAILED mark."""
@@ -442,15 +463,13 @@ class Trainer:
                                 [s["completion"] for s in result.samples],
                                 [s["reward"] for s in result.samples], step)
         if label is not None:
-            path = self.run_dir / EVAL_FILE
-            saved = json.loads(path.read_text()) if path.is_file() else {}
+            saved = run_directory.read_evaluations(self.run_dir)
             saved[label] = {"step": step, **result.to_dict()}
-            path.write_text(json.dumps(saved, indent=2) + "\n")
+            write_text_atomically(self.run_dir / EVAL_FILE, json.dumps(saved, indent=2) + "\n")
         return result
 
     def _load_eval(self, label: str) -> EvalResult | None:
-        path = self.run_dir / EVAL_FILE
-        if not path.is_file() or label not in (saved := json.loads(path.read_text())):
+        if label not in (saved := run_directory.read_evaluations(self.run_dir)):
             return None
         data = dict(saved[label])
         data.pop("step", None)

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlfb.errors import ConfigError, RlfbError
 from rlfb.logging import (
+    METRICS_FILE,
+    SAMPLES_FILE,
     JsonlWriter,
     Logger,
     TensorBoardWriter,
@@ -82,3 +85,35 @@ def test_run_dir_names_are_unique(tmp_path: Path) -> None:
 def test_helpers_flatten_and_escape() -> None:
     assert flatten({"a": {"b": 1}, "r": [{"name": "x"}], "c": []}) == {"a.b": 1, "r.0.name": "x", "c": []}
     assert "a \\| b" in samples_markdown(["p"], ["a | b"], [1.0])
+
+
+def test_resume_drops_a_partial_last_line(tmp_path: Path) -> None:
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a"')
+    JsonlWriter(tmp_path, truncate_after=2).close()  # the partial row is what a kill mid-write leaves
+    assert (tmp_path / METRICS_FILE).read_text() == '{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n'
+    (tmp_path / METRICS_FILE).write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a"')
+    assert read_metrics(tmp_path) == [{"step": 1, "a": 1.0}]
+
+
+def test_a_damaged_line_before_the_last_stops_the_resume_before_anything_changes(tmp_path: Path) -> None:
+    metrics = '{"step": 1, "a": 1.0}\n{"step": 2, "a": 2.0}\n{"step": 3, "a": 3.0}\n'
+    samples = '{"step": 1, "tag": "t", "text": "x"}\n{"ste\n{"step": 3, "tag": "t", "text": "z"}\n'
+    (tmp_path / METRICS_FILE).write_text(metrics)
+    (tmp_path / SAMPLES_FILE).write_text(samples)
+    with pytest.raises(RlfbError, match=r"line 2 of '.*samples.jsonl' is not a JSON row with a 'step' "
+                                        r"\('\{\"ste'\); nothing was changed: remove that line"):
+        JsonlWriter(tmp_path, truncate_after=2)
+    assert (tmp_path / METRICS_FILE).read_text() == metrics  # read before either file was rewritten
+    assert (tmp_path / SAMPLES_FILE).read_text() == samples
+
+
+@pytest.mark.parametrize("run_name", ["../escape", "/tmp/absolute", "a/b", "..", ".", "", "c:\\x"])
+def test_a_run_name_outside_output_dir_is_refused_before_anything_is_created(tmp_path: Path, run_name: str) -> None:
+    from rlfb.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"'logging.run_name' is .*; it must be one directory name inside "
+                                          r"output_dir"):
+        config_from_dict({"logging": {"run_name": run_name}})
+    with pytest.raises(ConfigError, match="'logging.run_name'"):
+        make_run_dir(tmp_path / "runs", "sentiment", "ppo", 0, run_name)
+    assert not (tmp_path / "runs").exists()

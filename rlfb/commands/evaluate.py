@@ -17,30 +17,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reward to measure (repeatable; default: the run's rewards, or the task's default)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's eval.seed)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--allow-import", dest="allow_imports", action="append", default=[], metavar="MODULE",
+                        help="let the run's config import MODULE for a 'MODULE:attr' reward (repeatable); "
+                             "a run directory's config imports nothing otherwise")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
+    from rlfb.checkpoint import CONFIG_FILE
     from rlfb.config import RunConfig
     from rlfb.envs.tasks import make_task
     from rlfb.errors import ConfigError
     from rlfb.evaluation import comparison_table, evaluate_policy, load_policy
     from rlfb.models.sampler import SamplingConfig
     from rlfb.rewards import RewardSet, RewardSpec
+    from rlfb.run_directory import import_trust, open_run, reward_specs
 
-    policy, config = load_policy(args.target, device=args.device)
-    trained = config is not None
-    config = config or RunConfig()
+    run = open_run(args.target, "eval")
+    trained = run is not None
+    config = run[1] if run is not None else RunConfig()
     task = make_task(args.task or ({"name": config.task.name, **config.task.kwargs} if trained else "sentiment"))
-    if args.rewards:
+    if args.rewards:  # named on the command line by the user: trusted
         specs = [RewardSpec(name=name) for name in args.rewards]
-    elif trained:
-        specs = [RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label) for r in config.rewards]
+    elif run is not None:  # named by the run directory: imports only what --allow-import allows
+        specs = reward_specs(config.rewards, import_trust(run[0] / CONFIG_FILE, args.allow_imports))
     else:
         specs = [RewardSpec(name=name) for name in task.default_rewards]
     if not specs:
         raise ConfigError(f"task '{task.name}' has no default reward; name one with --reward")
     rewards = RewardSet(specs)
+    policy, _ = load_policy(run[0] if run is not None else args.target, device=args.device)
     if rewards.needs_scorer:
         rewards.bind_scorer(policy.scorer)
     n = args.n if args.n is not None else (config.eval.num_prompts if trained else 64)

@@ -24,11 +24,13 @@ def run(args: argparse.Namespace) -> int:
     from rlfb.errors import ConfigError
     from rlfb.evaluation import load_policy, sample_completions
     from rlfb.models.sampler import SamplingConfig
+    from rlfb.run_directory import open_run
 
     if args.num_samples < 1:
         raise ConfigError(f"-n is {args.num_samples}; it must be >= 1")
-    policy, config = load_policy(args.target, device=args.device)
-    defaults = (config or RunConfig()).sampling
+    run = open_run(args.target, "generate")
+    policy, _ = load_policy(run[0] if run is not None else args.target, device=args.device)
+    defaults = (run[1] if run is not None else RunConfig()).sampling
 
     def pick(value, default):
         return default if value is None else value

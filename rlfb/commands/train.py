@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from rlfb.errors import ConfigError
-from rlfb.logging import flatten
-
-# Keys a resumed run may change without breaking "continues exactly" (budget, bookkeeping, hardware).
-RESUMABLE_CHANGES = ("budget.updates", "budget.time_limit_s", "eval.", "logging.", "checkpoint.", "device",
-                     "output_dir")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set budget.updates=10 --set agent.learning_rate=3e-4 "
                              "(values are YAML; repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest checkpoint")
+                        help="continue the run in RUN_DIR from its newest intact checkpoint")
+    parser.add_argument("--allow-import", dest="allow_imports", action="append", default=[], metavar="MODULE",
+                        help="with --resume and no CONFIG: let the run's config import MODULE for a "
+                             "'MODULE:attr' reward (repeatable); a run directory's config imports nothing otherwise")
     parser.add_argument("--show-keys", action="store_true",
                         help="list every config key with its type and meaning, then exit")
 
@@ -29,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rlfb.checkpoint import CONFIG_FILE
     from rlfb.config import load_config
+    from rlfb.rewards.registry import TRUST_ALL
+    from rlfb.run_directory import import_trust
     from rlfb.trainer import Trainer
 
     if args.show_keys:
@@ -43,19 +42,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
     if args.resume is not None and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume '{args.resume}' is not a directory; pass a run directory written by rlfb train")
-    config = load_config(args.config or Path(args.resume) / CONFIG_FILE, args.overrides)
-    if args.resume is not None and args.config is not None:
-        _warn_about_changes(load_config(Path(args.resume) / CONFIG_FILE).to_dict(), config.to_dict())
-    result = Trainer(config, resume_from=args.resume).train()
+    config_path = Path(args.config) if args.config else Path(args.resume) / CONFIG_FILE
+    config = load_config(config_path, args.overrides)
+    # The user's own config file may import what it names; a run directory's only what --allow-import says.
+    trust = TRUST_ALL if args.config else import_trust(config_path, args.allow_imports)
+    result = Trainer(config, resume_from=args.resume, import_trust=trust).train()
     print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
 
-
-def _warn_about_changes(saved: dict, given: dict) -> None:
-    old, new = flatten(saved), flatten(given)
-    changed = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES))
-    if changed:
-        print("rlfb train: warning: the config differs from the resumed run's in "
-              + ", ".join(f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in changed)
-              + "; the run will not match an uninterrupted one", file=sys.stderr)

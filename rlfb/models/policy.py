@@ -208,7 +208,12 @@ class Policy:
             The policy, in eval mode, on ``device``.
         """
         model, tokenizer = load_model(name_or_path, device=resolve_device(device), dtype=dtype)
-        return cls(model, tokenizer, lora=lora, value_head=value_head, device=device)
+        policy = cls(model, tokenizer, lora=lora, value_head=value_head, device=device)
+        # peft would record the directory the weights were read from (for rlfb-tiny, a cache path on this
+        # machine); the name as given resolves on any machine, so adapter_config.json records that.
+        for adapter_config in policy.model.peft_config.values():
+            adapter_config.base_model_name_or_path = name_or_path
+        return policy
 
     # ---------------------------------------------------------------- properties
     @property
@@ -334,7 +339,11 @@ class Policy:
     # ---------------------------------------------------------------- persistence
     def save(self, directory: str | Path) -> None:
         """Write the adapter (peft format: ``adapter_config.json``, ``adapter_model.safetensors``) and
-        ``value_head.safetensors`` to ``directory``; plain peft code can load the adapter."""
+        ``value_head.safetensors`` to ``directory``; plain peft code can load the adapter.
+
+        ``adapter_config.json``'s ``base_model_name_or_path`` is the model name given to
+        :meth:`from_pretrained` (``rlfb-tiny``, a hub id, or the user's path as written).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(directory))

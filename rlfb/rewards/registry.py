@@ -6,6 +6,12 @@ or a function such as ``trl.rewards.get_repetition_penalty_reward``). :func:`bui
 apart by their signature: a callable whose parameters name ``prompts``, ``completions`` or
 ``completion_ids`` is a reward function; anything else (and every class) is a factory.
 
+Importing a ``package.module:attr`` name runs that module's code, so :func:`resolve` is the one place
+such names are imported, and its caller says whose names they are with an :class:`ImportTrust`: the
+user's own config file or code trusts every module (:data:`TRUST_ALL`); a config read back from a run
+directory trusts only the modules the user allowed (``--allow-import MODULE``), so a run directory
+edited by someone else cannot run code by being evaluated or resumed. Registered names never import.
+
 Example:
     >>> from rlfb.rewards import register, list_rewards
     >>> @register("shouting")
@@ -21,7 +27,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rlfb.errors import ConfigError
@@ -35,6 +42,53 @@ _REGISTRY: dict[str, Callable[..., Any]] = {}
 _REWARD_PARAMETERS = frozenset({"prompts", "completions", "completion_ids"})
 
 T = TypeVar("T", bound=Callable[..., Any])
+
+
+class UntrustedImportError(ConfigError):
+    """A ``module:attr`` name from a source the user did not vouch for (a run directory) would import code."""
+
+
+@dataclass(frozen=True)
+class ImportTrust:
+    """Which modules ``package.module:attr`` names may import, and where the names came from.
+
+    Attributes:
+        allowed_modules: modules (with their submodules) that may be imported; None allows any.
+        source: where the names were read, for the refusal message (e.g. ``runs/x/config.yaml``).
+
+    Example:
+        >>> trust = ImportTrust.only(["my_rewards"], source="runs/x/config.yaml")
+        >>> trust.allows("my_rewards.extra"), trust.allows("os")
+        (True, False)
+    """
+
+    allowed_modules: frozenset[str] | None = None
+    source: str = ""
+
+    @classmethod
+    def only(cls, modules: Iterable[str], source: str) -> ImportTrust:
+        """Trust exactly ``modules`` (e.g. the ``--allow-import`` values) for names read from ``source``."""
+        return cls(frozenset(modules), source)
+
+    def allows(self, module_name: str) -> bool:
+        """Whether ``module_name`` (or a package above it) is trusted."""
+        if self.allowed_modules is None:
+            return True
+        parts = module_name.split(".")
+        return any(".".join(parts[:length]) in self.allowed_modules for length in range(1, len(parts) + 1))
+
+    def check(self, name: str) -> None:
+        """Raise unless the reward ``name`` (registered, or ``module:attr``) may be resolved."""
+        module_name = name.partition(":")[0]
+        if ":" in name and not self.allows(module_name):
+            raise UntrustedImportError(
+                f"reward {name!r} in {self.source or 'a run directory'} would import and run module "
+                f"{module_name!r}; rlfb does not run code a run directory names: if you trust it, pass "
+                f"--allow-import {module_name}")
+
+
+TRUST_ALL = ImportTrust()
+"""The trust of names the user wrote themselves (their config file, their code): any module."""
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -79,10 +133,20 @@ def get_registered(name: str) -> Callable[..., Any]:
                           "(or give a 'package.module:attribute' path)") from None
 
 
-def resolve(name: str) -> Callable[..., Any]:
-    """Resolve a registered name or a ``package.module:attr`` path to the object it names."""
+def resolve(name: str, trust: ImportTrust = TRUST_ALL) -> Callable[..., Any]:
+    """Resolve a registered name or a ``package.module:attr`` path to the object it names.
+
+    Args:
+        name: the name.
+        trust: the modules a path may import (see the module docstring); the default trusts any.
+
+    Raises:
+        UntrustedImportError: the path's module is not trusted (nothing is imported).
+        ConfigError: the name is unknown or the path does not import.
+    """
     if ":" not in name:
         return get_registered(name)
+    trust.check(name)
     module_name, _, attribute_path = name.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -116,21 +180,24 @@ def is_reward_function(candidate: Callable[..., Any]) -> bool:
     return all(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters) and bool(names)
 
 
-def build_reward(name_or_callable: str | Callable[..., Any], kwargs: Mapping[str, Any] | None = None) -> RewardFunction:
+def build_reward(name_or_callable: str | Callable[..., Any], kwargs: Mapping[str, Any] | None = None,
+                 trust: ImportTrust = TRUST_ALL) -> RewardFunction:
     """Turn a config entry into a ready reward function.
 
     Args:
         name_or_callable: A registered name, a ``package.module:attr`` path, or a callable.
         kwargs: For a factory, its constructor arguments; for a reward function, fixed keyword
             arguments bound to every call (``functools.partial``).
+        trust: the modules a path may import (see :func:`resolve`).
 
     Returns:
         A callable following the reward contract.
 
     Raises:
-        ConfigError: the name is unknown, the path does not import, or the factory rejects ``kwargs``.
+        ConfigError: the name is unknown, the path does not import or is not trusted, or the factory
+            rejects ``kwargs``.
     """
-    target = resolve(name_or_callable) if isinstance(name_or_callable, str) else name_or_callable
+    target = resolve(name_or_callable, trust) if isinstance(name_or_callable, str) else name_or_callable
     kwargs = dict(kwargs or {})
     label = name_or_callable if isinstance(name_or_callable, str) else _qualified_name(target)
     if is_reward_function(target):

@@ -132,6 +132,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainReport:
     """Train a reward model as ``config`` says, save it, and evaluate it on held-out rows."""
     import torch
 
+    from rlfb.checkpoint import save_atomically
     from rlfb.models.loading import resolve_device
 
     started = time.perf_counter()
@@ -155,19 +156,23 @@ def train_reward_model(config: RewardModelConfig) -> TrainReport:
         from rlfb.rewards.pointwise import train_pointwise
 
         train_pointwise(model, tokenizer, train_rows, config, device)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     seconds = time.perf_counter() - started
-    metrics = evaluate_reward_model(str(output_dir), config.kind, eval_rows, gold=config.gold,
-                                    device=config.device, max_length=config.max_length)
-    report = TrainReport(output_dir=str(output_dir), metrics=metrics, train_rows=len(train_rows),
-                         eval_rows=len(eval_rows), seconds=seconds)
-    metadata = {"config": asdict(config), "metrics": metrics,
-                "train_rows": report.train_rows, "eval_rows": report.eval_rows, "train_seconds": round(seconds, 2)}
-    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    return report
+    metrics: dict[str, float] = {}
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        metrics.update(evaluate_reward_model(str(directory), config.kind, eval_rows, gold=config.gold,
+                                             device=config.device, max_length=config.max_length))
+        metadata = {"config": asdict(config), "metrics": metrics, "train_rows": len(train_rows),
+                    "eval_rows": len(eval_rows), "train_seconds": round(seconds, 2)}
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+    # Written next to output_dir and renamed into place: a crash leaves the previous model (or none),
+    # never a half-written one that a run's reward_model path would load.
+    save_atomically(config.output_dir, write)
+    return TrainReport(output_dir=str(config.output_dir), metrics=metrics, train_rows=len(train_rows),
+                       eval_rows=len(eval_rows), seconds=seconds)
 
 
 def _load_base(config: RewardModelConfig) -> tuple[Any, Any]:
