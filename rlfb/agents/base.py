@@ -205,7 +205,12 @@ class GradientStepper:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        epsilon = [group["eps"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        # Adam's epsilon is configuration, not state: a resume with a changed ``agent.adam_eps`` applies it
+        # (load_state_dict would restore the saved one). The learning rate is reapplied by the schedule.
+        for group, eps in zip(self.optimizer.param_groups, epsilon, strict=True):
+            group["eps"] = eps
         self.updates_done = int(state["updates_done"])
         self._apply_schedule()
         self.skipped_updates = int(state["skipped_updates"])

@@ -79,9 +79,9 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Only beta is state; target and horizon are configuration, so a resume with a changed
+        # ``agent.kl_target`` or ``agent.kl_horizon`` applies the new values (rlfb/run_directory.py records them).
         self.value = float(state["value"])
-        self.target = float(state["target"])
-        self.horizon = float(state["horizon"])
 
 
 KLController = FixedKLController | AdaptiveKLController

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else config.eval.seed
 
     def measure():
-        return evaluate_policy(policy, rows, rewards, sampling, seed=seed, num_samples=config.eval.num_samples)
+        return evaluate_policy(policy, rows, rewards, sampling, seed=seed, num_samples=config.eval.num_samples,
+                               max_prompt_tokens=config.sampling.max_prompt_tokens)
 
     after = measure()
     before = None

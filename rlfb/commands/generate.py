@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
                                   max_new_tokens=pick(args.max_new_tokens, defaults.max_new_tokens))
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    completions = sample_completions(policy, args.prompt, sampling, seed=args.seed, num_samples=args.num_samples)
+    completions = sample_completions(policy, args.prompt, sampling, seed=args.seed, num_samples=args.num_samples,
+                                     max_prompt_tokens=defaults.max_prompt_tokens)
     for prompt, texts in zip(args.prompt, completions, strict=True):
         for text in texts:
             print(f"{prompt}{text}")
