@@ -89,3 +89,8 @@ def test_a_shorter_time_limit_ends_the_episode_unscored(make_env: Any) -> None:
     scored.reset(seed=0)
     _, reward, _, truncated, info = [scored.step(no_eos) for _ in range(2)][-1]
     assert truncated and reward == info["reward/length_reward"] == 2.0
+
+    one_step = make_env("rlfb/Completion-v0", max_episode_steps=1)  # its episodes are one step: always scored
+    one_step.reset(seed=0)
+    _, reward, terminated, truncated, info = one_step.step(np.full(MAX_NEW_TOKENS, no_eos))
+    assert terminated and truncated and reward == info["reward/length_reward"] == MAX_NEW_TOKENS
