@@ -58,11 +58,12 @@ class NumpyVectorEnv(VectorWrapper):
     def __init__(self, env: VectorEnv) -> None:
         from rlfb.envs.vector_env import TextGenerationVectorEnv
 
-        if not isinstance(getattr(env, "unwrapped", None), TextGenerationVectorEnv):
+        text_env = getattr(env, "unwrapped", None)
+        if not isinstance(text_env, TextGenerationVectorEnv):
             raise TypeError("NumpyVectorEnv wraps the vector env of gym.make_vec('rlfb/TextGeneration-v0', ..., "
                             f"vectorization_mode='vector_entry_point'), got {type(env).__name__}")
         super().__init__(env)
-        self._max_new_tokens = env.unwrapped.max_new_tokens
+        self._max_new_tokens = text_env.max_new_tokens
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
