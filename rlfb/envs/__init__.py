@@ -2,7 +2,8 @@
 
 * ``rlfb/TextGeneration-v0``: one token per step (:class:`~rlfb.envs.token_env.TextGenerationEnv`); its
   batched form, :class:`~rlfb.envs.vector_env.TextGenerationVectorEnv`, comes from
-  ``gymnasium.make_vec(..., vectorization_mode="vector_entry_point")``.
+  ``gymnasium.make_vec(..., vectorization_mode="vector_entry_point")``: torch tensors on its device, or NumPy
+  arrays through :class:`~rlfb.envs.numpy_vector_env.NumpyVectorEnv` (for NumPy code and Gymnasium's wrappers).
 * ``rlfb/Completion-v0``: one whole completion per step (:class:`~rlfb.envs.completion_env.CompletionEnv`).
 
 Prompts come from tasks (:mod:`rlfb.envs.tasks`). See docs/envs.md. Entry points are strings, so this
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-__all__ = ["ENV_IDS"]
+from rlfb.envs.numpy_vector_env import NumpyVectorEnv
+
+__all__ = ["ENV_IDS", "NumpyVectorEnv"]
 
 ENV_IDS: dict[str, dict[str, str]] = {
     "rlfb/TextGeneration-v0": {

@@ -9,6 +9,9 @@ Autoreset mode: :attr:`gymnasium.vector.AutoresetMode.DISABLED`. A row that ends
 0 reward until it is reset, by ``reset()`` (all rows) or ``reset(options={"reset_mask": mask})`` (some).
 That makes the usual collection loop (reset every row, step until :attr:`all_finished`) exact and cheap.
 
+NumPy code and Gymnasium's vector wrappers take it wrapped in :class:`rlfb.envs.NumpyVectorEnv`, which
+returns NumPy arrays (and plain-array info) instead of tensors.
+
 Example:
     >>> import gymnasium as gym, rlfb, torch
     >>> from rlfb.models.sampler import SamplingConfig, TokenSampler
