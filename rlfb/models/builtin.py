@@ -91,14 +91,14 @@ class TinyModelRecipe:
 
     grammar_seed: int = 0
     n_documents: int = 60_000
-    arithmetic_share: float = 0.35
+    arithmetic_share: float = 0.7
     forgotten_carry_share: float = 0.7
     vocab_size: int = 512
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 64
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
