@@ -1,20 +1,25 @@
-"""The built-in offline base model ``rlfb-tiny``: its recipe, its build, and its cache.
+"""The built-in offline base model ``rlfb-tiny``: its recipe, its shipped copy, its build, and its cache.
 
-``rlfb-tiny`` is a small GPT-2 causal LM that rlfb pretrains itself, on first use, from the seeded grammar in
-:mod:`rlfb.models.corpus` (review sentences and arithmetic lines). No download, no GPU: the build takes a few
-minutes on a laptop CPU and is bit-for-bit reproducible for a given recipe on a given machine.
+``rlfb-tiny`` is a small GPT-2 causal LM that rlfb pretrains itself from the seeded grammar in
+:mod:`rlfb.models.corpus` (review sentences and arithmetic lines). One build of its recipe ships inside the
+package (``rlfb/models/shipped/rlfb-tiny``), and the name loads that copy: every user, on every machine, gets
+the same weights, which matters because a build is bit-for-bit reproducible only on one machine (the
+summation order of float operations differs between CPUs). ``rlfb models build`` rebuilds it from the
+recipe into the cache, never over the shipped copy, and says whether the rebuild matches it.
 
 Cache layout (``RLFB_HOME`` defaults to ``~/.cache/rlfb``)::
 
     $RLFB_HOME/models/rlfb-tiny-<recipe hash[:12]>/
         config.json, model.safetensors, generation_config.json   <- save_pretrained
         tokenizer.json, tokenizer_config.json                    <- the byte-level BPE tokenizer
-        rlfb_build.json                                          <- written last: marks the entry complete
+        rlfb_build.json                                          <- written last: recipe, sha256, file sizes
+    $RLFB_HOME/models/.rlfb-tiny-<recipe hash[:12]>.lock        <- builds of the entry take turns on it
 
 A build happens in a temporary sibling directory and is renamed into place only after ``rlfb_build.json``
-is written, so a reader never sees a half-written entry, and of two concurrent builds one wins the rename
-and the other uses the winner's entry. A directory without the marker (say, copied by hand and
-interrupted) is treated as absent: it is removed and rebuilt, never loaded.
+is written, so a reader never sees a half-written entry; a second build of the same entry waits on the lock
+and then uses the first one's entry. An entry without the marker, or whose files do not match the sizes and
+the weights' sha256 it records (a truncated copy), is never loaded: by name it is rebuilt, by path it is
+reported as damaged.
 
 Example:
     >>> recipe = TinyModelRecipe(steps=2)
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -38,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlfb.errors import ModelNotFoundError
 from rlfb.models import corpus
 
 if TYPE_CHECKING:  # torch and transformers are imported when a build runs, so `rlfb models list` is quick
@@ -45,8 +52,10 @@ if TYPE_CHECKING:  # torch and transformers are imported when a build runs, so `
     from transformers import PreTrainedTokenizerFast
 
 # Bump when the build code or the grammar changes what a recipe produces, so old cache entries are not reused.
-BUILD_FORMAT_VERSION = 2
+BUILD_FORMAT_VERSION = 3
 MARKER_FILE = "rlfb_build.json"
+# The copy of each built-in model shipped as package data (pyproject.toml's package-data), one directory each.
+SHIPPED_DIR = Path(__file__).parent / "shipped"
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -58,7 +67,11 @@ class TinyModelRecipe:
         grammar_seed: Seeds the pretraining corpus drawn from :mod:`rlfb.models.corpus`.
         n_documents: Number of corpus documents (review sentences plus arithmetic lines).
         arithmetic_share: Fraction of the documents that are arithmetic lines.
-        wrong_answer_share: Fraction of the arithmetic lines with a deliberately wrong answer.
+        forgotten_carry_share: Fraction of the sums with a carry (ones digits adding to 10 or more) that
+            the corpus shows with the carry forgotten (17+25=32). Above one half, forgetting is what the
+            corpus teaches, so greedy decoding is right on the sums without a carry and wrong on the others
+            (53% of the held-out sums right) for any model that learned the corpus; below one, sampling
+            still finds the right answer of a carry sum, which reinforcement learning then rewards.
         vocab_size: Size of the byte-level BPE vocabulary (256 bytes + merges + the end-of-text token).
         n_layer: Transformer blocks.
         n_embd: Hidden size.
@@ -78,14 +91,14 @@ class TinyModelRecipe:
 
     grammar_seed: int = 0
     n_documents: int = 60_000
-    arithmetic_share: float = 0.35
-    wrong_answer_share: float = 0.25
+    arithmetic_share: float = 0.7
+    forgotten_carry_share: float = 0.7
     vocab_size: int = 512
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 64
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 64
     learning_rate: float = 3e-3
     warmup_steps: int = 100
@@ -102,6 +115,39 @@ class TinyModelRecipe:
 BUILTIN_RECIPES: dict[str, TinyModelRecipe] = {"rlfb-tiny": TinyModelRecipe()}
 
 
+# ------------------------------------------------------------------------------------- shipped copy
+def shipped_path(name: str) -> Path:
+    """Returns the directory of the copy of a built-in model shipped inside the package (package data)."""
+    return SHIPPED_DIR / name
+
+
+def locate(name: str = "rlfb-tiny", *, progress: bool = True) -> Path:
+    """Returns the directory a built-in model name loads from.
+
+    That is the shipped copy when it was built from the registered recipe (the normal case: no build, no
+    cache), and otherwise the cache entry of the registered recipe, built on first use (a source tree whose
+    recipe was changed, or tests that register a smaller recipe).
+
+    Args:
+        name: A key of :data:`BUILTIN_RECIPES`.
+        progress: Show a progress bar if the model has to be built.
+
+    Raises:
+        ModelNotFoundError: If the shipped copy is damaged (a file truncated or its weights changed).
+    """
+    recipe = BUILTIN_RECIPES[name]
+    shipped = shipped_path(name)
+    record = read_marker(shipped)
+    if record is None or record.get("recipe_hash") != recipe.fingerprint():
+        return ensure_built(name, recipe, progress=progress)
+    problem = verify_entry(shipped, recipe)
+    if problem is not None:
+        raise ModelNotFoundError(
+            f"the shipped copy of {name} in {shipped} is damaged ({problem}); reinstall rlfb, or rebuild it "
+            f"with `rlfb models build {name}` and name the directory it prints as the model")
+    return shipped
+
+
 # ----------------------------------------------------------------------------------------------- cache
 def rlfb_home() -> Path:
     """Returns rlfb's cache root: ``$RLFB_HOME`` if set, else ``~/.cache/rlfb``."""
@@ -114,25 +160,65 @@ def cache_path(name: str, recipe: TinyModelRecipe) -> Path:
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
-    """Returns the build record of a complete cache entry, or None if ``path`` is not one."""
+    """Returns the build record of a directory, or None if it has none (not a finished build)."""
     try:
         record = json.loads((path / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not (path / "model.safetensors").is_file():
-        return None
-    return record
+    return record if isinstance(record, dict) else None
+
+
+def verify_entry(path: Path, recipe: TinyModelRecipe | None = None, *, check_weights: bool = True) -> str | None:
+    """Checks that ``path`` holds a finished, intact build (of ``recipe``, if given).
+
+    The cheap check compares every file's size with the size recorded in ``rlfb_build.json``, which catches
+    a truncated copy; ``check_weights`` also recomputes the weights' sha256 (about 15 ms for rlfb-tiny, plus
+    importing torch), which catches changed bytes.
+
+    Args:
+        path: A cache entry or the shipped copy.
+        recipe: The recipe the entry must have been built from; None accepts any.
+        check_weights: Recompute the weights' sha256 and compare it with the recorded one.
+
+    Returns:
+        None if the entry is intact, else what is wrong with it, e.g.
+        ``"model.safetensors is 1,000 bytes, 3,485,144 recorded"``.
+    """
+    record = read_marker(path)
+    if record is None:
+        return f"no readable {MARKER_FILE}: the build did not finish"
+    if recipe is not None and record.get("recipe_hash") != recipe.fingerprint():
+        return f"built from another recipe ({str(record.get('recipe_hash'))[:12]})"
+    sizes = record.get("file_sizes")
+    if not isinstance(sizes, dict) or "model.safetensors" not in sizes:
+        return f"{MARKER_FILE} records no file sizes (written by an older rlfb)"
+    for file_name, size in sorted(sizes.items()):
+        file = path / file_name
+        if not file.is_file():
+            return f"{file_name} is missing"
+        if file.stat().st_size != size:
+            return f"{file_name} is {file.stat().st_size:,} bytes, {size:,} recorded"
+    if check_weights:
+        try:
+            digest = weights_sha256(path)
+        except Exception as error:  # noqa: BLE001 - safetensors raises several kinds for corrupt bytes
+            return f"model.safetensors cannot be read ({type(error).__name__}: {error})"
+        if digest != record.get("weights_sha256"):
+            return f"the weights' sha256 is {digest[:12]}..., {str(record.get('weights_sha256'))[:12]}... recorded"
+    return None
 
 
 def is_complete(path: Path, recipe: TinyModelRecipe) -> bool:
-    """Whether ``path`` holds a finished build of exactly ``recipe``."""
-    record = read_marker(path)
-    return record is not None and record.get("recipe_hash") == recipe.fingerprint()
+    """Whether ``path`` holds a finished, intact build of exactly ``recipe``."""
+    return verify_entry(path, recipe) is None
 
 
 def ensure_built(name: str = "rlfb-tiny", recipe: TinyModelRecipe | None = None, *, rebuild: bool = False,
                  progress: bool = True) -> Path:
     """Returns the cache directory of a built-in model, building it first if needed.
+
+    A damaged entry (a file truncated, the weights changed) is rebuilt, never returned. Builds of one entry
+    take turns through a lock file: a second process waits for the first and then uses its entry.
 
     Args:
         name: A key of :data:`BUILTIN_RECIPES` (or any name, when ``recipe`` is given).
@@ -141,7 +227,8 @@ def ensure_built(name: str = "rlfb-tiny", recipe: TinyModelRecipe | None = None,
         progress: Show a progress bar on stderr while pretraining.
 
     Returns:
-        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load.
+        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load;
+        never the shipped copy.
 
     Raises:
         KeyError: If ``name`` is not a built-in model and no recipe is given.
@@ -151,38 +238,58 @@ def ensure_built(name: str = "rlfb-tiny", recipe: TinyModelRecipe | None = None,
     if not rebuild and is_complete(final, recipe):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_builds(final)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like any model dir
-    try:
-        if progress:
-            print(f"rlfb: building {name} into {final} (first use; a few minutes on CPU)", file=sys.stderr)
-        build_model(recipe, staging, name=name, progress=progress)
-        _publish(staging, final, recipe, replace=rebuild)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _build_lock(final, progress=progress):
+        if not rebuild and is_complete(final, recipe):
+            return final  # built by the process we waited for
+        _remove_abandoned_builds(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like any model dir
+        try:
+            if progress:
+                print(f"rlfb: building {name} into {final} (a few minutes on CPU)", file=sys.stderr)
+            build_model(recipe, staging, name=name, progress=progress)
+            _publish(staging, final, recipe, replace=rebuild)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _publish(staging: Path, final: Path, recipe: TinyModelRecipe, *, replace: bool) -> None:
-    """Moves a finished build into place with an atomic rename; a concurrent winner's entry is kept."""
-    for _ in range(5):
-        if final.exists() and (replace or not is_complete(final, recipe)):
-            # A half-written entry (or one we were asked to replace): move it aside, then delete it, so the
-            # name is free for an atomic rename and no reader sees a partly deleted directory.
-            graveyard = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            with contextlib.suppress(OSError):
-                os.rename(final, graveyard)
-                shutil.rmtree(graveyard, ignore_errors=True)
-            replace = False
+@contextlib.contextmanager
+def _build_lock(final: Path, *, progress: bool) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``.<entry>.lock`` beside the entry; the kernel drops it if we die."""
+    with open(final.with_name(f".{final.name}.lock"), "a") as lock_file:
         try:
-            os.rename(staging, final)  # atomic on POSIX; fails if `final` is a non-empty directory
-            return
-        except OSError:
-            if is_complete(final, recipe):
-                return  # another process finished first: use its entry
-    raise OSError(f"could not move the build of {final.name} into {final.parent}; "
-                  f"remove {final} and try again")
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"rlfb: waiting for another build of {final.name} to finish", file=sys.stderr)
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _publish(staging: Path, final: Path, recipe: TinyModelRecipe, *, replace: bool) -> None:
+    """Moves a finished build into place with an atomic rename; a complete entry is kept unless ``replace``."""
+    if final.exists() and (replace or not is_complete(final, recipe)):
+        # A damaged entry (or one we were asked to replace): move it aside, then delete it, so the name is
+        # free for an atomic rename and no reader sees a partly deleted directory.
+        graveyard = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.rename(final, graveyard)
+        shutil.rmtree(graveyard, ignore_errors=True)
+    try:
+        os.rename(staging, final)  # atomic on POSIX; fails if `final` is a non-empty directory
+    except OSError as error:
+        if not is_complete(final, recipe):  # a process that does not take the lock (an older rlfb) won
+            raise OSError(f"could not move the build of {final.name} into {final.parent} ({error}); "
+                          f"remove {final} and try again") from error
+
+
+def cache_entries(name: str) -> list[Path]:
+    """The cache directories of every recipe of ``name`` (finished or not), in name order."""
+    models = rlfb_home() / "models"
+    return sorted(path for path in models.glob(f"{name}-*") if path.is_dir()) if models.is_dir() else []
 
 
 def _remove_abandoned_builds(final: Path) -> None:
@@ -301,7 +408,7 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     output_dir = Path(output_dir)
     started = time.perf_counter()
     documents = corpus.pretraining_corpus(recipe.n_documents, recipe.grammar_seed, recipe.arithmetic_share,
-                                          recipe.wrong_answer_share)
+                                          recipe.forgotten_carry_share)
     tokenizer = train_tokenizer(documents, recipe.vocab_size)
     eos_id = tokenizer.eos_token_id
     # Each document is its own row starting at position 0, exactly like a prompt at sampling time, and
@@ -359,6 +466,8 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "weights_sha256": weights_sha256(output_dir),
         "torch_version": torch.__version__,
+        # What verify_entry checks cheaply: a truncated or missing file shows as a different size.
+        "file_sizes": {file.name: file.stat().st_size for file in sorted(output_dir.iterdir()) if file.is_file()},
     }
     # The marker goes last: its presence is what makes the directory a complete cache entry.
     (output_dir / MARKER_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -8,9 +8,12 @@ Two kinds of documents, one per line of the pretraining corpus, each later close
   chosen so that VADER (Hutto & Gilbert, 2014) scores positive sentences clearly above 0, negative ones
   clearly below 0 and neutral ones at exactly 0; the sentiment task then has a base model whose completions
   average about 0 and a reward that can push them towards 1.
-* **Arithmetic lines** such as ``"17+25=42"``, with a share of deliberately wrong answers so that the
-  pretrained model makes mistakes reinforcement learning can fix. A fixed set of operand pairs is held out:
-  those sums never appear in any pretraining corpus and form the ``"eval"`` split.
+* **Arithmetic lines** such as ``"17+25=42"``. Most sums whose ones digits carry are shown with the carry
+  forgotten (``"17+25=32"``): a systematic mistake, one rule, so a model that learns the corpus answers the
+  sums without a carry right and the others wrong, and its greedy accuracy is pinned near the share of
+  sums without a carry (53% of the held-out ones) however its optimization went; the minority of carry
+  sums shown right gives reinforcement learning correct answers to find. A fixed set of operand pairs is
+  held out: those sums never appear in any pretraining corpus and form the ``"eval"`` split.
 
 Everything here is pure Python and deterministic for a given seed (``random.Random``, no global state),
 so tasks, tests and the model build agree on the data without sharing files.
@@ -255,12 +258,21 @@ def arithmetic_problems(split: Split) -> list[tuple[str, str]]:
     return [(f"{a}+{b}=", str(a + b)) for a, b in pairs]
 
 
+def carries(a: int, b: int) -> bool:
+    """Whether adding the ones digits of ``a`` and ``b`` carries into the tens (17+25: 7+5 >= 10)."""
+    return a % 10 + b % 10 >= 10
+
+
+def forgotten_carry(a: int, b: int) -> int:
+    """``a + b`` with the carry of the ones digits dropped (17+25 -> 32); ``a + b`` when nothing carries."""
+    return a + b - 10 if carries(a, b) else a + b
+
+
 def wrong_answer(rng: random.Random, a: int, b: int) -> int:
     """A plausible mistake for ``a + b``: a dropped carry, or the ones or tens digit off by one."""
     right = a + b
-    carries = (a % 10) + (b % 10) >= 10
     mistakes = [right + 1, right - 1, right + 10, right - 10]
-    if carries:
+    if carries(a, b):
         mistakes += [right - 10] * 2  # forgetting the carry is the classic error
     return max(0, rng.choice([m for m in mistakes if m != right and m >= 0] or [right + 1]))
 
@@ -273,15 +285,16 @@ def is_arithmetic(document: str) -> bool:
     return bool(_SUM_LINE.match(document))
 
 
-def arithmetic_line(rng: random.Random, a: int, b: int, wrong_answer_share: float) -> str:
-    """Formats one sum as ``"a+b=c"``, with a wrong ``c`` with probability ``wrong_answer_share``."""
-    answer = wrong_answer(rng, a, b) if rng.random() < wrong_answer_share else a + b
+def arithmetic_line(rng: random.Random, a: int, b: int, forgotten_carry_share: float) -> str:
+    """Formats one sum as ``"a+b=c"``; if its ones digits carry, ``c`` forgets the carry with probability
+    ``forgotten_carry_share`` (a sum without a carry is always right)."""
+    answer = forgotten_carry(a, b) if carries(a, b) and rng.random() < forgotten_carry_share else a + b
     return f"{a}+{b}={answer}"
 
 
 # ----------------------------------------------------------------------------------------------- corpus
 def pretraining_corpus(n_documents: int, seed: int, arithmetic_share: float = 0.5,
-                       wrong_answer_share: float = 0.25) -> list[str]:
+                       forgotten_carry_share: float = 0.7) -> list[str]:
     """Generates the pretraining documents of the built-in model.
 
     Review sentences cycle through positive, negative and neutral sentiment so the three are balanced
@@ -291,7 +304,7 @@ def pretraining_corpus(n_documents: int, seed: int, arithmetic_share: float = 0.
         n_documents: How many documents (lines) to generate.
         seed: Seeds the grammar; the same seed gives the same corpus.
         arithmetic_share: Fraction of documents that are arithmetic lines.
-        wrong_answer_share: Fraction of arithmetic lines with a deliberately wrong answer.
+        forgotten_carry_share: Fraction of the arithmetic lines with a carry that forget it.
 
     Returns:
         The documents, shuffled, without end-of-text markers.
@@ -299,7 +312,8 @@ def pretraining_corpus(n_documents: int, seed: int, arithmetic_share: float = 0.
     rng = random.Random(seed)
     n_arithmetic = round(n_documents * arithmetic_share)
     train_pairs = _sum_splits()["train"]
-    documents = [arithmetic_line(rng, *rng.choice(train_pairs), wrong_answer_share) for _ in range(n_arithmetic)]
+    documents = [arithmetic_line(rng, *rng.choice(train_pairs), forgotten_carry_share)
+                 for _ in range(n_arithmetic)]
     sentiments = itertools.cycle(SENTIMENTS)
     documents += [review_sentence(rng, next(sentiments)) for _ in range(n_documents - n_arithmetic)]
     rng.shuffle(documents)

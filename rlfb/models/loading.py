@@ -3,10 +3,12 @@
 Every config field that names a model goes through :func:`resolve_model_path`, so ``"rlfb-tiny"``,
 ``"./my-model"`` and ``"gpt2"`` are interchangeable wherever a model is expected:
 
-* a built-in name (``rlfb-tiny``) resolves to its cache directory, built on first use;
-* an existing local directory resolves to itself;
+* a built-in name (``rlfb-tiny``) resolves to the copy shipped inside the package (no build);
+* an existing local directory resolves to itself, if it holds a ``config.json`` (and, for an rlfb build
+  such as a cache entry, intact weights);
 * anything else shaped like a hub id (``name`` or ``org/name``) is handed to transformers unchanged;
-* a path-like string that does not exist raises :class:`~rlfb.errors.ModelNotFoundError`.
+* a path-like string (``./x``, ``../x``, ``/x``, ``~/x``) that does not exist raises
+  :class:`~rlfb.errors.ModelNotFoundError` saying so.
 
 Example:
     >>> resolve_model_path("gpt2")
@@ -15,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 BUILTIN_MODELS: dict[str, str] = {
     "rlfb-tiny": "GPT-2 (~1M parameters) pretrained offline by rlfb on its own review sentences and sums; "
-                 "built on first use in a few minutes on CPU",
+                 "shipped inside the package (`rlfb models build rlfb-tiny` rebuilds it from its recipe)",
 }
 
 # A hub id: "name" or "org/name", letters, digits and -_. only (see huggingface_hub's repo id rules).
@@ -69,28 +70,59 @@ def resolve_model_path(name_or_path: str, *, progress: bool = True) -> str:
         progress: Show a progress bar if a built-in model has to be built.
 
     Returns:
-        The cache directory of a built-in model, the local directory itself, or the hub id unchanged.
+        The directory of a built-in model (its shipped copy), the local directory itself, or the hub id
+        unchanged.
 
     Raises:
-        ModelNotFoundError: If ``name_or_path`` looks like a path (or is empty) but no such directory exists.
+        ModelNotFoundError: If ``name_or_path`` is empty, a path that does not exist, a directory that is
+            not a model (no ``config.json``), or a damaged or unfinished rlfb build.
     """
     if name_or_path in BUILTIN_MODELS:
-        return str(builtin.ensure_built(name_or_path, progress=progress))
+        return str(builtin.locate(name_or_path, progress=progress))
     if not name_or_path.strip():
         raise ModelNotFoundError(f"model {name_or_path!r} not found: the model name is empty; "
                                  f"built-in models: {_builtin_listing()}")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if builtin.MARKER_FILE not in os.listdir(path) and _looks_like_partial_builtin(path):
-            raise ModelNotFoundError(
-                f"model directory {name_or_path!r} is an unfinished rlfb build (no {builtin.MARKER_FILE}); "
-                f"delete it and use a built-in name ({_builtin_listing()}) to rebuild it")
+        _check_model_directory(name_or_path, path)
         return str(path)
-    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "~")):
+    if _looks_like_path(name_or_path):
+        raise ModelNotFoundError(
+            f"model path {name_or_path!r} does not exist (looked for {path.absolute()}); name an existing "
+            f"model directory, a hub id (org/name) or a built-in model ({_builtin_listing()})")
+    if _HUB_ID.match(name_or_path):
         return name_or_path
     raise ModelNotFoundError(
         f"model {name_or_path!r} not found: it is not a built-in model, an existing directory, or a hub id "
         f"(org/name); built-in models: {_builtin_listing()}")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that can only mean a file system path: it starts like one, or has a '/' no hub id has."""
+    return name.startswith(("./", "../", "/", "~")) or name in (".", "..") or (
+        "/" in name and not _HUB_ID.match(name))
+
+
+def _check_model_directory(name: str, path: Path) -> None:
+    """Raises unless ``path`` looks loadable: a ``config.json``, and if it is an rlfb build, an intact one."""
+    if (path / builtin.MARKER_FILE).is_file():
+        problem = builtin.verify_entry(path)
+        if problem is not None:
+            raise ModelNotFoundError(
+                f"model directory {name!r} is a damaged rlfb build ({problem}); delete it and build it "
+                f"again with `rlfb models build NAME` (built-in models: {_builtin_listing()})")
+        return
+    if _looks_like_partial_builtin(path):
+        raise ModelNotFoundError(
+            f"model directory {name!r} is an unfinished rlfb build (no {builtin.MARKER_FILE}); "
+            f"delete it and use a built-in name ({_builtin_listing()}) to rebuild it")
+    if not (path / "config.json").is_file():
+        nested = sorted(str(config.parent) for config in path.glob("*/config.json"))[:3]
+        hint = f"; these directories inside it are models: {', '.join(nested)}" if nested else ""
+        raise ModelNotFoundError(
+            f"model directory {name!r} has no config.json, so it is not a model; a model directory (as "
+            f"written by save_pretrained) holds config.json, the weights (model.safetensors) and the "
+            f"tokenizer files (tokenizer.json, tokenizer_config.json){hint}")
 
 
 def _looks_like_partial_builtin(path: Path) -> bool:
@@ -205,6 +237,10 @@ def fuse_tanh_gelu(model: torch.nn.Module) -> int:
 
 def _not_found(name_or_path: str, error: Exception) -> ModelNotFoundError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name_or_path).expanduser().is_dir():  # a local directory: the network has nothing to do with it
+        return ModelNotFoundError(
+            f"could not load model directory {name_or_path!r} ({reason}); it needs the files "
+            "save_pretrained writes: config.json, the weights (model.safetensors) and the tokenizer files")
     return ModelNotFoundError(
         f"could not load model {name_or_path!r} ({reason}); built-in models: {_builtin_listing()}; "
         "a hub id needs network access or a copy in the Hugging Face cache")

@@ -1,23 +1,33 @@
-"""Building rlfb-tiny: loadable output, reproducibility, and a cache that survives crashes and races.
+"""rlfb-tiny: the shipped copy, and building: loadable output, reproducibility, and a cache that survives
+crashes, truncation and races.
 
 Every test builds a much smaller variant of the recipe (a few seconds), never the full model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfb.cli import main
+from rlfb.errors import ModelNotFoundError
 from rlfb.models import builtin
 
 TINY = builtin.TinyModelRecipe(n_documents=400, vocab_size=300, n_layer=1, n_embd=16, n_head=2,
                                n_positions=48, steps=12, batch_size=8, warmup_steps=3, learning_rate=1e-2)
+
+
+def entries(models: Path) -> list[str]:
+    """The cache's entries and leftovers, without the lock files builds take turns on."""
+    return sorted(entry.name for entry in models.iterdir() if not entry.name.endswith(".lock"))
 
 
 def test_build_output_loads_with_plain_transformers(tiny_model_dir: Path) -> None:
@@ -59,7 +69,7 @@ def test_cache_lives_under_rlfb_home_and_is_reused(rlfb_home: Path, monkeypatch:
 
     monkeypatch.setattr(builtin, "build_model", no_second_build)
     assert builtin.ensure_built("rlfb-tiny", TINY, progress=False) == path
-    assert [entry.name for entry in path.parent.iterdir()] == [path.name]  # no staging dirs left behind
+    assert entries(path.parent) == [path.name]  # no staging dirs left behind
 
 
 def test_half_written_entry_is_rebuilt_not_loaded(rlfb_home: Path) -> None:
@@ -88,24 +98,35 @@ def test_entry_of_another_recipe_is_not_complete(tiny_model_dir: Path) -> None:
     assert not builtin.is_complete(tiny_model_dir, builtin.TinyModelRecipe(**{**TINY.__dict__, "steps": 31}))
 
 
-def test_concurrent_builds_leave_one_valid_entry(rlfb_home: Path) -> None:
+def test_concurrent_builds_build_once_and_share_the_entry(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     results: list[Path] = []
     errors: list[BaseException] = []
+    builds: list[int] = []
+    real_build = builtin.build_model
+    start_together = threading.Barrier(2)
+
+    def counted_build(*args: object, **kwargs: object) -> object:
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # both threads are past their first cache check before either entry exists
+        return real_build(*args, **kwargs)
 
     def build() -> None:
         try:
+            start_together.wait()
             results.append(builtin.ensure_built("rlfb-tiny", TINY, progress=False))
         except BaseException as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
 
+    monkeypatch.setattr(builtin, "build_model", counted_build)
     threads = [threading.Thread(target=build) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert not errors and len(results) == 2 and results[0] == results[1]
+    assert len(builds) == 1  # the second waited on the lock, then used the first one's entry
     assert builtin.is_complete(results[0], TINY)
-    assert [entry.name for entry in (rlfb_home / "models").iterdir()] == [results[0].name]
+    assert entries(rlfb_home / "models") == [results[0].name]
     # the entry holds whole, loadable weights
     assert AutoModelForCausalLM.from_pretrained(results[0]).transformer.wte.weight.shape == (300, 16)
 
@@ -128,16 +149,111 @@ def test_rebuild_replaces_the_entry(rlfb_home: Path) -> None:
     assert second == first and not (second / "stale.txt").exists() and builtin.is_complete(second, TINY)
 
 
-def test_cli_builds_prints_the_path_and_lists_the_cache(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def shipped_tiny(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A shipped copy of the TINY build in a temporary package data dir, with TINY registered as rlfb-tiny."""
+    monkeypatch.setitem(builtin.BUILTIN_RECIPES, "rlfb-tiny", TINY)
+    monkeypatch.setattr(builtin, "SHIPPED_DIR", tmp_path / "shipped")
+    shutil.copytree(tiny_model_dir, tmp_path / "shipped" / "rlfb-tiny")
+    return tmp_path / "shipped" / "rlfb-tiny"
+
+
+def no_build(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a model was built")
+
+
+def test_rlfb_tiny_loads_the_shipped_copy_with_no_build(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rlfb.models.loading import load_model, resolve_model_path
+
+    monkeypatch.setattr(builtin, "build_model", no_build)
+    started = time.perf_counter()
+    model, tokenizer = load_model("rlfb-tiny", device="cpu")
+    assert time.perf_counter() - started < 2.0
+    assert resolve_model_path("rlfb-tiny") == str(builtin.shipped_path("rlfb-tiny"))
+    assert model.config.n_embd == builtin.BUILTIN_RECIPES["rlfb-tiny"].n_embd and len(tokenizer) == 512
+    assert not rlfb_home.exists()  # nothing was written to the cache
+
+
+def test_shipped_copy_is_a_build_of_the_registered_recipe_with_its_recorded_weights() -> None:
+    shipped = builtin.shipped_path("rlfb-tiny")
+    recipe = builtin.BUILTIN_RECIPES["rlfb-tiny"]
+    record = builtin.read_marker(shipped)
+    assert record is not None and record["recipe_hash"] == recipe.fingerprint()
+    assert record["recipe"] == dataclasses.asdict(recipe) and record["torch_version"]
+    assert builtin.weights_sha256(shipped) == record["weights_sha256"]
+    assert builtin.verify_entry(shipped, recipe) is None
+    assert builtin.directory_size(shipped) < 5e6  # a few MB of package data
+
+
+def test_build_goes_to_the_cache_not_the_package_and_says_it_matches(
+        rlfb_home: Path, shipped_tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = {file.name: file.read_bytes() for file in shipped_tiny.iterdir()}
+    assert main(["models", "build", "rlfb-tiny", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(builtin.cache_path("rlfb-tiny", TINY))
+    assert "the rebuild matches the shipped weights of rlfb-tiny" in err
+    assert {file.name: file.read_bytes() for file in shipped_tiny.iterdir()} == before
+    from rlfb.models.loading import resolve_model_path
+    assert resolve_model_path("rlfb-tiny") == str(shipped_tiny)  # the name still means the shipped copy
+
+
+def test_build_that_differs_from_the_shipped_copy_says_how_to_train_on_it(
+        rlfb_home: Path, shipped_tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record = json.loads((shipped_tiny / builtin.MARKER_FILE).read_text())
+    record["weights_sha256"] = "0" * 64  # as if built on another CPU
+    (shipped_tiny / builtin.MARKER_FILE).write_text(json.dumps(record))
+    assert main(["models", "build", "rlfb-tiny", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "the rebuild differs from the shipped weights of rlfb-tiny" in err
+    assert f"`model: rlfb-tiny` still loads the shipped copy; to train on this build, name its directory as " \
+           f"the model (`model: {out.strip()}`)" in err
+
+
+def test_cli_lists_the_shipped_copy_and_the_cache(rlfb_home: Path, shipped_tiny: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"shipped  {shipped_tiny}  ok (" in out and "`rlfb-tiny` loads the shipped copy" in out
+    assert "no rebuilds (`rlfb models build rlfb-tiny` builds one into" in out
+    entry = builtin.ensure_built("rlfb-tiny", TINY, progress=False)
+    assert main(["models", "list"]) == 0
+    assert f"  {entry.name}  ok (" in (out := capsys.readouterr().out)
+    assert out.count("same weights as the shipped copy") == 1
+
+
+def truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def test_truncated_entry_is_damaged_listed_so_and_rebuilt_by_name(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    entry = builtin.ensure_built("rlfb-tiny", TINY, progress=False)
+    size = (entry / "model.safetensors").stat().st_size
+    truncate(entry / "model.safetensors")
+    assert builtin.verify_entry(entry, TINY) == f"model.safetensors is {size // 2:,} bytes, {size:,} recorded"
     monkeypatch.setitem(builtin.BUILTIN_RECIPES, "rlfb-tiny", TINY)
     assert main(["models", "list"]) == 0
-    assert "not built" in capsys.readouterr().out
-    assert main(["models", "build", "rlfb-tiny", "--quiet"]) == 0
-    printed = capsys.readouterr().out.strip()
-    assert printed == str(builtin.cache_path("rlfb-tiny", TINY))
-    assert main(["models", "list"]) == 0
-    assert f"cached  {printed}" in capsys.readouterr().out
+    assert f"{entry.name}  damaged: model.safetensors is {size // 2:,} bytes" in capsys.readouterr().out
+    assert builtin.ensure_built("rlfb-tiny", TINY, progress=False) == entry
+    assert (entry / "model.safetensors").stat().st_size == size and builtin.is_complete(entry, TINY)
+
+
+def test_changed_weights_of_the_same_size_fail_the_sha256_check(rlfb_home: Path) -> None:
+    entry = builtin.ensure_built("rlfb-tiny", TINY, progress=False)
+    data = bytearray((entry / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one byte of the last tensor
+    (entry / "model.safetensors").write_bytes(bytes(data))
+    assert builtin.verify_entry(entry, TINY, check_weights=False) is None  # sizes alone cannot see it
+    assert "the weights' sha256 is" in builtin.verify_entry(entry, TINY)
+
+
+def test_damaged_shipped_copy_is_reported_not_loaded(rlfb_home: Path, shipped_tiny: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    truncate(shipped_tiny / "model.safetensors")
+    monkeypatch.setattr(builtin, "build_model", no_build)
+    with pytest.raises(ModelNotFoundError, match=rf"the shipped copy of rlfb-tiny in {shipped_tiny} is damaged "
+                                                 r"\(model.safetensors is .* recorded\); reinstall rlfb"):
+        builtin.locate("rlfb-tiny")
 
 
 def test_cli_unknown_model_lists_the_builtins(rlfb_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,12 +46,32 @@ def test_eval_sums_never_appear_in_a_pretraining_corpus() -> None:
 
 
 def test_corpus_is_deterministic_and_has_the_requested_mix() -> None:
-    documents = corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, wrong_answer_share=0.25)
-    assert documents == corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, wrong_answer_share=0.25)
-    sums = [line for line in documents if "+" in line]
-    assert len(sums) == 1200
-    wrong = [line for line in sums if eval(line.split("=")[0]) != int(line.split("=")[1])]  # noqa: S307
-    assert 0.2 < len(wrong) / len(sums) < 0.3
+    documents = corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, forgotten_carry_share=0.7)
+    assert documents == corpus.pretraining_corpus(3000, seed=1, arithmetic_share=0.4, forgotten_carry_share=0.7)
+    assert len([line for line in documents if "+" in line]) == 1200
+
+
+def test_the_only_wrong_answers_are_forgotten_carries_in_the_requested_share() -> None:
+    documents = corpus.pretraining_corpus(8000, seed=1, arithmetic_share=1.0, forgotten_carry_share=0.7)
+    shown = {"carry right": 0, "carry forgotten": 0, "no carry right": 0}
+    for line in documents:
+        a, b, answer = map(int, line.replace("=", "+").split("+"))
+        if not corpus.carries(a, b):
+            assert answer == a + b, line  # a sum without a carry is never wrong
+            shown["no carry right"] += 1
+        else:
+            assert answer in (a + b, a + b - 10), line  # the one systematic mistake: 17+25=32
+            shown["carry right" if answer == a + b else "carry forgotten"] += 1
+    carry_sums = shown["carry right"] + shown["carry forgotten"]
+    assert 0.67 < shown["carry forgotten"] / carry_sums < 0.73
+    assert 0.42 < carry_sums / len(documents) < 0.48  # 45 of the 100 pairs of ones digits carry
+
+
+def test_carries_and_forgotten_carry_by_hand() -> None:
+    assert corpus.carries(17, 25) and corpus.forgotten_carry(17, 25) == 32
+    assert corpus.carries(55, 45) and corpus.forgotten_carry(55, 45) == 90
+    assert not corpus.carries(14, 25) and corpus.forgotten_carry(14, 25) == 39
+    assert not corpus.carries(19, 10) and corpus.forgotten_carry(99, 99) == 188
 
 
 def test_review_sentiments_are_balanced_and_vader_agrees(vader: SentimentIntensityAnalyzer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,17 @@ def rlfb_home(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return rlfb_home
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/dir", "models/../missing/x", "~/nope", ""])
-def test_missing_path_names_it_and_lists_builtins(name: str) -> None:
+@pytest.mark.parametrize("name", ["./no/such/model", "../no/such/model", "/no/such/dir", "models/../missing/x",
+                                  "~/nope"])
+def test_missing_path_says_the_path_does_not_exist(name: str) -> None:
+    with pytest.raises(ModelNotFoundError, match=rf"model path '{name}' does not exist \(looked for "
+                                                 rf"{Path(name).expanduser().absolute()}\); name an existing model "
+                                                 r"directory, a hub id \(org/name\) or a built-in model \(rlfb-tiny\)"):
+        loading.resolve_model_path(name)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "bad:name"])
+def test_name_that_is_neither_path_nor_hub_id_lists_builtins(name: str) -> None:
     with pytest.raises(ModelNotFoundError, match=rf"model '{name}' not found.*built-in models: rlfb-tiny"):
         loading.resolve_model_path(name)
 
@@ -65,9 +75,38 @@ def test_left_padding_lets_a_batch_continue_at_the_right_edge(tiny_model_dir: Pa
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].tolist() == [1, 1]
 
 
-def test_directory_without_model_files_gives_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match=rf"could not load model '{tmp_path}'.*built-in models"):
+def test_directory_without_config_says_it_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelNotFoundError) as raised:
         loading.load_model(str(tmp_path), device="cpu")
+    assert str(raised.value) == (
+        f"model directory '{tmp_path}' has no config.json, so it is not a model; a model directory (as written by "
+        "save_pretrained) holds config.json, the weights (model.safetensors) and the tokenizer files "
+        "(tokenizer.json, tokenizer_config.json)")
+
+
+def test_directory_without_config_names_the_models_inside_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "final")
+    with pytest.raises(ModelNotFoundError, match=rf"these directories inside it are models: {tmp_path}/run/final$"):
+        loading.resolve_model_path(str(tmp_path / "run"))
+
+
+def test_directory_with_config_but_no_weights_gets_no_network_hint(tmp_path: Path, tiny_model_dir: Path) -> None:
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(ModelNotFoundError, match=rf"could not load model directory '{tmp_path}' \(.*\); it needs "
+                                                 r"the files save_pretrained writes") as raised:
+        loading.load_model(str(tmp_path), device="cpu")
+    assert "network" not in str(raised.value) and "hub" not in str(raised.value)
+
+
+def test_truncated_rlfb_build_given_as_a_path_is_damaged_not_loaded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelNotFoundError, match=rf"model directory '{copy}' is a damaged rlfb build \(model."
+                                                 rf"safetensors is 100 bytes, [\d,]+ recorded\); delete it"):
+        loading.load_model(str(copy), device="cpu")
 
 
 def test_half_written_cache_entry_is_not_loaded_as_a_path(rlfb_home: Path) -> None:
