@@ -1,10 +1,14 @@
 """Typed run configs: one YAML file per run, ``--set key=value`` overrides, errors that name the key.
 
-A run config has one section per concern (task, model, lora, rewards, agent, sampling, budget, eval,
-logging, checkpoint) plus ``seed``, ``device`` and ``output_dir``. Every field has a type and a help
-text; loading checks both, so a typo or a wrong type fails before any model is loaded:
+A run config has one section per concern (task, model, lora, rewards, reward_scaling, agent, sampling,
+budget, eval, logging, checkpoint) plus ``seed``, ``device``, ``threads`` and ``output_dir``. Every field
+has a type and a help text; loading checks both, so a typo or a wrong type fails before any model is
+loaded. This module imports neither torch nor transformers, so those errors come in a fraction of a second:
 
     unknown key 'budget.updatse'; did you mean 'budget.updates'? valid keys in 'budget': ...
+
+A relative dataset path (``task: {name: dataset, kwargs: {path: prompts.jsonl}}``, and ``eval_path``)
+is read relative to the directory of the config file, not the working directory.
 
 Example:
     >>> config = config_from_dict({"task": "sentiment", "agent": {"name": "ppo"}},
@@ -27,6 +31,8 @@ from typing import Any, Union
 
 import yaml
 
+from rlfb.cpu_threads import DEFAULT_THREADS
+from rlfb.envs.tasks import DATASET_PATH_OPTIONS, resolve_dataset_path
 from rlfb.errors import ConfigError
 
 
@@ -76,6 +82,17 @@ class RewardConfig:
     kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help("arguments of the reward"))
     weight: float = field(default=1.0, metadata=_help("weight of this component in the total reward"))
     label: str | None = field(default=None, metadata=_help("logged name; default: name"))
+
+
+@dataclass
+class RewardScalingConfig:
+    """What happens to the weighted total reward before the agent sees it (see docs/rewards.md)."""
+
+    normalize: bool = field(default=False, metadata=_help(
+        "subtract a running mean and divide by a running standard deviation of the total reward "
+        "(statistics over every training sample so far, saved in checkpoints, frozen during evaluation)"))
+    clip: float | None = field(default=None, metadata=_help(
+        "clip the total reward to [-clip, clip], after normalization; null: no clipping"))
 
 
 @dataclass
@@ -154,6 +171,8 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA adapter"))
     rewards: list[RewardConfig] = field(
         default_factory=lambda: [RewardConfig(name="sentiment")], metadata=_help("reward components"))
+    reward_scaling: RewardScalingConfig = field(default_factory=RewardScalingConfig, metadata=_help(
+        "normalization and clipping of the total reward"))
     agent: AgentConfig = field(default_factory=AgentConfig, metadata=_help("learning algorithm"))
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help("sampling"))
     budget: BudgetConfig = field(default_factory=BudgetConfig, metadata=_help("training budget"))
@@ -161,7 +180,12 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("logging"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_help("checkpoints"))
     seed: int = field(default=0, metadata=_help("seed of every random number generator"))
-    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    device: str = field(default="auto", metadata=_help(
+        "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"))
+    threads: int | None = field(default=DEFAULT_THREADS, metadata=_help(
+        f"CPU threads of torch (default {DEFAULT_THREADS}: on the built-in model a second thread buys "
+        "little on an idle machine and costs a lot on a busy one, see rlfb/cpu_threads.py); "
+        "null: torch's own default (one per core)"))
     output_dir: str = field(default="runs", metadata=_help("parent directory of run directories"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +207,9 @@ _SHORTHAND_SECTIONS = (TaskConfig, ModelConfig, RewardConfig, AgentConfig)
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader that also reads ``1e-4`` as a float (YAML 1.2 does, PyYAML's 1.1 does not)."""
 
+
+# `device` values: resolved to a torch.device (and checked against the hardware) when a run starts.
+_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -212,12 +239,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; ready configs are in configs/")
+        raise ConfigError(f"config file '{path}' does not exist{_similar_file_hint(path)}")
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from error
-    return config_from_dict(data if data is not None else {}, overrides)
+    config = config_from_dict(data if data is not None else {}, overrides)
+    return _with_dataset_paths_from(config, path.parent)
+
+
+def _similar_file_hint(path: Path) -> str:
+    """'; did you mean ...' naming a YAML file of the same directory with a close name, or ''."""
+    directory = path.parent if path.parent.is_dir() else None
+    names = sorted(p.name for p in directory.glob("*.y*ml")) if directory is not None else []
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean '{path.with_name(close[0])}'?" if close else ""
+
+
+def _with_dataset_paths_from(config: RunConfig, directory: Path) -> RunConfig:
+    """``config`` with the dataset task's relative file paths made relative to ``directory`` instead."""
+    if config.task.name != "dataset":
+        return config
+    kwargs = dict(config.task.kwargs)
+    for option in DATASET_PATH_OPTIONS:
+        if isinstance(kwargs.get(option), str):
+            kwargs[option] = resolve_dataset_path(kwargs[option], directory)
+    return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs))
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
@@ -427,6 +474,12 @@ def validate(config: RunConfig) -> RunConfig:
         if not ok:
             raise ConfigError(f"'{key}' is {value!r}; it must be {accepted}")
 
+    require(bool(_DEVICE_PATTERN.fullmatch(config.device)), "device", config.device,
+            "auto, cpu, cuda, cuda:N (N: the GPU index) or mps")
+    require(config.threads is None or config.threads >= 1, "threads", config.threads,
+            ">= 1, or null for torch's default")
+    clip = config.reward_scaling.clip
+    require(clip is None or clip > 0, "reward_scaling.clip", clip, "> 0, or null for no clipping")
     budget = config.budget
     require(budget.updates is None or budget.updates >= 1, "budget.updates", budget.updates, ">= 1 or null")
     require(budget.time_limit_s is None or budget.time_limit_s > 0, "budget.time_limit_s",

@@ -168,7 +168,8 @@ class Trainer:
         task_spec: Any = {"name": config.task.name, **config.task.kwargs}
         self.task = make_task(task_spec)
         self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
-                                     for r in config.rewards])
+                                     for r in config.rewards],
+                                    normalize=config.reward_scaling.normalize, clip=config.reward_scaling.clip)
         agent_name = config.agent.name
         lora = config.lora
         self.policy = Policy.from_pretrained(
