@@ -40,7 +40,7 @@ def check_run_inputs(config: RunConfig) -> None:
             resolve(reward.name)
         except ConfigError as error:
             hint = ("; for a module in the current directory run `PYTHONPATH=. rlfb train ...`"
-                    if ":" in reward.name else "")
+                    if isinstance(error.__cause__, ImportError) else "")
             raise ConfigError(f"rewards.{index}.name: {error}{hint}") from None
 
 
