@@ -68,16 +68,17 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
 
 
 def test_the_cli_sets_one_torch_thread_and_a_sleeping_openmp_before_torch_loads(tmp_path: Path) -> None:
-    # The first call stops at the device check, after the threads are set and torch imported; the second
-    # sets `threads` once torch is loaded.
-    probe = ("import os, sys; from rlfb.cli import main; argv = sys.argv[1:]; main(argv); import torch; "
+    # `rlfb eval` (no config: the default count) fails after importing torch; then `rlfb train` stops at
+    # the device check, after setting its config's `threads` on the loaded torch.
+    probe = ("import os, sys; from rlfb.cli import main; main(['eval', './no_such_run']); import torch; "
              "print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY']); "
-             "main([*argv, '--set', 'threads=2']); print(torch.get_num_threads())")
+             "main(['train', sys.argv[1], '--set', 'device=cuda:7', '--set', 'threads=2']); "
+             "print(torch.get_num_threads())")
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
-    result = subprocess.run([sys.executable, "-c", probe, "train", str(CONFIG), "--set", "device=cuda:7"],
-                            cwd=tmp_path, env={**environment, "PYTHONPATH": str(REPO)}, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe, str(CONFIG)], cwd=tmp_path, capture_output=True,
+                            env={**environment, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, text=True,
+                            timeout=120)
     assert result.stdout.split() == ["1", "PASSIVE", "2"], result.stderr
 
 
