@@ -41,6 +41,8 @@ def run_python(code: str, *args: str, cwd: Path, env: dict[str, str] | None = No
 
 def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (tmp_path / "notes.docx").write_text("x")
     (tmp_path / "typo.yaml").write_text("task: sentiment\nbudget: {updatse: 3}\n")
     cases = {
         "unknown key": (["typo.yaml"], "unknown key 'budget.updatse' (did you mean 'budget.updates'?)"),
@@ -54,6 +56,10 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
         "missing dataset file": (["--set", "task={name: dataset, kwargs: {path: prompts.jsonl}}"],
                                  "prompts.jsonl' (task option path) does not exist"),
         "unknown task option": (["--set", "task.kwargs.num_prompts=3"], "got unknown option(s) ['num_prompts']"),
+        "malformed JSONL": (["--set", "task={name: dataset, kwargs: {path: broken.jsonl}}"],
+                            "broken.jsonl', line 2: not valid JSON"),
+        "unknown file type": (["--set", "task={name: dataset, kwargs: {path: notes.docx}}"],
+                              "unknown file type '.docx'"),
     }
     argvs = [["train", *(args if args[0].endswith(".yaml") else [str(CONFIG), *args])]
              for args, _ in cases.values()]
@@ -64,7 +70,8 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
         assert len(lines) == 1 and lines[0].startswith("rlfb train: error: "), (case, lines)
         assert message in lines[0], (case, lines[0])
         assert not result["torch"], f"{case}: torch was imported before the error"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "typo.yaml"]  # nothing written
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == ["a_file", "broken.jsonl", "notes.docx", "typo.yaml"]  # nothing written
 
 
 def test_the_cli_sets_one_torch_thread_and_a_sleeping_openmp_before_torch_loads(tmp_path: Path) -> None:

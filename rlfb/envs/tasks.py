@@ -184,11 +184,26 @@ def check_task(name_or_spec: str | Mapping[str, Any], **options: Any) -> tuple[s
         raise ConfigError(f"task {name!r} got unknown option(s) {unknown}; options: {', '.join(parameters) or 'none'}")
     if builder is dataset_task:
         for option in DATASET_PATH_OPTIONS:
-            source = options.get(option)
-            if isinstance(source, str) and _looks_local(source) and not Path(source).expanduser().exists():
-                raise DatasetError(f"dataset file {source!r} (task option {option}) does not exist; check the "
-                                   "path (a relative path in a run config is read from the config file's directory)")
+            if isinstance(options.get(option), str):
+                _check_local_source(options[option], option)
     return name, options
+
+
+def _check_local_source(path: str, option: str) -> None:
+    """Check a dataset path that looks local: it exists, and a file is of a known type, not blank, valid JSONL."""
+    local = Path(path).expanduser()
+    if _looks_local(path) and not local.exists():
+        raise DatasetError(f"dataset file {path!r} (task option {option}) does not exist; check the path "
+                           "(a relative path in a run config is read from the config file's directory)")
+    if not local.is_file():
+        return
+    if local.suffix.lower() not in _FILE_BUILDERS:
+        raise DatasetError(f"cannot read {path!r}: unknown file type {local.suffix!r}; use one of "
+                           f"{sorted(_FILE_BUILDERS)}")
+    if _is_blank(local):
+        raise DatasetError(f"dataset {path!r} is empty; it needs at least one prompt")
+    if local.suffix.lower() == ".jsonl":
+        _check_json_lines(local)
 
 
 def resolve_dataset_path(path: str, directory: str | Path) -> str:
@@ -348,19 +363,10 @@ def _load_split(path: str, split: str, config_name: str | None) -> Any:
     local = Path(path).expanduser()
     try:
         if local.is_file():
-            builder = _FILE_BUILDERS.get(local.suffix.lower())
-            if builder is None:
-                raise DatasetError(f"cannot read {path!r}: unknown file type {local.suffix!r}; "
-                                   f"use one of {sorted(_FILE_BUILDERS)}")
-            if _is_blank(local):
-                raise DatasetError(f"dataset {path!r} is empty; it needs at least one prompt")
-            if local.suffix.lower() == ".jsonl":
-                _check_json_lines(local)
+            builder = _FILE_BUILDERS[local.suffix.lower()]  # check_task made sure of the suffix
             return datasets.load_dataset(builder, data_files=str(local), split=split, cache_dir=cache_dir)
         if local.is_dir():
             return datasets.load_dataset(str(local), split=split, cache_dir=cache_dir)
-        if _looks_local(path):
-            raise DatasetError(f"dataset file {path!r} does not exist")
         return datasets.load_dataset(path, config_name, split=split, cache_dir=cache_dir)
     except DatasetError:
         raise
