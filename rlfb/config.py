@@ -8,7 +8,8 @@ loaded. This module imports neither torch nor transformers, so those errors come
     unknown key 'budget.updatse'; did you mean 'budget.updates'? valid keys in 'budget': ...
 
 A relative dataset path (``task: {name: dataset, kwargs: {path: prompts.jsonl}}``, and ``eval_path``)
-is read relative to the directory of the config file, not the working directory.
+is read from where it was written: in the config file, from the file's directory (not the working
+directory); in a ``--set`` override, from the working directory. Either way it is stored absolute.
 
 Example:
     >>> config = config_from_dict({"task": "sentiment", "agent": {"name": "ppo"}},
@@ -48,7 +49,8 @@ class TaskConfig:
     name: str = field(default="sentiment", metadata=_help(
         "built-in task (sentiment, arithmetic) or 'dataset'"))
     kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
-        "task options, e.g. {path: my.jsonl, prompt_column: text} for 'dataset'"))
+        "task options, e.g. {path: my.jsonl, prompt_column: text} for 'dataset' (a relative path is read "
+        "from the config file's directory, or from the working directory when given with --set)"))
 
 
 @dataclass
@@ -244,8 +246,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from error
+    if isinstance(data, Mapping):
+        data = _normalize(RunConfig, dict(data), "")
+        if isinstance(data.get("task"), Mapping):
+            data["task"] = {**data["task"], "kwargs": _dataset_paths_from(data["task"], path.parent)}
     config = config_from_dict(data if data is not None else {}, overrides)
-    return _with_dataset_paths_from(config, path.parent)
+    # Paths given with --set are the working directory's; made absolute, a saved config works from anywhere.
+    kwargs = _dataset_paths_from({"name": config.task.name, "kwargs": config.task.kwargs}, Path.cwd())
+    return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs))
 
 
 def _similar_file_hint(path: Path) -> str:
@@ -256,15 +264,14 @@ def _similar_file_hint(path: Path) -> str:
     return f"; did you mean '{path.with_name(close[0])}'?" if close else ""
 
 
-def _with_dataset_paths_from(config: RunConfig, directory: Path) -> RunConfig:
-    """``config`` with the dataset task's relative file paths made relative to ``directory`` instead."""
-    if config.task.name != "dataset":
-        return config
-    kwargs = dict(config.task.kwargs)
-    for option in DATASET_PATH_OPTIONS:
-        if isinstance(kwargs.get(option), str):
-            kwargs[option] = resolve_dataset_path(kwargs[option], directory)
-    return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs))
+def _dataset_paths_from(task: Mapping[str, Any], directory: Path) -> dict[str, Any]:
+    """A task section's kwargs with the dataset task's relative local paths read from ``directory``."""
+    kwargs = dict(task.get("kwargs") or {})
+    if task.get("name") == "dataset":
+        for option in DATASET_PATH_OPTIONS:
+            if isinstance(kwargs.get(option), str):
+                kwargs[option] = resolve_dataset_path(kwargs[option], directory)
+    return kwargs
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:

@@ -130,3 +130,5 @@ def test_relative_dataset_paths_are_read_from_the_config_files_directory(
     path.write_text("task: {name: dataset, kwargs: {path: stanfordnlp/imdb}}\n")
     assert load_config(path).task.kwargs["path"] == "stanfordnlp/imdb"  # a hub id is left alone
     assert load_config(path, ["task.kwargs.path=/abs/p.jsonl"]).task.kwargs["path"] == "/abs/p.jsonl"
+    # A path typed on the command line is the working directory's, as a shell user expects.
+    assert load_config(path, ["task.kwargs.path=here.jsonl"]).task.kwargs["path"] == str(tmp_path / "here.jsonl")
