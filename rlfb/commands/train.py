@@ -67,17 +67,20 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
     from rlfb.cpu_threads import configure_threads
     from rlfb.preflight import check_device, check_run_inputs
 
-    if config_path is None and resume is None:
-        raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
-    if resume is not None:
-        from rlfb.checkpoint import CONFIG_FILE  # imports torch: only for a resumed run, whose config was valid
+    if resume is None:
+        if config_path is None:
+            raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
+        path = Path(config_path)
+    else:
+        # rlfb.checkpoint imports torch: only for a resumed run, whose config was valid when it started.
+        from rlfb.checkpoint import CONFIG_FILE
 
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume '{resume}' is not a directory; pass a run directory written by rlfb train")
         if not (Path(resume) / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume '{resume}' has no {CONFIG_FILE}, so it is not a run directory written by "
                               "rlfb train; pass one (they are under the config's output_dir, e.g. runs/)")
-    path = config_path or Path(resume) / CONFIG_FILE
+        path = Path(config_path) if config_path is not None else Path(resume) / CONFIG_FILE
     config = load_config(path, overrides)
     if resume is not None and config_path is not None:
         _warn_about_changes(load_config(Path(resume) / CONFIG_FILE).to_dict(), config.to_dict())
