@@ -183,7 +183,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_help("checkpoints"))
     seed: int = field(default=0, metadata=_help("seed of every random number generator"))
     device: str = field(default="auto", metadata=_help(
-        "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"))
+        "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"))
     threads: int | None = field(default=DEFAULT_THREADS, metadata=_help(
         f"CPU threads of torch (default {DEFAULT_THREADS}: on the built-in model a second thread buys "
         "little on an idle machine and costs a lot on a busy one, see rlfb/cpu_threads.py); "

@@ -25,8 +25,8 @@ from __future__ import annotations
 import os
 import sys
 
-# One thread: rlfb-tiny's matrices are too small for a second thread to pay on an idle machine (see
-# benchmarks/RESULTS.md, "threads"), and on a busy one extra threads multiply the time per update.
+# One thread: rlfb-tiny's matrices are too small for a second thread to pay much on an idle machine, and
+# on a busy one extra threads multiply the time per update (benchmarks/under_load.py measures both).
 # A larger model on an idle many-core machine wants more: `--set threads=N` or `threads: null`.
 DEFAULT_THREADS = 1
 
