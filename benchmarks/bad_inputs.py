@@ -84,7 +84,7 @@ CASES = [
     Case("zero temperature", train("sampling.temperature=0")),
     Case("lora.r = 0", train("lora.r=0")),
     Case("threads = 0", train("threads=0")),
-    Case("reward_scaling.clip < 0", train("reward_scaling.clip=-1")),
+    Case("reward_scale.clip < 0", train("reward_scale.clip=-1")),
     Case("num_envs not a multiple of the group", train("budget.num_envs=30", config=str(GRPO_CONFIG))),
     Case("config file missing (typo)", ["train", "rn.yaml"]),
     Case("config file not YAML", ["train", "broken.yaml"], files={"broken.yaml": "task: [sentiment\n"}),

@@ -1,6 +1,6 @@
 """Typed run configs: one YAML file per run, ``--set key=value`` overrides, errors that name the key.
 
-A run config has one section per concern (task, model, lora, rewards, reward_scaling, agent, sampling,
+A run config has one section per concern (task, model, lora, rewards, reward_scale, agent, sampling,
 budget, eval, logging, checkpoint) plus ``seed``, ``device``, ``threads`` and ``output_dir``. Every field
 has a type and a help text; loading checks both, so a typo or a wrong type fails before any model is
 loaded. This module imports neither torch nor transformers, so those errors come in a fraction of a second:
@@ -87,7 +87,7 @@ class RewardConfig:
 
 
 @dataclass
-class RewardScalingConfig:
+class RewardScaleConfig:
     """What happens to the weighted total reward before the agent sees it (see docs/rewards.md)."""
 
     normalize: bool = field(default=False, metadata=_help(
@@ -173,7 +173,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata=_help("LoRA adapter"))
     rewards: list[RewardConfig] = field(
         default_factory=lambda: [RewardConfig(name="sentiment")], metadata=_help("reward components"))
-    reward_scaling: RewardScalingConfig = field(default_factory=RewardScalingConfig, metadata=_help(
+    reward_scale: RewardScaleConfig = field(default_factory=RewardScaleConfig, metadata=_help(
         "normalization and clipping of the total reward"))
     agent: AgentConfig = field(default_factory=AgentConfig, metadata=_help("learning algorithm"))
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help("sampling"))
@@ -485,8 +485,8 @@ def validate(config: RunConfig) -> RunConfig:
             "auto, cpu, cuda, cuda:N (N: the GPU index) or mps")
     require(config.threads is None or config.threads >= 1, "threads", config.threads,
             ">= 1, or null for torch's default")
-    clip = config.reward_scaling.clip
-    require(clip is None or clip > 0, "reward_scaling.clip", clip, "> 0, or null for no clipping")
+    clip = config.reward_scale.clip
+    require(clip is None or clip > 0, "reward_scale.clip", clip, "> 0, or null for no clipping")
     budget = config.budget
     require(budget.updates is None or budget.updates >= 1, "budget.updates", budget.updates, ">= 1 or null")
     require(budget.time_limit_s is None or budget.time_limit_s > 0, "budget.time_limit_s",

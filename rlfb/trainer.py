@@ -169,7 +169,7 @@ class Trainer:
         self.task = make_task(task_spec)
         self.reward_set = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight, label=r.label)
                                      for r in config.rewards],
-                                    normalize=config.reward_scaling.normalize, clip=config.reward_scaling.clip)
+                                    normalize=config.reward_scale.normalize, clip=config.reward_scale.clip)
         agent_name = config.agent.name
         lora = config.lora
         self.policy = Policy.from_pretrained(

@@ -73,8 +73,8 @@ def test_overrides_are_yaml_typed_and_reach_lists_and_agent_params(tmp_path: Pat
     ({"device": "gpu"}, [], r"'device' is 'gpu'; it must be auto, cpu, cuda, cuda:N"),
     ({}, ["device=cuda:x"], r"'device' is 'cuda:x'"),
     ({"threads": 0}, [], r"'threads' is 0; it must be >= 1, or null"),
-    ({}, ["reward_scaling.clip=-1"], r"'reward_scaling.clip' is -1.0; it must be > 0"),
-    ({}, ["reward_scaling.normalise=true"], r"did you mean 'reward_scaling.normalize'"),
+    ({}, ["reward_scale.clip=-1"], r"'reward_scale.clip' is -1.0; it must be > 0"),
+    ({}, ["reward_scale.normalise=true"], r"did you mean 'reward_scale.normalize'"),
 ])
 def test_bad_configs_raise_naming_the_key(data: dict, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -100,7 +100,7 @@ def test_resolved_yaml_round_trips() -> None:
 def test_every_field_has_help_text() -> None:
     helps = field_help()
     assert "budget.updates" in helps and "agent.params" in helps
-    assert {"threads", "reward_scaling.normalize", "reward_scaling.clip"} <= set(helps)
+    assert {"threads", "reward_scale.normalize", "reward_scale.clip"} <= set(helps)
     assert all(text.split(": ", 1)[1] for text in helps.values())
 
 
@@ -110,11 +110,11 @@ def test_shipped_configs_load(name: str) -> None:
     assert config.model.name == "rlfb-tiny"
 
 
-def test_reward_scaling_and_threads_default_off_and_one_and_load_from_yaml(tmp_path: Path) -> None:
+def test_reward_scale_and_threads_default_off_and_one_and_load_from_yaml(tmp_path: Path) -> None:
     default = RunConfig()
-    assert (default.reward_scaling.normalize, default.reward_scaling.clip, default.threads) == (False, None, 1)
-    config = load_config(write(tmp_path, "reward_scaling: {normalize: true, clip: 5}\nthreads: null\n"))
-    assert (config.reward_scaling.normalize, config.reward_scaling.clip, config.threads) == (True, 5.0, None)
+    assert (default.reward_scale.normalize, default.reward_scale.clip, default.threads) == (False, None, 1)
+    config = load_config(write(tmp_path, "reward_scale: {normalize: true, clip: 5}\nthreads: null\n"))
+    assert (config.reward_scale.normalize, config.reward_scale.clip, config.threads) == (True, 5.0, None)
 
 
 def test_relative_dataset_paths_are_read_from_the_config_files_directory(

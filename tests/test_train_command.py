@@ -76,11 +76,11 @@ def first_update_metrics(model_dir: Path, output_dir: Path, *overrides: str) -> 
     return seen[0]
 
 
-def test_reward_scaling_keys_change_the_rewards_the_agent_sees(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_reward_scale_keys_change_the_rewards_the_agent_sees(tiny_model_dir: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     plain = first_update_metrics(tiny_model_dir, tmp_path)
-    normalized = first_update_metrics(tiny_model_dir, tmp_path, "reward_scaling.normalize=true")
-    clipped = first_update_metrics(tiny_model_dir, tmp_path, "reward_scaling.clip=1.5")
+    normalized = first_update_metrics(tiny_model_dir, tmp_path, "reward_scale.normalize=true")
+    clipped = first_update_metrics(tiny_model_dir, tmp_path, "reward_scale.clip=1.5")
     assert plain["rollout/reward_mean"] > 2 and plain["rollout/reward_std"] > 0.1  # characters: varied
     # The first batch is normalized with its own statistics: mean 0, standard deviation 1.
     assert normalized["rollout/reward_mean"] == pytest.approx(0.0, abs=1e-6)
