@@ -245,7 +245,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     try:
         data = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from error
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(error)}") from error
     if isinstance(data, Mapping):
         data = _normalize(RunConfig, dict(data), "")
         if isinstance(data.get("task"), Mapping):
@@ -254,6 +254,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     # Paths given with --set are the working directory's; made absolute, a saved config works from anywhere.
     kwargs = _dataset_paths_from({"name": config.task.name, "kwargs": config.task.kwargs}, Path.cwd())
     return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs))
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: the problem and where (its own message quotes the file over lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _similar_file_hint(path: Path) -> str:

@@ -89,6 +89,9 @@ def test_missing_file_and_non_mapping_raise(tmp_path: Path) -> None:
         load_config(tmp_path / "rn.yaml")
     with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
         load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"is not valid YAML: expected ',' or ']', but got '<stream end>' at "
+                                          r"line 2, column 1$"):
+        load_config(write(tmp_path, "task: [sentiment\n"))
 
 
 def test_resolved_yaml_round_trips() -> None:
