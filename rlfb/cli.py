@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from rlfb.cpu_threads import DEFAULT_THREADS, configure_threads
 from rlfb.errors import RlfbError
 
 # command name -> (module, one-line help)
@@ -26,6 +27,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "reward-model": ("rlfb.commands.reward_model", "train a reward model from feedback data"),
     "feedback": ("rlfb.commands.feedback", "synthesize feedback data for the built-in tasks"),
 }
+
+# Commands whose config has a `threads` key; they set torch's threads themselves once it is read.
+THREADS_FROM_CONFIG = frozenset({"train", "bench"})
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -49,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv[:1])  # prints help, or an "invalid choice" error naming the commands
         return 0
     name, rest = argv[0], argv[1:]
+    # Before any command imports torch (see rlfb.cpu_threads for why the count is not torch's default).
+    configure_threads(None if name in THREADS_FROM_CONFIG else DEFAULT_THREADS)
     # peft calls a transformers method that transformers 5 renamed; users can do nothing about it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     module_name, help_text = SUBCOMMANDS[name]

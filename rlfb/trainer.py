@@ -193,7 +193,8 @@ class Trainer:
         self._collect_rollout = collect_rollout
         task_spec: Any = {"name": config.task.name, **config.task.kwargs}
         self.task = make_task(task_spec)
-        self.reward_set = RewardSet(run_directory.reward_specs(config.rewards, self.import_trust))
+        self.reward_set = RewardSet(run_directory.reward_specs(config.rewards, self.import_trust),
+                                    normalize=config.reward_scale.normalize, clip=config.reward_scale.clip)
         agent_name = config.agent.name
         lora = config.lora
         self.policy = Policy.from_pretrained(

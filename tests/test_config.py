@@ -70,6 +70,11 @@ def test_overrides_are_yaml_typed_and_reach_lists_and_agent_params(tmp_path: Pat
     ({"budget": {"updates": None}}, [], r"set at least one"),
     ({"budget": {"num_envs": 6, "group_size": 4}}, [], r"'budget.num_envs' is 6; it must be a positive multiple"),
     ({"sampling": {"temperature": 0}}, [], r"'sampling.temperature' is 0.0; it must be > 0"),
+    ({"device": "gpu"}, [], r"'device' is 'gpu'; it must be auto, cpu, cuda, cuda:N"),
+    ({}, ["device=cuda:x"], r"'device' is 'cuda:x'"),
+    ({"threads": 0}, [], r"'threads' is 0; it must be >= 1, or null"),
+    ({}, ["reward_scale.clip=-1"], r"'reward_scale.clip' is -1.0; it must be > 0"),
+    ({}, ["reward_scale.normalise=true"], r"did you mean 'reward_scale.normalize'"),
 ])
 def test_bad_configs_raise_naming_the_key(data: dict, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -77,10 +82,16 @@ def test_bad_configs_raise_naming_the_key(data: dict, overrides: list[str], mess
 
 
 def test_missing_file_and_non_mapping_raise(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist$"):
         load_config(tmp_path / "nope.yaml")
+    write(tmp_path, "task: sentiment\n")
+    with pytest.raises(ConfigError, match=r"'.*rn\.yaml' does not exist; did you mean '.*run\.yaml'\?"):
+        load_config(tmp_path / "rn.yaml")
     with pytest.raises(ConfigError, match="must be a mapping of sections, got list"):
         load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"is not valid YAML: expected ',' or ']', but got '<stream end>' at "
+                                          r"line 2, column 1$"):
+        load_config(write(tmp_path, "task: [sentiment\n"))
 
 
 def test_resolved_yaml_round_trips() -> None:
@@ -92,6 +103,7 @@ def test_resolved_yaml_round_trips() -> None:
 def test_every_field_has_help_text() -> None:
     helps = field_help()
     assert "budget.updates" in helps and "agent.params" in helps
+    assert {"threads", "reward_scale.normalize", "reward_scale.clip"} <= set(helps)
     assert all(text.split(": ", 1)[1] for text in helps.values())
 
 
@@ -99,3 +111,27 @@ def test_every_field_has_help_text() -> None:
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.model.name == "rlfb-tiny"
+
+
+def test_reward_scale_and_threads_default_off_and_one_and_load_from_yaml(tmp_path: Path) -> None:
+    default = RunConfig()
+    assert (default.reward_scale.normalize, default.reward_scale.clip, default.threads) == (False, None, 1)
+    config = load_config(write(tmp_path, "reward_scale: {normalize: true, clip: 5}\nthreads: null\n"))
+    assert (config.reward_scale.normalize, config.reward_scale.clip, config.threads) == (True, 5.0, None)
+
+
+def test_relative_dataset_paths_are_read_from_the_config_files_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    configs = tmp_path / "project" / "configs"
+    (configs / "data").mkdir(parents=True)
+    path = configs / "run.yaml"
+    path.write_text("task: {name: dataset, kwargs: {path: data/prompts.jsonl, eval_path: ../held_out.csv}}\n")
+    monkeypatch.chdir(tmp_path)  # the working directory is not the config's
+    kwargs = load_config(path).task.kwargs
+    assert kwargs["path"] == str(configs / "data" / "prompts.jsonl")
+    assert kwargs["eval_path"] == str(configs / ".." / "held_out.csv")
+    path.write_text("task: {name: dataset, kwargs: {path: stanfordnlp/imdb}}\n")
+    assert load_config(path).task.kwargs["path"] == "stanfordnlp/imdb"  # a hub id is left alone
+    assert load_config(path, ["task.kwargs.path=/abs/p.jsonl"]).task.kwargs["path"] == "/abs/p.jsonl"
+    # A path typed on the command line is the working directory's, as a shell user expects.
+    assert load_config(path, ["task.kwargs.path=here.jsonl"]).task.kwargs["path"] == str(tmp_path / "here.jsonl")

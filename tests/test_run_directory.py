@@ -121,9 +121,9 @@ def test_the_adapter_records_the_model_name_as_given(tiny_model_dir: Path, tmp_p
     from rlfb.models import builtin, loading
     from rlfb.models.policy import Policy
 
-    # A built-in name whose build lives in a cache directory, as rlfb-tiny's does.
+    # A built-in name that resolves to a directory elsewhere, as rlfb-tiny resolves to the package copy.
     monkeypatch.setitem(loading.BUILTIN_MODELS, "cached-tiny", "a test stand-in for rlfb-tiny")
-    monkeypatch.setattr(builtin, "ensure_built", lambda name, progress=True: tiny_model_dir)
+    monkeypatch.setattr(builtin, "locate", lambda name, progress=True: tiny_model_dir)
     Policy.from_pretrained("cached-tiny", device="cpu").save(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "cached-tiny"

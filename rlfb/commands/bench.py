@@ -24,8 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rlfb.bench import load_bench_config, run_bench
+    from rlfb.cpu_threads import configure_threads
+    from rlfb.preflight import check_device, check_run_inputs
 
     config = load_bench_config(args.config, args.overrides)
+    for design in config.designs:
+        check_run_inputs(config.run_config(design, config.seeds[0], runs_dir=args.output_dir or config.output_dir))
+    configure_threads(config.threads or None)  # the bench's `threads: 0` keeps torch's default
+    check_device(config.run_config(config.designs[0], config.seeds[0]).device)
     if args.check:
         budget = config.run_config(config.designs[0], config.seeds[0]).budget
         print(f"{args.config}: valid; {len(config.designs)} designs x {len(config.seeds)} seeds, "

@@ -1,11 +1,26 @@
-"""``rlfb train CONFIG [--set KEY=VALUE ...] [--resume RUN_DIR]``: train a policy from a YAML run config."""
+"""``rlfb train CONFIG [--set KEY=VALUE ...] [--resume RUN_DIR]``: train a policy from a YAML run config.
+
+Everything a config can get wrong is checked before torch is imported (keys, types, ranges, the output
+directory, dataset files, rewards), then the device, then the agent's options: a mistake costs seconds
+and writes nothing.
+
+``--set agent.name=NAME`` switches the agent of a config: the config file's agent options that NAME
+does not have (PPO's ``early_stop_kl`` for grpo) are dropped with a note naming them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlfb.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlfb.config import RunConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlfb.checkpoint import CONFIG_FILE
-    from rlfb.config import load_config
-    from rlfb.rewards.registry import TRUST_ALL
-    from rlfb.run_directory import import_trust
-    from rlfb.trainer import Trainer
-
     if args.show_keys:
         from rlfb.config import field_help
 
@@ -38,15 +47,77 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"{key:<{width}}  {text}" for key, text in helps.items()))
         print(f"{'agent.*':<{width}}  the agent's hyper-parameters: see docs/algorithms.md")
         return 0
-    if args.config is None and args.resume is None:
-        raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
-    if args.resume is not None and not Path(args.resume).is_dir():
-        raise ConfigError(f"--resume '{args.resume}' is not a directory; pass a run directory written by rlfb train")
-    config_path = Path(args.config) if args.config else Path(args.resume) / CONFIG_FILE
-    config = load_config(config_path, args.overrides)
+    config = prepare_config(args.config, args.overrides, args.resume)
+    from rlfb.checkpoint import CONFIG_FILE
+    from rlfb.rewards.registry import TRUST_ALL
+    from rlfb.run_directory import import_trust
+    from rlfb.trainer import Trainer
+
     # The user's own config file may import what it names; a run directory's only what --allow-import says.
-    trust = TRUST_ALL if args.config else import_trust(config_path, args.allow_imports)
+    trust = TRUST_ALL if args.config else import_trust(Path(args.resume) / CONFIG_FILE, args.allow_imports)
     result = Trainer(config, resume_from=args.resume, import_trust=trust).train()
     print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
+
+
+def prepare_config(config_path: str | None, overrides: Sequence[str], resume: str | None) -> RunConfig:
+    """Load and check the run config as ``rlfb train`` does, and set torch's threads; load no model.
+
+    Raises:
+        ConfigError: the first problem found, as one line naming the key, the value and the fix.
+    """
+    from rlfb.config import load_config
+    from rlfb.cpu_threads import configure_threads
+    from rlfb.preflight import check_device, check_run_inputs
+
+    if resume is None:
+        if config_path is None:
+            raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
+        path = Path(config_path)
+    else:
+        # rlfb.checkpoint imports torch: only for a resumed run, whose config was valid when it started.
+        from rlfb.checkpoint import CONFIG_FILE
+
+        if not Path(resume).is_dir():
+            raise ConfigError(f"--resume '{resume}' is not a directory; pass a run directory written by rlfb train")
+        if not (Path(resume) / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume '{resume}' has no {CONFIG_FILE}, so it is not a run directory written by "
+                              "rlfb train; pass one (they are under the config's output_dir, e.g. runs/)")
+        path = Path(config_path) if config_path is not None else Path(resume) / CONFIG_FILE
+    config = load_config(path, overrides)
+    check_run_inputs(config)
+    configure_threads(config.threads)  # before torch is imported: OpenMP reads its wait policy once
+    check_device(config.device)
+    return _without_options_of_the_replaced_agent(config, load_config(path).agent.name, overrides)
+
+
+def _without_options_of_the_replaced_agent(config: RunConfig, file_agent: str, overrides: Sequence[str]) -> RunConfig:
+    """After ``--set agent.name=NEW``, drop the config file's agent options that NEW does not have, with a note.
+
+    Options given with ``--set`` are kept (and rejected by the agent if unknown): only what the user did
+    not ask for on this command line is dropped.
+    """
+    from rlfb.agents import AGENT_PRESETS
+    from rlfb.trainer import agent_config_class
+
+    name = config.agent.name
+    if name == file_agent or name not in AGENT_PRESETS:
+        return config
+    known = {option.name for option in dataclasses.fields(agent_config_class(name))}
+    given = {_agent_option_of(override) for override in overrides}
+    dropped = sorted(key for key in config.agent.params if key not in known and key not in given)
+    if not dropped:
+        return config
+    print(f"rlfb train: note: --set agent.name={name} replaces agent '{file_agent}'; dropped the config "
+          f"file's options that {name} does not have: {', '.join(dropped)}", file=sys.stderr)
+    params = {key: value for key, value in config.agent.params.items() if key not in dropped}
+    return dataclasses.replace(config, agent=dataclasses.replace(config.agent, params=params))
+
+
+def _agent_option_of(override: str) -> str | None:
+    """The agent option an override sets (``agent.kl_coef=0.1`` and ``agent.params.kl_coef=0.1``: kl_coef)."""
+    parts = override.partition("=")[0].strip().split(".")
+    if parts[0] != "agent" or len(parts) < 2:
+        return None
+    return parts[2] if parts[1] == "params" and len(parts) > 2 else parts[1]
 

@@ -10,7 +10,11 @@ Built-ins:
     * ``arithmetic``: sums such as ``"17+25="`` with the ``answer`` column; the eval sums never occur in
       the built-in model's pretraining corpus. Default reward: ``exact_match``.
     * ``dataset``: any source :func:`datasets.load_dataset` reads: a local JSON / JSONL / CSV / Parquet /
-      text file or directory, or a hub id where there is internet. No default reward.
+      text file or directory, or a hub id where there is internet. No default reward. A path that
+      looks local (a file suffix, a leading ``.``, ``/`` or ``~``, or a directory part that exists) is
+      never tried on the hub: when it is missing, the error says so at once. In a run config, relative
+      paths are read from the config file's directory. `datasets` keeps its Arrow copies of the files
+      under rlfb's cache (``$RLFB_HOME/datasets``, by default ``~/.cache/rlfb/datasets``).
 
 Example:
     >>> task = make_task("arithmetic")
@@ -24,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,7 @@ import numpy as np
 
 from rlfb.errors import ConfigError, DatasetError
 
-__all__ = ["SPLITS", "Task", "list_tasks", "make_task", "register_task"]
+__all__ = ["DATASET_PATH_OPTIONS", "SPLITS", "Task", "check_task", "list_tasks", "make_task", "register_task", "resolve_dataset_path"]
 
 Split = Literal["train", "eval"]
 SPLITS: tuple[Split, ...] = ("train", "eval")
@@ -44,6 +49,9 @@ _BUILDERS: dict[str, TaskBuilder] = {}
 # Openings of a split are drawn without repetition until the split is used up, so deduplicating a draw
 # this long recovers every opening of the split (the grammar has a few hundred).
 _OPENINGS_DRAW = 20_000
+
+# Options of the dataset task that name files or directories.
+DATASET_PATH_OPTIONS = ("path", "eval_path")
 
 # File suffix -> the `datasets` builder that reads it.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -145,6 +153,20 @@ def make_task(name_or_spec: str | Mapping[str, Any] | Task, **options: Any) -> T
         if options:
             raise ConfigError(f"options {sorted(options)} cannot be applied to a ready Task {name_or_spec.name!r}")
         return name_or_spec
+    name, options = check_task(name_or_spec, **options)
+    return _BUILDERS[name](**options)
+
+
+def check_task(name_or_spec: str | Mapping[str, Any], **options: Any) -> tuple[str, dict[str, Any]]:
+    """Check a task's name, its option names and (for ``dataset``) that its local files exist, reading nothing.
+
+    Returns:
+        The task name and its options, as :func:`make_task` passes them to the builder.
+
+    Raises:
+        ConfigError: Unknown task name or option.
+        DatasetError: A dataset path that looks local does not exist.
+    """
     if isinstance(name_or_spec, Mapping):
         spec = dict(name_or_spec)
         if "name" not in spec:
@@ -160,7 +182,61 @@ def make_task(name_or_spec: str | Mapping[str, Any] | Task, **options: Any) -> T
     unknown = sorted(set(options) - set(parameters))
     if unknown:
         raise ConfigError(f"task {name!r} got unknown option(s) {unknown}; options: {', '.join(parameters) or 'none'}")
-    return builder(**options)
+    if builder is dataset_task:
+        for option in DATASET_PATH_OPTIONS:
+            if isinstance(options.get(option), str):
+                _check_local_source(options[option], option)
+    return name, options
+
+
+def _check_local_source(path: str, option: str) -> None:
+    """Check a dataset path that looks local: it exists, and a file is of a known type, not blank, valid JSONL."""
+    local = Path(path).expanduser()
+    if _looks_local(path) and not local.exists():
+        raise DatasetError(f"dataset file {path!r} (task option {option}) does not exist; check the path "
+                           "(a relative path in a run config is read from the config file's directory)")
+    if not local.is_file():
+        return
+    if local.suffix.lower() not in _FILE_BUILDERS:
+        raise DatasetError(f"cannot read {path!r}: unknown file type {local.suffix!r}; use one of "
+                           f"{sorted(_FILE_BUILDERS)}")
+    if _is_blank(local):
+        raise DatasetError(f"dataset {path!r} is empty; it needs at least one prompt")
+    if local.suffix.lower() == ".jsonl":
+        _check_json_lines(local)
+
+
+def resolve_dataset_path(path: str, directory: str | Path) -> str:
+    """``path`` read relative to ``directory`` when it is a relative local path; hub ids stay as they are.
+
+    A name that does not look local (``imdb``, ``stanfordnlp/imdb``) is a hub id unless a file or
+    directory of that name exists in ``directory``.
+
+    Example:
+        >>> resolve_dataset_path("data/prompts.jsonl", "/project/configs")
+        '/project/configs/data/prompts.jsonl'
+        >>> resolve_dataset_path("stanfordnlp/imdb", "/project/configs"), resolve_dataset_path("/abs.csv", "/x")
+        ('stanfordnlp/imdb', '/abs.csv')
+    """
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    candidate = Path(directory) / expanded
+    return str(candidate) if _looks_local(path, Path(directory)) or candidate.exists() else path
+
+
+def _looks_local(path: str, directory: Path = Path(".")) -> bool:
+    """Whether ``path`` names a local file or directory rather than a hub dataset id.
+
+    Local: a file suffix rlfb reads (``.jsonl``...), a leading ``.``, ``/`` or ``~``, a backslash, more
+    than one ``/``, or a first path part that is an existing directory (``data/prompts``).
+    """
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    if Path(path).suffix.lower() in _FILE_BUILDERS:
+        return True
+    first, separator, _ = path.partition("/")
+    return bool(separator) and (directory / first).is_dir()
 
 
 # ---------------------------------------------------------------------------------------------- built-ins
@@ -281,21 +357,17 @@ def _load_rows(path: str, split: str, config_name: str | None, prompt_column: st
 def _load_split(path: str, split: str, config_name: str | None) -> Any:
     import datasets
 
+    from rlfb.models.builtin import rlfb_home
+
+    cache_dir = str(rlfb_home() / "datasets")  # Arrow copies of the files: rlfb's cache, not ~/.cache/huggingface
     local = Path(path).expanduser()
     try:
         if local.is_file():
-            builder = _FILE_BUILDERS.get(local.suffix.lower())
-            if builder is None:
-                raise DatasetError(f"cannot read {path!r}: unknown file type {local.suffix!r}; "
-                                   f"use one of {sorted(_FILE_BUILDERS)}")
-            if _is_blank(local):
-                raise DatasetError(f"dataset {path!r} is empty; it needs at least one prompt")
-            return datasets.load_dataset(builder, data_files=str(local), split=split)
+            builder = _FILE_BUILDERS[local.suffix.lower()]  # check_task made sure of the suffix
+            return datasets.load_dataset(builder, data_files=str(local), split=split, cache_dir=cache_dir)
         if local.is_dir():
-            return datasets.load_dataset(str(local), split=split)
-        if path.startswith((".", "/", "~")) or "\\" in path:
-            raise DatasetError(f"dataset file {path!r} does not exist")
-        return datasets.load_dataset(path, config_name, split=split)
+            return datasets.load_dataset(str(local), split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(path, config_name, split=split, cache_dir=cache_dir)
     except DatasetError:
         raise
     except ValueError as error:
@@ -306,6 +378,22 @@ def _load_split(path: str, split: str, config_name: str | None) -> Any:
     except Exception as error:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError...)
         raise DatasetError(f"could not load dataset {path!r} (split {split!r}): {type(error).__name__}: {error}") \
             from error
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise naming the file and line of the first line that is not a JSON object (`datasets` names neither)."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"dataset file {str(path)!r}, line {number}: not valid JSON ({error.msg} at "
+                                   f"column {error.colno}): {_preview(line.strip())}") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"dataset file {str(path)!r}, line {number}: a JSON Lines row must be an "
+                                   f"object such as {{\"prompt\": \"...\"}}, got {_preview(record)}")
 
 
 def _is_blank(path: Path) -> bool:

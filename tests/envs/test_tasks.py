@@ -111,3 +111,57 @@ def test_a_task_with_an_empty_split_is_rejected() -> None:
         Task("mine", train=({"prompt": "a"},), eval=())
     with pytest.raises(DatasetError, match="train row 0 needs a 'prompt' string"):
         Task("mine", train=({"text": "a"},), eval=({"prompt": "b"},))
+
+
+@pytest.fixture
+def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a path reaches `datasets.load_dataset` (a missing local file would try the hub)."""
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"datasets.load_dataset was called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+@pytest.mark.parametrize("path", ["prompts.jsonl", "data/prompts.csv", "./prompts", "a/b/c", "~/nowhere.parquet"])
+def test_a_missing_path_that_looks_local_is_reported_at_once_not_tried_on_the_hub(
+        path: str, no_hub: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError, match=f"dataset file '{path}' \\(task option path\\) does not exist"):
+        make_task("dataset", path=path)
+
+
+def test_an_existing_directory_part_makes_a_path_local(tmp_path: Path, no_hub: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError, match="'data/prompts' .* does not exist"):
+        make_task("dataset", path="data/prompts")
+    with pytest.raises(DatasetError, match="load_dataset was called"):  # an org/name hub id is still tried
+        make_task("dataset", path="stanfordnlp/imdb")
+
+
+def test_resolve_dataset_path_keeps_hub_ids_unless_the_directory_has_them(tmp_path: Path) -> None:
+    from rlfb.envs.tasks import resolve_dataset_path
+
+    assert resolve_dataset_path("imdb", tmp_path) == "imdb"
+    (tmp_path / "imdb").mkdir()
+    assert resolve_dataset_path("imdb", tmp_path) == str(tmp_path / "imdb")
+    assert resolve_dataset_path("p.jsonl", tmp_path) == str(tmp_path / "p.jsonl")
+
+
+def test_a_malformed_jsonl_line_is_named_with_file_and_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",\n')
+    with pytest.raises(DatasetError, match=r"broken.jsonl', line 4: not valid JSON .*\{\"prompt\": \"c\","):
+        make_task("dataset", path=str(path))
+    path.write_text('{"prompt": "a"}\n["b"]\n')
+    with pytest.raises(DatasetError, match=r"line 2: a JSON Lines row must be an object"):
+        make_task("dataset", path=str(path))
+
+
+def test_datasets_arrow_copies_go_to_rlfbs_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLFB_HOME", str(tmp_path / "home"))
+    make_task("dataset", path=str(write_jsonl(tmp_path / "q.jsonl", QUESTIONS)), prompt_column="question")
+    assert list((tmp_path / "home" / "datasets").rglob("*.arrow"))
