@@ -23,11 +23,16 @@ from pathlib import Path
 from rlfb.config import RunConfig
 from rlfb.envs.tasks import check_task
 from rlfb.errors import ConfigError
-from rlfb.rewards.registry import resolve
+from rlfb.rewards.registry import TRUST_ALL, ImportTrust, UntrustedImportError, resolve
 
 
-def check_run_inputs(config: RunConfig) -> None:
+def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
     """Check the output directory, the task and the rewards of ``config`` without importing torch.
+
+    Args:
+        config: The run config.
+        trust: The modules a ``module:attr`` reward may import (a run directory's config: only those the
+            user allowed); an untrusted module is refused before it is imported.
 
     Raises:
         ConfigError: naming the key, the value and the fix.
@@ -37,7 +42,9 @@ def check_run_inputs(config: RunConfig) -> None:
     check_task({"name": config.task.name, **config.task.kwargs})
     for index, reward in enumerate(config.rewards):
         try:
-            resolve(reward.name)
+            resolve(reward.name, trust)
+        except UntrustedImportError:
+            raise  # its message already names the reward, the config file and the flag
         except ConfigError as error:
             hint = ("; for a module in the current directory run `PYTHONPATH=. rlfb train ...`"
                     if isinstance(error.__cause__, ImportError) else "")

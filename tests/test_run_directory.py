@@ -127,3 +127,22 @@ def test_the_adapter_records_the_model_name_as_given(tiny_model_dir: Path, tmp_p
     Policy.from_pretrained("cached-tiny", device="cpu").save(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "cached-tiny"
+
+
+def test_resume_does_not_import_a_module_planted_in_the_run_directory(
+        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checks before torch loads resolve every reward: they too must refuse, not import, an untrusted module.
+    _, run_dir = interrupted_run(tiny_model_dir, tmp_path, 2)
+    marker = tmp_path / "IMPORTED"
+    (run_dir / "planted_reward.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n\ndef reward(prompts, completions, **kwargs):\n"
+        "    return [0.0] * len(completions)\n")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["rewards"] = ["planted_reward:reward"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.syspath_prepend(str(run_dir))  # importable, as from a run directory used as working directory
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run_dir)]) == 1
+    assert "would import and run module 'planted_reward'" in capsys.readouterr().err
+    assert not marker.exists()

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from rlfb.errors import ConfigError
 
+from rlfb.rewards.registry import TRUST_ALL, ImportTrust
+
 if TYPE_CHECKING:
     from rlfb.config import RunConfig
 
@@ -47,20 +49,19 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"{key:<{width}}  {text}" for key, text in helps.items()))
         print(f"{'agent.*':<{width}}  the agent's hyper-parameters: see docs/algorithms.md")
         return 0
-    config = prepare_config(args.config, args.overrides, args.resume)
-    from rlfb.checkpoint import CONFIG_FILE
-    from rlfb.rewards.registry import TRUST_ALL
-    from rlfb.run_directory import import_trust
+    # The user's own config file may import what it names; a run directory's only what --allow-import says.
+    trust = TRUST_ALL if args.config or args.resume is None else ImportTrust.only(
+        args.allow_imports, source=str(Path(args.resume) / "config.yaml"))
+    config = prepare_config(args.config, args.overrides, args.resume, trust)
     from rlfb.trainer import Trainer
 
-    # The user's own config file may import what it names; a run directory's only what --allow-import says.
-    trust = TRUST_ALL if args.config else import_trust(Path(args.resume) / CONFIG_FILE, args.allow_imports)
     result = Trainer(config, resume_from=args.resume, import_trust=trust).train()
     print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
 
 
-def prepare_config(config_path: str | None, overrides: Sequence[str], resume: str | None) -> RunConfig:
+def prepare_config(config_path: str | None, overrides: Sequence[str], resume: str | None,
+                   trust: ImportTrust = TRUST_ALL) -> RunConfig:
     """Load and check the run config as ``rlfb train`` does, and set torch's threads; load no model.
 
     Raises:
@@ -85,7 +86,7 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
                               "rlfb train; pass one (they are under the config's output_dir, e.g. runs/)")
         path = Path(config_path) if config_path is not None else Path(resume) / CONFIG_FILE
     config = load_config(path, overrides)
-    check_run_inputs(config)
+    check_run_inputs(config, trust)
     configure_threads(config.threads)  # before torch is imported: OpenMP reads its wait policy once
     check_device(config.device)
     return _without_options_of_the_replaced_agent(config, load_config(path).agent.name, overrides)
