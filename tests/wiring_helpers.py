@@ -116,3 +116,17 @@ def run_config(model_dir: Path, output_dir: Path, *overrides: str, agent: str = 
         "device": "cpu", "output_dir": str(output_dir), "seed": 3,
     }
     return config_from_dict(data, list(overrides))
+
+
+def eos_prone_copy(model_dir: Path, destination: Path, scale: float = 60.0) -> Path:
+    """A copy of the saved model at ``model_dir`` whose EOS logit is scaled up (the output embedding is tied
+    to the input one), so that some completions end with EOS and others run to the length cap."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] *= scale
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+    return destination
