@@ -7,8 +7,8 @@
 Each bug is a (file, exact source snippet, replacement) triple. For each one the tree is copied to a
 temporary directory (rlfb/, tests/, docs/, configs/ and the packaging files), the snippet is replaced
 (it must occur exactly once, otherwise the script stops and says "snippet no longer present"), and the
-bug's named test files run one after another with ``-x -q -p no:cacheprovider``; the first failing one
-"caught" the bug. ``--full`` also runs the whole default suite for bugs the named files missed. The
+bug's named test files run one after another with ``-x -q -p no:cacheprovider``; the first failing test
+"caught" the bug (the table names it, so a flaky failure can be told from a real catch). ``--full`` also runs the whole default suite for bugs the named files missed. The
 table at the end lists every bug, the test file that caught it (or "SURVIVED"), and the catch rate.
 
 The bugs cover how the trainer, the agents, the sampler, evaluation and the bench *use* the math:
@@ -340,7 +340,7 @@ class SnippetError(RuntimeError):
 @dataclass
 class Outcome:
     bug: PlantedBug
-    caught_by: str | None  # the test file that failed, "suite" with --full, None when it survived
+    caught_by: str | None  # the first failing test ("suite: ..." with --full), None when it survived
     seconds: float
     missing_tests: tuple[str, ...] = ()
 
@@ -364,14 +364,21 @@ def _copy_tree(destination: Path) -> None:
             shutil.copy2(source, destination / name)
 
 
-def _pytest(root: Path, targets: list[str]) -> int:
+def _pytest(root: Path, targets: list[str]) -> str | None:
+    """Run pytest in ``root``; None when everything passed, else the first failing test (or why it stopped)."""
     environment = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", *targets, *PYTEST_ARGS]
+    command = [sys.executable, "-m", "pytest", *targets, *PYTEST_ARGS, "-rfE"]
     try:
-        return subprocess.run(command, cwd=root, env=environment, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=TEST_TIMEOUT_S).returncode
+        finished = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True,
+                                  timeout=TEST_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return -1
+        return f"timeout after {TEST_TIMEOUT_S} s"
+    if finished.returncode == 0:
+        return None
+    for line in finished.stdout.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" ", 1)[1].split(" - ")[0]
+    return f"pytest exit code {finished.returncode}"
 
 
 def run_bug(bug: PlantedBug, full: bool) -> Outcome:
@@ -387,20 +394,23 @@ def run_bug(bug: PlantedBug, full: bool) -> Outcome:
         missing = tuple(test for test in bug.tests if test not in present)
         # One file per run: test files in different directories import their own `conftest` module.
         for test in present:
-            if _pytest(root, [test]) != 0:
-                return Outcome(bug, test, time.perf_counter() - started, missing)
-        if full and _pytest(root, []) != 0:
-            return Outcome(bug, "suite", time.perf_counter() - started, missing)
+            failure = _pytest(root, [test])
+            if failure is not None:
+                return Outcome(bug, failure, time.perf_counter() - started, missing)
+        if full:
+            failure = _pytest(root, [])
+            if failure is not None:
+                return Outcome(bug, f"suite: {failure}", time.perf_counter() - started, missing)
     return Outcome(bug, None, time.perf_counter() - started, missing)
 
 
 def print_table(outcomes: list[Outcome]) -> None:
     width = max(len(outcome.bug.id) for outcome in outcomes)
-    print(f"{'id':<{width}} | {'class':<12} | {'caught by':<36} | survived")
-    print(f"{'-' * width}-|-{'-' * 12}-|-{'-' * 36}-|---------")
+    print(f"{'id':<{width}} | {'class':<12} | {'caught by':<60} | survived")
+    print(f"{'-' * width}-|-{'-' * 12}-|-{'-' * 60}-|---------")
     for outcome in outcomes:
         caught = outcome.caught_by or ""
-        print(f"{outcome.bug.id:<{width}} | {outcome.bug.behaviour:<12} | {caught:<36} | "
+        print(f"{outcome.bug.id:<{width}} | {outcome.bug.behaviour:<12} | {caught:<60} | "
               f"{'SURVIVED' if outcome.caught_by is None else ''}")
     caught_count = sum(outcome.caught_by is not None for outcome in outcomes)
     print(f"\ncaught {caught_count} of {len(outcomes)} planted bugs: {100 * caught_count / len(outcomes):.0f}%")
