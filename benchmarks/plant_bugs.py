@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("rlfb", "tests", "docs", "configs", "setup.cfg", "pyproject.toml")
+COPIED = ("rlfb", "tests", "docs", "configs", "benchmarks", "setup.cfg", "pyproject.toml")
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider")
 TEST_TIMEOUT_S = 900
 
@@ -404,6 +404,16 @@ def run_bug(bug: PlantedBug, full: bool) -> Outcome:
     return Outcome(bug, None, time.perf_counter() - started, missing)
 
 
+def control_failures(bugs: list[PlantedBug]) -> list[str]:
+    """Run every named test file on an unmodified copy; the failures found there (a catch is meaningless
+    when the test fails without any planted bug)."""
+    with tempfile.TemporaryDirectory(prefix="plant-control-") as temporary:
+        root = Path(temporary)
+        _copy_tree(root)
+        files = sorted({test for bug in bugs for test in bug.tests if (root / test).is_file()})
+        return [f"{test}: {failure}" for test in files if (failure := _pytest(root, [test])) is not None]
+
+
 def print_table(outcomes: list[Outcome]) -> None:
     width = max(len(outcome.bug.id) for outcome in outcomes)
     print(f"{'id':<{width}} | {'class':<12} | {'caught by':<60} | survived")
@@ -448,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{bug.id:<36} {bug.behaviour:<12} {bug.path}  -> {', '.join(bug.tests)}")
         print(f"{len(bugs)} planted bugs, every snippet found exactly once")
         return 0
+    failures = control_failures(bugs)
+    if failures:
+        print("error: these tests fail without any planted bug; fix them first:\n  " + "\n  ".join(failures),
+              file=sys.stderr)
+        return 2
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for outcome in pool.map(lambda bug: run_bug(bug, args.full), bugs):
