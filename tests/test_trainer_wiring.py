@@ -79,7 +79,8 @@ def test_time_limit_counts_training_seconds(tiny_model_dir: Path, tmp_path: Path
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # Each update reads the clock thrice: 1 s of rollout + 1 s of update = 2 training seconds.
     monkeypatch.setattr(trainer_module, "time", _FakeClock())
-    config = run_config(tiny_model_dir, tmp_path, "budget.updates=null", "budget.time_limit_s=5",
+    # budget.updates=8 is a backstop: a broken time limit ends there instead of never.
+    config = run_config(tiny_model_dir, tmp_path, "budget.updates=8", "budget.time_limit_s=5",
                         "eval.num_prompts=0")
     result = Trainer(config).train()
     assert result.step == 3  # elapsed 2, 4, 6: the limit of 5 s is passed after the third update
