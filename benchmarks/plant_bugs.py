@@ -108,11 +108,11 @@ BUGS: tuple[PlantedBug, ...] = (
          "if config.checkpoint.every and self.step % config.checkpoint.every == 0 \\",
          "if config.checkpoint.every and self.step % config.eval.every == 0 \\", TRAINER_TESTS),
     _bug("trainer-eval-seed", "trainer", TRAINER,
-         "seed=self.config.eval.seed, num_samples=self.config.eval.num_samples)",
-         "seed=self.config.seed, num_samples=self.config.eval.num_samples)", TRAINER_TESTS),
+         "seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,",
+         "seed=self.config.seed, num_samples=self.config.eval.num_samples,", TRAINER_TESTS),
     _bug("trainer-eval-num-samples", "trainer", TRAINER,
-         "seed=self.config.eval.seed, num_samples=self.config.eval.num_samples)",
-         "seed=self.config.eval.seed)", TRAINER_TESTS),
+         "seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,",
+         "seed=self.config.eval.seed,", TRAINER_TESTS),
     _bug("trainer-sampling-temperature", "trainer", TRAINER,
          "SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,",
          "SamplingConfig(top_k=config.sampling.top_k,", TRAINER_TESTS),
@@ -129,7 +129,7 @@ BUGS: tuple[PlantedBug, ...] = (
          '"total_updates": config.budget.updates,', '"total_updates": config.budget.num_envs,', TRAINER_TESTS),
     # ----------------------------------------------------------------------------------- rollout metrics
     _bug("metric-reward-mean", "metric", TRAINER,
-         '"rollout/reward_mean": float(scores.mean()),', '"rollout/reward_mean": float(scores.median()),',
+         '"rollout/reward_mean": float(scores.mean()) if', '"rollout/reward_mean": float(scores.median()) if',
          METRIC_TESTS),
     _bug("metric-reward-std", "metric", TRAINER,
          "float(scores.std(unbiased=False))", "float(scores.std())", METRIC_TESTS),
@@ -297,8 +297,8 @@ BUGS: tuple[PlantedBug, ...] = (
          "generator = torch.Generator(device=policy.device).manual_seed(seed)\n    prompts, completions",
          "generator = torch.Generator(device=policy.device)\n    prompts, completions", EVALUATION_TESTS),
     _bug("eval-sampling-settings", "evaluation", EVALUATION,
-         "generation = generate(policy.model, input_ids, attention_mask, sampling,",
-         "generation = generate(policy.model, input_ids, attention_mask, "
+         "        generation = generate(policy.model, input_ids, attention_mask, sampling,",
+         "        generation = generate(policy.model, input_ids, attention_mask, "
          "SamplingConfig(max_new_tokens=sampling.max_new_tokens),", EVALUATION_TESTS),
     # ----------------------------------------------------------------------------------- bench columns
     _bug("bench-gold-kwargs", "bench", BENCH,
