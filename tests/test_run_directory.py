@@ -124,7 +124,14 @@ def test_the_adapter_records_the_model_name_as_given(tiny_model_dir: Path, tmp_p
     # A built-in name that resolves to a directory elsewhere, as rlfb-tiny resolves to the package copy.
     monkeypatch.setitem(loading.BUILTIN_MODELS, "cached-tiny", "a test stand-in for rlfb-tiny")
     monkeypatch.setattr(builtin, "locate", lambda name, progress=True: tiny_model_dir)
-    Policy.from_pretrained("cached-tiny", device="cpu").save(tmp_path / "adapter")
+    policy = Policy.from_pretrained("cached-tiny", device="cpu")
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise AssertionError("saving an adapter looked its base model up on the hub")
+
+    # peft's default looks a base name that is not a local directory up on the hub at every save.
+    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_hub)
+    policy.save(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "cached-tiny"
 

@@ -346,7 +346,10 @@ class Policy:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(directory))
+        # rlfb never resizes the vocabulary, so the full embedding matrices need not be saved; peft's "auto"
+        # would look the base model's name up on the hub to find out, a network call at every checkpoint
+        # (the name is ``rlfb-tiny`` or the user's, not necessarily a local directory).
+        self.model.save_pretrained(str(directory), save_embedding_layers=False)
         if self.value_head is not None:
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.value_head.state_dict().items()}
             save_file(state, str(directory / VALUE_HEAD_FILE))
