@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from test_trainer import tiny_config
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlfb.agents import make_agent
 from rlfb.agents.base import Agent
 from rlfb.agents.rollout import Rollout
-from rlfb.config import RunConfig, config_from_dict
+from rlfb.config import RunConfig
 from rlfb.models.policy import LoraSettings, Policy
 from rlfb.models.sampler import SamplingConfig, generate
 
@@ -99,23 +100,10 @@ def trainable_state(agent: Agent) -> torch.Tensor:
 
 
 def run_config(model_dir: Path, output_dir: Path, *overrides: str, agent: str = "ppo") -> RunConfig:
-    """A training run of a second or two on the random tiny model of tests/conftest.py.
-
-    The reward (a vowel anywhere) varies across the samples of a random model, so updates have a gradient.
-    """
-    data = {
-        "task": "sentiment", "model": str(model_dir),
-        "rewards": [{"name": "regex", "kwargs": {"pattern": "[aeiou]"}, "label": "vowel"}],
-        "agent": {"name": agent, "learning_rate": 1e-2},
-        "lora": {"r": 4, "alpha": 8},
-        "sampling": {"max_new_tokens": 6},
-        "budget": {"updates": 2, "num_envs": 4},
-        "eval": {"num_prompts": 4},
-        "logging": {"progress_bar": False, "tensorboard": False, "samples_every": 0},
-        "checkpoint": {"every": 0, "keep_last": 2},
-        "device": "cpu", "output_dir": str(output_dir), "seed": 3,
-    }
-    return config_from_dict(data, list(overrides))
+    """tests/test_trainer.py's tiny run (a vowel reward on the random tiny model), cut to 2 updates with no
+    samples or checkpoints unless ``overrides`` ask for them."""
+    return tiny_config(model_dir, output_dir, "budget.updates=2", "logging.samples_every=0", "checkpoint.every=0",
+                       *overrides, agent=agent)
 
 
 def eos_prone_copy(model_dir: Path, destination: Path, scale: float = 60.0) -> Path:
