@@ -220,7 +220,7 @@ def _verdict_bounds(section: dict[str, Any], config: BenchConfig) -> tuple[Verdi
              bounds.max_fluency_drop, "> 0, or null for no bound")
     if bounds.max_kl is not None:
         return bounds, "KL bound as configured (verdict.max_kl)."
-    from rlfb.trainer import agent_config_class
+    from rlfb.agents.configs import agent_config_class
 
     # The bench's agent without any design's KL settings: one bound for every design, so they compare.
     shared = config.run_config(dataclasses.replace(config.designs[0], agent_kl={}), config.seeds[0])

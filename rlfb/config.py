@@ -43,6 +43,8 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # the torch dtypes model.dtype may name
+
 @dataclass
 class TaskConfig:
     """Where prompts come from. YAML shorthand: ``task: sentiment``."""
@@ -516,6 +518,8 @@ def validate(config: RunConfig) -> RunConfig:
     require(sampling.max_new_tokens >= 1, "sampling.max_new_tokens", sampling.max_new_tokens, ">= 1")
     require(sampling.max_prompt_tokens is None or sampling.max_prompt_tokens >= 1, "sampling.max_prompt_tokens",
             sampling.max_prompt_tokens, ">= 1 or null")
+    require(config.model.dtype is None or config.model.dtype in MODEL_DTYPES, "model.dtype", config.model.dtype,
+            f"one of {', '.join(MODEL_DTYPES)}, or null for the model's own")
     require(config.lora.r >= 1, "lora.r", config.lora.r, ">= 1")
     require(0 <= config.lora.dropout < 1, "lora.dropout", config.lora.dropout, "in [0, 1)")
     require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")

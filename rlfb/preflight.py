@@ -4,7 +4,7 @@
 here, in two steps, so that every mistake a user can make in a config fails in seconds with one line:
 
 * :func:`check_run_inputs` (no torch): the output directory can hold run directories, the task and its
-  local dataset files exist, every reward is registered or importable;
+  local dataset files exist, every reward is registered or importable, the agent and its options are valid;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
 
 Example:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rlfb.agents.configs import run_agent
 from rlfb.config import RunConfig
 from rlfb.envs.tasks import check_task
 from rlfb.errors import ConfigError
@@ -27,7 +28,7 @@ from rlfb.rewards.registry import TRUST_ALL, ImportTrust, UntrustedImportError, 
 
 
 def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
-    """Check the output directory, the task and the rewards of ``config`` without importing torch.
+    """Check the output directory, the task, the rewards and the agent of ``config`` without importing torch.
 
     Args:
         config: The run config.
@@ -38,6 +39,7 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
         ConfigError: naming the key, the value and the fix.
         DatasetError: a local dataset file does not exist.
     """
+    run_agent(config)
     check_output_dir(config.output_dir)
     check_task({"name": config.task.name, **config.task.kwargs})
     for index, reward in enumerate(config.rewards):

@@ -29,7 +29,6 @@ trainer (each rank rolling out its share) can reuse this loop.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import random
 import signal
@@ -45,8 +44,9 @@ import torch
 
 from rlfb import checkpoint as checkpointing
 from rlfb import run_directory
-from rlfb.config import RunConfig, check_section, load_config
-from rlfb.errors import ConfigError, RewardError
+from rlfb.agents.configs import run_agent
+from rlfb.config import MODEL_DTYPES, RunConfig, load_config
+from rlfb.errors import RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
 from rlfb.files import write_text_atomically
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
@@ -60,7 +60,7 @@ AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
 # Rollouts in a row that no reward scored before the run stops: one such batch can be bad luck (every
 # completion missed a format), several mean the rewards cannot score this task and training learns nothing.
 UNSCORED_ROLLOUTS_LIMIT = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 # A callback sees the update number and its metrics after each update; returning False stops training.
 Callback = Callable[[int, dict[str, float]], "bool | None"]
@@ -123,22 +123,12 @@ class Trainer:
 
     def __init__(self, config: RunConfig, resume_from: str | Path | None = None,
                  callbacks: Sequence[Callback] = (), import_trust: ImportTrust = TRUST_ALL) -> None:
-        from rlfb.agents import AGENT_PRESETS
-
         self.config = config
         self.callbacks = list(callbacks)
         self.is_main_process = is_main_process()
         # Everything checkable without loading a model is checked here, before a run directory exists.
-        agent_name = config.agent.name
-        if agent_name not in AGENT_PRESETS:
-            raise ConfigError(f"unknown agent '{agent_name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
-        if config.model.dtype is not None and config.model.dtype not in DTYPES:
-            raise ConfigError(f"'model.dtype' is {config.model.dtype!r}; known: {', '.join(DTYPES)}")
-        self.group_size = config.budget.group_size or int(AGENT_PRESETS[agent_name].get("group_size", 1))
-        if config.budget.num_envs % self.group_size:
-            raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
-                              f"group size {self.group_size} of agent '{agent_name}'")
-        self.agent_options = self._agent_options()
+        self.run_agent = run_agent(config)
+        self.group_size = self.run_agent.group_size
         self.import_trust = import_trust
         for reward in config.rewards:
             import_trust.check(reward.name)
@@ -195,8 +185,8 @@ class Trainer:
         self.task = make_task(task_spec)
         self.reward_set = RewardSet(run_directory.reward_specs(config.rewards, self.import_trust),
                                     normalize=config.reward_scale.normalize, clip=config.reward_scale.clip)
-        agent_name = config.agent.name
         lora = config.lora
+        agent_name = config.agent.name
         self.policy = Policy.from_pretrained(
             config.model.name,
             lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
@@ -205,7 +195,7 @@ class Trainer:
             dtype=DTYPES.get(config.model.dtype or ""))
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)
-        self.agent = make_agent(agent_name, self.policy, self.agent_options)
+        self.agent = make_agent(agent_name, self.policy, self.run_agent.options)
         self.sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                                        top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)
         self.venv = gymnasium.make_vec(
@@ -217,28 +207,6 @@ class Trainer:
         self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
-
-    def _agent_options(self) -> dict[str, Any]:
-        """The agent's hyper-parameters, plus what the run config decides for it (temperature, budget...)."""
-        config = self.config
-        options = dict(config.agent.params)
-        decided = {"temperature": config.sampling.temperature, "total_updates": config.budget.updates,
-                   "seed": config.seed}
-        if config.agent.name != "ppo":
-            decided["group_size"] = self.group_size
-        config_class = agent_config_class(config.agent.name)
-        options = check_section(config_class, options, "agent")
-        known = {field.name for field in dataclasses.fields(config_class)}
-        for key, value in decided.items():
-            if key not in known:
-                continue
-            if key in options and options[key] != value and key != "seed":
-                where = {"temperature": "sampling.temperature", "total_updates": "budget.updates",
-                         "group_size": "budget.group_size"}[key]
-                raise ConfigError(f"'agent.{key}' is {options[key]!r} but '{where}' is {value!r}; "
-                                  f"set only '{where}'")
-            options.setdefault(key, value)
-        return options
 
     def _numpy_generators(self) -> dict[str, np.random.Generator]:
         return {"env": self.venv.unwrapped.np_random}
@@ -551,10 +519,3 @@ def extra_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["|" + "|".join(columns) + "|", "|" + "-|" * len(columns)]
     lines += ["|" + "|".join(cell(row.get(column)) for column in columns) + "|" for row in rows]
     return "\n".join(lines)
-
-
-def agent_config_class(agent_name: str) -> type:
-    """The config dataclass whose fields are the hyper-parameters of agent ``agent_name``."""
-    from rlfb.agents import PPOConfig, ReinforceConfig
-
-    return PPOConfig if agent_name == "ppo" else ReinforceConfig

@@ -60,12 +60,23 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
                             "broken.jsonl', line 2: not valid JSON"),
         "unknown file type": (["--set", "task={name: dataset, kwargs: {path: notes.docx}}"],
                               "unknown file type '.docx'"),
+        "unknown agent": (["--set", "agent.name=sac"], "unknown agent 'sac' in agent.name; known: ppo"),
+        "unknown agent option": (["--set", "agent.epoch=2"], "unknown key 'agent.epoch' (did you mean 'agent.epochs'?)"),
+        "agent option out of range": (["--set", "agent.epochs=0"], "agent (ppo): epochs and num_minibatches must be >= 1"),
+        "unknown baseline": (["--set", "agent.name=reinforce", "--set", "agent.baseline=mean"],
+                             "agent (reinforce): unknown baseline 'mean'; known: ema, rloo, grpo"),
+        "preset contradicted": (["--set", "agent.name=grpo", "--set", "agent.baseline=rloo"],
+                                "agent 'grpo' uses baseline 'grpo'; got baseline='rloo'"),
+        "bad lr schedule": (["--set", "agent.lr_schedule=cosine"], "unknown lr_schedule 'cosine'; known: constant"),
+        "group size": (["--set", "agent.name=grpo", "--set", "budget.num_envs=30"],
+                       "'budget.num_envs' is 30; it must be a multiple of the group size 4 of agent 'grpo'"),
+        "unknown dtype": (["--set", "model.dtype=int8"], "'model.dtype' is 'int8'; it must be one of float32"),
     }
     argvs = [["train", *(args if args[0].endswith(".yaml") else [str(CONFIG), *args])]
              for args, _ in cases.values()]
     results = json.loads(run_python(_CLI_PROBE, json.dumps(argvs), cwd=tmp_path))
     for (case, (_, message)), result in zip(cases.items(), results, strict=True):
-        lines = result["stderr"].strip().splitlines()
+        lines = [line for line in result["stderr"].strip().splitlines() if not line.startswith("rlfb train: note:")]
         assert result["code"] == 1, (case, result)
         assert len(lines) == 1 and lines[0].startswith("rlfb train: error: "), (case, lines)
         assert message in lines[0], (case, lines[0])

@@ -1,5 +1,8 @@
 """rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts.
 
+The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
+before a run loads anything) is importable without torch.
+
 Example:
     >>> from rlfb.agents import make_agent
     >>> make_agent("sac", policy=None)
@@ -8,17 +11,33 @@ Example:
     rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo
 """
 
-from rlfb.agents.base import AGENT_PRESETS, Agent, DegenerateUpdateError, GradientStepper, make_agent
-from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
-from rlfb.agents.ppo import PPOAgent, PPOConfig
-from rlfb.agents.reinforce import ReinforceAgent, ReinforceConfig
-from rlfb.agents.rollout import (
-    Rollout,
-    RolloutEvaluation,
-    collect_rollout,
-    evaluate_rollout,
-    rollout_reference_logprobs,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlfb.agents.base import Agent, DegenerateUpdateError, GradientStepper, make_agent
+    from rlfb.agents.configs import AGENT_PRESETS, PPOConfig, ReinforceConfig, agent_config
+    from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+    from rlfb.agents.ppo import PPOAgent
+    from rlfb.agents.reinforce import ReinforceAgent
+    from rlfb.agents.rollout import (
+        Rollout,
+        RolloutEvaluation,
+        collect_rollout,
+        evaluate_rollout,
+        rollout_reference_logprobs,
+    )
+
+_MODULE_OF = {
+    "AGENT_PRESETS": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs", "agent_config": "configs",
+    "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
+    "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
+    "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
+    "Rollout": "rollout", "RolloutEvaluation": "rollout", "collect_rollout": "rollout",
+    "evaluate_rollout": "rollout", "rollout_reference_logprobs": "rollout",
+}
 
 __all__ = [
     "AGENT_PRESETS",
@@ -33,9 +52,22 @@ __all__ = [
     "ReinforceConfig",
     "Rollout",
     "RolloutEvaluation",
+    "agent_config",
     "collect_rollout",
     "evaluate_rollout",
     "make_agent",
     "make_kl_controller",
     "rollout_reference_logprobs",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'rlfb.agents' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"rlfb.agents.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,23 +8,20 @@ evolution-strategies agent fits it; PPO and REINFORCE share a :class:`GradientSt
 from __future__ import annotations
 
 import abc
-import dataclasses
 import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from rlfb.agents.configs import PPOConfig, agent_config, check_learning_rate
 from rlfb.agents.rollout import Rollout
-from rlfb.errors import ConfigError, RlfbError
+from rlfb.errors import RlfbError
 
 logger = logging.getLogger(__name__)
-
-LR_SCHEDULES = ("constant", "linear")
-
 
 class DegenerateUpdateError(RlfbError, RuntimeError):
     """Several updates in a row produced a NaN or inf loss or gradient."""
@@ -56,25 +53,6 @@ class Agent(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-
-
-ConfigT = TypeVar("ConfigT")
-
-
-def config_from_mapping(config_class: type[ConfigT], values: Mapping[str, Any], agent_name: str) -> ConfigT:
-    """Build an agent config dataclass from a mapping, naming unknown keys and the known ones.
-
-    Raises:
-        ConfigError: On a key the config does not have.
-    """
-    known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for agent {agent_name!r}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    return config_class(**dict(values))
 
 
 # ------------------------------------------------------------------------------- masked statistics
@@ -122,12 +100,7 @@ class GradientStepper:
         adam_eps: float = 1e-5,
         max_consecutive_skips: int = 3,
     ) -> None:
-        if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
-        if lr_schedule == "linear" and not total_updates:
-            raise ConfigError("lr_schedule 'linear' needs total_updates (the number of updates of the run)")
-        if learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+        check_learning_rate(learning_rate, lr_schedule, total_updates)
         self.parameters = [p for p in parameters if p.requires_grad]
         self.max_grad_norm = max_grad_norm
         self.max_consecutive_skips = max_consecutive_skips
@@ -218,25 +191,13 @@ class GradientStepper:
 
 
 # ------------------------------------------------------------------------------- construction by name
-# name -> preset options. "rloo" and "grpo" are REINFORCE with a group baseline, k = 4 completions per
-# prompt unless the config says otherwise. GRPO puts the KL in the loss (Shao et al. 2024): in the reward,
-# dividing by the group's std would blow the KL noise of a group whose scores are all equal up to
-# unit-size advantages.
-AGENT_PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": {},
-    "reinforce": {},
-    "rloo": {"baseline": "rloo", "group_size": 4},
-    "grpo": {"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
-}
-
-
 def make_agent(name: str, policy: Any, config: Mapping[str, Any] | None = None) -> Agent:
     """Build an agent by name: ``"ppo"``, ``"reinforce"``, ``"rloo"`` or ``"grpo"``.
 
     Args:
-        name: Agent name.
+        name: Agent name (a key of :data:`rlfb.agents.configs.AGENT_PRESETS`).
         policy: The :class:`~rlfb.models.policy.Policy` to train.
-        config: Options of the agent's config dataclass (``PPOConfig`` or ``ReinforceConfig``).
+        config: Options of the agent's config dataclass (``PPOConfig`` or ``ReinforceConfig``) over its preset.
 
     Returns:
         The agent.
@@ -244,16 +205,10 @@ def make_agent(name: str, policy: Any, config: Mapping[str, Any] | None = None) 
     Raises:
         ConfigError: On an unknown name or option, naming the known ones.
     """
-    from rlfb.agents.ppo import PPOAgent, PPOConfig
-    from rlfb.agents.reinforce import ReinforceAgent, ReinforceConfig
+    from rlfb.agents.ppo import PPOAgent
+    from rlfb.agents.reinforce import ReinforceAgent
 
-    if name not in AGENT_PRESETS:
-        raise ConfigError(f"unknown agent {name!r}; known: {', '.join(AGENT_PRESETS)}")
-    options = dict(AGENT_PRESETS[name])
-    for key, value in (config or {}).items():
-        if key == "baseline" and key in options and value != options[key]:
-            raise ConfigError(f"agent {name!r} uses baseline {options[key]!r}; got baseline={value!r}")
-        options[key] = value
-    if name == "ppo":
-        return PPOAgent(policy, config_from_mapping(PPOConfig, options, name))
-    return ReinforceAgent(policy, config_from_mapping(ReinforceConfig, options, name))
+    options = agent_config(name, config)
+    if isinstance(options, PPOConfig):
+        return PPOAgent(policy, options)
+    return ReinforceAgent(policy, options)

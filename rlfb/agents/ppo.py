@@ -23,75 +23,11 @@ from typing import Any
 import torch
 
 from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
+from rlfb.agents.configs import PPOConfig
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
-
-
-@dataclasses.dataclass
-class PPOConfig:
-    """PPO hyper-parameters. Literature defaults unless noted; "tuned" ones were measured on the built-in
-    tiny model (see docs/algorithms.md).
-
-    Attributes:
-        learning_rate: AdamW learning rate of the LoRA and value-head parameters (tuned: LoRA on a small
-            model needs ~100x the 1.41e-5 Ziegler et al. 2019 used for full fine-tuning of GPT-2).
-        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
-        total_updates: Number of updates of the run (for the linear schedule).
-        epochs: Passes over each rollout (4: Ziegler et al. 2019).
-        num_minibatches: Minibatches per pass (4: Ziegler et al. 2019 / lm-human-preferences).
-        gamma: Discount (1.0: Ziegler et al. 2019; the episode is a short completion).
-        gae_lambda: GAE lambda (0.95: Ziegler et al. 2019, Schulman et al. 2016).
-        clip_range: Ratio clip epsilon (0.2: Schulman et al. 2017).
-        value_clip_range: Value clip (0.2: Ziegler et al. 2019; Huang et al. 2022 detail 9).
-        vf_coef: Value-loss weight (0.1: Ziegler et al. 2019).
-        entropy_coef: Entropy bonus weight (0.0 in Ziegler et al. 2019; tuned).
-        max_grad_norm: Global gradient-norm clip (tuned; 0.5 in Huang et al. 2022 detail 11).
-        whiten_advantages: Normalise advantages to mean 0, std 1 over the batch (Huang et al. 2022 detail 7).
-        kl_coef: KL penalty beta, or the adaptive controller's initial beta (0.2: Ziegler et al. 2019
-            sentiment; tuned).
-        kl_target: Target KL in nats per completion for the adaptive controller; None = fixed beta
-            (6.0 in Ziegler et al. 2019; tuned).
-        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
-            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
-        early_stop_kl: Stop the epochs of an update once the approximate KL (k3, per token) between the new
-            and old policy exceeds this; None disables (the ``target_kl`` of OpenAI Spinning Up's PPO).
-        temperature: Sampling temperature; logits are divided by it in every forward pass.
-        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
-        seed: Seed of the minibatch shuffling.
-    """
-
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
-    total_updates: int | None = None
-    epochs: int = 4
-    num_minibatches: int = 4
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    max_grad_norm: float | None = 1.0
-    whiten_advantages: bool = True
-    kl_coef: float = 0.1
-    kl_target: float | None = 3.0
-    kl_horizon: float = 2000.0
-    early_stop_kl: float | None = None
-    temperature: float = 1.0
-    max_consecutive_skips: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.num_minibatches < 1:
-            raise ConfigError(f"epochs and num_minibatches must be >= 1, got {self.epochs}, {self.num_minibatches}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
-            raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
-        if self.clip_range <= 0 or self.value_clip_range <= 0:
-            raise ConfigError(f"clip ranges must be > 0, got {self.clip_range}, {self.value_clip_range}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 # ------------------------------------------------------------------------------- the math, one function each

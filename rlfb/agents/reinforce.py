@@ -28,68 +28,11 @@ from typing import Any
 import torch
 
 from rlfb.agents.base import Agent, GradientStepper
+from rlfb.agents.configs import ReinforceConfig
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
-
-BASELINES = ("ema", "rloo", "grpo")
-KL_PENALTIES = ("reward", "loss")
-
-
-@dataclasses.dataclass
-class ReinforceConfig:
-    """REINFORCE hyper-parameters.
-
-    Attributes:
-        learning_rate: AdamW learning rate (tuned on the built-in tiny model).
-        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
-        total_updates: Number of updates of the run (for the linear schedule).
-        baseline: "ema", "rloo" or "grpo".
-        group_size: Completions per prompt k (>= 2 for "rloo" and "grpo"; rows i*k .. i*k+k-1 share a prompt).
-        baseline_decay: EMA decay of the moving-average baseline, b <- d * b + (1 - d) * mean(R).
-        kl_coef: KL beta, or the adaptive controller's initial beta.
-        kl_target: Target KL (nats per completion) of the adaptive controller; None = fixed beta.
-        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
-            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
-        kl_penalty: "reward" (KL in the return) or "loss" (k3 KL term in the loss, as GRPO).
-        entropy_coef: Entropy bonus weight.
-        max_grad_norm: Global gradient-norm clip.
-        temperature: Sampling temperature; logits are divided by it in every forward pass.
-        minibatch_size: Rows per forward/backward chunk (gradients accumulate; one optimizer step per
-            rollout); None = the whole batch at once.
-        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
-    """
-
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
-    total_updates: int | None = None
-    baseline: str = "ema"
-    group_size: int = 1
-    baseline_decay: float = 0.9
-    kl_coef: float = 0.1
-    kl_target: float | None = 3.0
-    kl_horizon: float = 2000.0
-    kl_penalty: str = "reward"
-    entropy_coef: float = 0.0
-    max_grad_norm: float | None = 1.0
-    temperature: float = 1.0
-    minibatch_size: int | None = None
-    max_consecutive_skips: int = 3
-
-    def __post_init__(self) -> None:
-        if self.baseline not in BASELINES:
-            raise ConfigError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
-        if self.kl_penalty not in KL_PENALTIES:
-            raise ConfigError(f"unknown kl_penalty {self.kl_penalty!r}; known: {', '.join(KL_PENALTIES)}")
-        if self.baseline in ("rloo", "grpo") and self.group_size < 2:
-            raise ConfigError(
-                f"baseline {self.baseline!r} needs group_size >= 2 completions per prompt, got {self.group_size}"
-            )
-        if not 0.0 <= self.baseline_decay < 1.0:
-            raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 # ------------------------------------------------------------------------------- group advantages

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rlfb.errors import ConfigError
-
 from rlfb.rewards.registry import TRUST_ALL, ImportTrust
 
 if TYPE_CHECKING:
@@ -85,11 +84,12 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
             raise ConfigError(f"--resume '{resume}' has no {CONFIG_FILE}, so it is not a run directory written by "
                               "rlfb train; pass one (they are under the config's output_dir, e.g. runs/)")
         path = Path(config_path) if config_path is not None else Path(resume) / CONFIG_FILE
-    config = load_config(path, overrides)
+    config = _without_options_of_the_replaced_agent(load_config(path, overrides), load_config(path).agent.name,
+                                                    overrides)
     check_run_inputs(config, trust)
     configure_threads(config.threads)  # before torch is imported: OpenMP reads its wait policy once
     check_device(config.device)
-    return _without_options_of_the_replaced_agent(config, load_config(path).agent.name, overrides)
+    return config
 
 
 def _without_options_of_the_replaced_agent(config: RunConfig, file_agent: str, overrides: Sequence[str]) -> RunConfig:
@@ -98,8 +98,7 @@ def _without_options_of_the_replaced_agent(config: RunConfig, file_agent: str, o
     Options given with ``--set`` are kept (and rejected by the agent if unknown): only what the user did
     not ask for on this command line is dropped.
     """
-    from rlfb.agents import AGENT_PRESETS
-    from rlfb.trainer import agent_config_class
+    from rlfb.agents.configs import AGENT_PRESETS, agent_config_class
 
     name = config.agent.name
     if name == file_agent or name not in AGENT_PRESETS:

@@ -1,0 +1,284 @@
+"""The agents' hyper-parameters and presets, importable without torch.
+
+Each agent's config is a dataclass whose fields are the ``agent:`` options of a run config; the presets
+name agents that are one config with some options fixed (RLOO and GRPO are REINFORCE with a group
+baseline). Nothing here imports torch, so ``rlfb train`` checks every agent option of a config in
+milliseconds, before the heavy imports (rlfb/preflight.py); the update rules live in ppo.py and
+reinforce.py.
+
+Example:
+    >>> agent_config("grpo", {"learning_rate": 3e-4}).baseline
+    'grpo'
+    >>> agent_config("ppo", {"epoch": 2})
+    Traceback (most recent call last):
+    ...
+    rlfb.errors.ConfigError: unknown option(s) 'epoch' for agent 'ppo'; known: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rlfb.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rlfb.config import RunConfig
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+def check_learning_rate(learning_rate: float, lr_schedule: str, total_updates: int | None) -> None:
+    """Raise ConfigError on a learning rate <= 0, an unknown schedule, or ``linear`` without a length."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    if lr_schedule == "linear" and not total_updates:
+        raise ConfigError("lr_schedule 'linear' needs total_updates (the number of updates of the run)")
+    if learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    """PPO hyper-parameters. Literature defaults unless noted; "tuned" ones were measured on the built-in
+    tiny model (see docs/algorithms.md).
+
+    Attributes:
+        learning_rate: AdamW learning rate of the LoRA and value-head parameters (tuned: LoRA on a small
+            model needs ~100x the 1.41e-5 Ziegler et al. 2019 used for full fine-tuning of GPT-2).
+        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
+        total_updates: Number of updates of the run (for the linear schedule).
+        epochs: Passes over each rollout (4: Ziegler et al. 2019).
+        num_minibatches: Minibatches per pass (4: Ziegler et al. 2019 / lm-human-preferences).
+        gamma: Discount (1.0: Ziegler et al. 2019; the episode is a short completion).
+        gae_lambda: GAE lambda (0.95: Ziegler et al. 2019, Schulman et al. 2016).
+        clip_range: Ratio clip epsilon (0.2: Schulman et al. 2017).
+        value_clip_range: Value clip (0.2: Ziegler et al. 2019; Huang et al. 2022 detail 9).
+        vf_coef: Value-loss weight (0.1: Ziegler et al. 2019).
+        entropy_coef: Entropy bonus weight (0.0 in Ziegler et al. 2019; tuned).
+        max_grad_norm: Global gradient-norm clip (tuned; 0.5 in Huang et al. 2022 detail 11).
+        whiten_advantages: Normalise advantages to mean 0, std 1 over the batch (Huang et al. 2022 detail 7).
+        kl_coef: KL penalty beta, or the adaptive controller's initial beta (0.2: Ziegler et al. 2019
+            sentiment; tuned).
+        kl_target: Target KL in nats per completion for the adaptive controller; None = fixed beta
+            (6.0 in Ziegler et al. 2019; tuned).
+        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
+            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
+        early_stop_kl: Stop the epochs of an update once the approximate KL (k3, per token) between the new
+            and old policy exceeds this; None disables (the ``target_kl`` of OpenAI Spinning Up's PPO).
+        temperature: Sampling temperature; logits are divided by it in every forward pass.
+        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+        seed: Seed of the minibatch shuffling.
+    """
+
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    total_updates: int | None = None
+    epochs: int = 4
+    num_minibatches: int = 4
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    max_grad_norm: float | None = 1.0
+    whiten_advantages: bool = True
+    kl_coef: float = 0.1
+    kl_target: float | None = 3.0
+    kl_horizon: float = 2000.0
+    early_stop_kl: float | None = None
+    temperature: float = 1.0
+    max_consecutive_skips: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        if self.epochs < 1 or self.num_minibatches < 1:
+            raise ConfigError(f"epochs and num_minibatches must be >= 1, got {self.epochs}, {self.num_minibatches}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ConfigError(f"gamma and gae_lambda must be in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if self.clip_range <= 0 or self.value_clip_range <= 0:
+            raise ConfigError(f"clip ranges must be > 0, got {self.clip_range}, {self.value_clip_range}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+BASELINES = ("ema", "rloo", "grpo")
+KL_PENALTIES = ("reward", "loss")
+
+
+@dataclasses.dataclass
+class ReinforceConfig:
+    """REINFORCE hyper-parameters.
+
+    Attributes:
+        learning_rate: AdamW learning rate (tuned on the built-in tiny model).
+        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
+        total_updates: Number of updates of the run (for the linear schedule).
+        baseline: "ema", "rloo" or "grpo".
+        group_size: Completions per prompt k (>= 2 for "rloo" and "grpo"; rows i*k .. i*k+k-1 share a prompt).
+        baseline_decay: EMA decay of the moving-average baseline, b <- d * b + (1 - d) * mean(R).
+        kl_coef: KL beta, or the adaptive controller's initial beta.
+        kl_target: Target KL (nats per completion) of the adaptive controller; None = fixed beta.
+        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
+            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
+        kl_penalty: "reward" (KL in the return) or "loss" (k3 KL term in the loss, as GRPO).
+        entropy_coef: Entropy bonus weight.
+        max_grad_norm: Global gradient-norm clip.
+        temperature: Sampling temperature; logits are divided by it in every forward pass.
+        minibatch_size: Rows per forward/backward chunk (gradients accumulate; one optimizer step per
+            rollout); None = the whole batch at once.
+        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+    """
+
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    total_updates: int | None = None
+    baseline: str = "ema"
+    group_size: int = 1
+    baseline_decay: float = 0.9
+    kl_coef: float = 0.1
+    kl_target: float | None = 3.0
+    kl_horizon: float = 2000.0
+    kl_penalty: str = "reward"
+    entropy_coef: float = 0.0
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+    minibatch_size: int | None = None
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ConfigError(f"unknown kl_penalty {self.kl_penalty!r}; known: {', '.join(KL_PENALTIES)}")
+        if self.baseline in ("rloo", "grpo") and self.group_size < 2:
+            raise ConfigError(
+                f"baseline {self.baseline!r} needs group_size >= 2 completions per prompt, got {self.group_size}"
+            )
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ConfigError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def config_from_mapping(config_class: type[ConfigT], values: Mapping[str, Any], agent_name: str) -> ConfigT:
+    """Build an agent config dataclass from a mapping, naming unknown keys and the known ones.
+
+    Raises:
+        ConfigError: On a key the config does not have, or a value its checks refuse.
+    """
+    known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for agent {agent_name!r}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return config_class(**dict(values))
+
+
+# name -> preset options. "rloo" and "grpo" are REINFORCE with a group baseline, k = 4 completions per
+# prompt unless the config says otherwise. GRPO puts the KL in the loss (Shao et al. 2024): in the reward,
+# dividing by the group's std would blow the KL noise of a group whose scores are all equal up to
+# unit-size advantages.
+AGENT_PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": {},
+    "reinforce": {},
+    "rloo": {"baseline": "rloo", "group_size": 4},
+    "grpo": {"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
+}
+
+AgentConfig = PPOConfig | ReinforceConfig
+
+
+def agent_config_class(name: str) -> type[AgentConfig]:
+    """The config dataclass whose fields are the options of agent ``name`` (a key of AGENT_PRESETS)."""
+    check_agent_name(name)
+    return PPOConfig if name == "ppo" else ReinforceConfig
+
+
+def check_agent_name(name: str) -> None:
+    """Raise ConfigError naming the known agents unless ``name`` is one."""
+    if name not in AGENT_PRESETS:
+        raise ConfigError(f"unknown agent {name!r}; known: {', '.join(AGENT_PRESETS)}")
+
+
+def agent_config(name: str, options: Mapping[str, Any] | None = None) -> AgentConfig:
+    """The config of agent ``name``: its preset, then ``options`` over it, checked.
+
+    Raises:
+        ConfigError: On an unknown agent, an unknown option, a value out of range, or an option that
+            contradicts the preset (``baseline`` of ``rloo`` or ``grpo``).
+    """
+    check_agent_name(name)
+    merged = dict(AGENT_PRESETS[name])
+    for key, value in (options or {}).items():
+        if key == "baseline" and key in merged and value != merged[key]:
+            raise ConfigError(f"agent {name!r} uses baseline {merged[key]!r}; got baseline={value!r}")
+        merged[key] = value
+    return config_from_mapping(agent_config_class(name), merged, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAgent:
+    """The agent a run config asks for, checked: its name, options and completions per prompt.
+
+    Attributes:
+        name: A key of :data:`AGENT_PRESETS`.
+        options: The ``agent:`` options plus what the run config decides for the agent (``temperature``
+            from ``sampling``, ``total_updates`` from ``budget``, ``seed``, ``group_size``).
+        group_size: Completions per prompt (``budget.group_size``, else the preset's, else 1).
+    """
+
+    name: str
+    options: dict[str, Any]
+    group_size: int
+
+
+# Agent options that other sections of the run config decide: option -> the key that sets it.
+DECIDED_BY_RUN = {"temperature": "sampling.temperature", "total_updates": "budget.updates",
+                  "group_size": "budget.group_size", "seed": "seed"}
+
+
+def run_agent(config: RunConfig) -> RunAgent:
+    """Check the agent of a run config and resolve its options, without importing torch.
+
+    Raises:
+        ConfigError: an unknown agent or option, a value the agent refuses, an option that contradicts
+            the key of the run config deciding it, or ``budget.num_envs`` not a multiple of the group size.
+    """
+    from rlfb.config import check_section
+
+    name = config.agent.name
+    if name not in AGENT_PRESETS:
+        raise ConfigError(f"unknown agent '{name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
+    group_size = config.budget.group_size or int(AGENT_PRESETS[name].get("group_size", 1))
+    if config.budget.num_envs % group_size:
+        raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
+                          f"group size {group_size} of agent '{name}'")
+    config_class = agent_config_class(name)
+    options = check_section(config_class, dict(config.agent.params), "agent")
+    decided = {"temperature": config.sampling.temperature, "total_updates": config.budget.updates,
+               "seed": config.seed}
+    if name != "ppo":
+        decided["group_size"] = group_size
+    known = {field.name for field in dataclasses.fields(config_class)}
+    for key, value in decided.items():
+        if key not in known:
+            continue
+        if key in options and options[key] != value and key != "seed":
+            raise ConfigError(f"'agent.{key}' is {options[key]!r} but '{DECIDED_BY_RUN[key]}' is {value!r}; "
+                              f"set only '{DECIDED_BY_RUN[key]}'")
+        options.setdefault(key, value)
+    try:
+        agent_config(name, options)  # the agent's own checks (ranges, baseline names, ...)
+    except ConfigError as error:
+        raise ConfigError(f"agent ({name}): {error}") from None
+    return RunAgent(name, options, group_size)
