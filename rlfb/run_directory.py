@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlfb.cpu_threads import configure_threads
 from rlfb.errors import ConfigError, RlfbError
 from rlfb.logging import flatten
 from rlfb.rewards.registry import ImportTrust, resolve
@@ -63,7 +64,8 @@ def reward_specs(rewards: Sequence[RewardConfig], trust: ImportTrust) -> list[Re
 
 def open_run(target: str | Path, command: str) -> tuple[Path, RunConfig] | None:
     """The checkpoint and config a run directory (or checkpoint) resolves to, with what it will load
-    said on stderr; None when ``target`` is not a run (a model name or directory).
+    said on stderr; None when ``target`` is not a run (a model name or directory). Sets torch's threads
+    to the run's ``threads``.
 
     Raises:
         CheckpointNotFoundError: a run directory without an intact checkpoint.
@@ -76,6 +78,7 @@ def open_run(target: str | Path, command: str) -> tuple[Path, RunConfig] | None:
         return None
     checkpoint = find_checkpoint(path, report=lambda line: print(f"rlfb {command}: {line}", file=sys.stderr))
     config = load_config(checkpoint / CONFIG_FILE)
+    configure_threads(config.threads)  # a run is read with the torch threads it trained with
     for line in describe_inputs(config, checkpoint):
         print(f"rlfb {command}: {line}", file=sys.stderr)
     return checkpoint, config

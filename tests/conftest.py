@@ -1,10 +1,28 @@
-"""Shared fixtures: a tiny random causal LM saved to disk, usable wherever a model name or path is."""
+"""Shared fixtures: one torch thread for every test, and a tiny random causal LM saved to disk, usable
+wherever a model name or path is."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread in every test, restored after it (a test may set its own, as `rlfb train` does).
+
+    The test models are tiny: a second thread does not pay, and on a shared 2-core machine torch's thread
+    pool stalls (a 0.2 s update once took 18 s). torch is imported here, not at module level, so that a
+    test can still check what the CLI imports in a fresh interpreter.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

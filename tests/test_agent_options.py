@@ -6,7 +6,6 @@ of gradient steps, or how far the weights moved. An option that is silently igno
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,6 @@ from rlfb.agents import DegenerateUpdateError, make_agent
 
 FIXED_KL = {"kl_target": None, "kl_coef": 0.0}
 ONE_STEP = {"epochs": 1, "num_minibatches": 1}
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def uneven_rollout(group_size: int = 1) -> Any:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from rlfb.bench import bench_config_from_dict, load_bench_config, run_bench
@@ -18,14 +16,6 @@ from rlfb.bench_plots import EvalPoint, RunRecord, summarize
 from rlfb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is faster
-    yield
-    torch.set_num_threads(threads)
 
 
 def bench_data(model: str = "rlfb-tiny", **changes: Any) -> dict[str, Any]:

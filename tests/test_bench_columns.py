@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlfb.bench import bench_config_from_dict, run_bench
 from rlfb.bench_plots import EvalPoint, RunRecord, results_markdown, summarize
@@ -20,15 +18,6 @@ from rlfb.envs.tasks import make_task
 from rlfb.evaluation import evaluate_policy, load_policy
 from rlfb.models.sampler import SamplingConfig
 from rlfb.rewards import RewardSet, RewardSpec
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MEASURES = ("design_reward", "kl", "fluency", "distinct_1", "distinct_2", "completion_length")
 

@@ -4,7 +4,6 @@ plain forward passes, KL and fluency summed per row, rewards called directly, di
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from rlfb.models.sampler import SamplingConfig
 from rlfb.rewards import RewardSet, RewardSpec
 
 MAX_NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,7 @@ def test_every_measure_matches_a_row_by_row_oracle(policy: Policy) -> None:
     length = [-abs(n - 3) / 3 for n in lengths]
     assert result.rewards["vowel"] == pytest.approx(sum(vowel) / len(vowel))
     assert result.rewards["length"] == pytest.approx(sum(length) / len(length))
-    assert result.rewards["total"] == pytest.approx(sum(2 * v + 0.5 * n for v, n in zip(vowel, length)) / len(texts))
+    assert result.rewards["total"] == pytest.approx(sum(2 * v + 0.5 * n for v, n in zip(vowel, length, strict=True)) / len(texts))
     assert [s["prompt"] for s in result.samples] == prompts
     assert result.distinct_1 == pytest.approx(naive_distinct(texts, 1))
     assert result.distinct_2 == pytest.approx(naive_distinct(texts, 2))

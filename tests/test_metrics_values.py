@@ -4,24 +4,14 @@ truncated fraction, tokens per second."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from wiring_helpers import eos_prone_copy, run_config
 
 import rlfb.agents.rollout as rollout_module
 from rlfb.logging import read_metrics
 from rlfb.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rollout_metrics_match_the_collected_batches(tiny_model_dir: Path, tmp_path: Path,

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from test_trainer import reproducible, tiny_config
 
@@ -17,14 +16,6 @@ from rlfb.config import load_config
 from rlfb.errors import ConfigError, RlfbError
 from rlfb.logging import read_metrics
 from rlfb.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def interrupted_run(model_dir: Path, output_dir: Path, stop_at: int, *overrides: str) -> tuple[Trainer, Path]:
@@ -56,7 +47,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_a_partial_log_line(
     resumed = Trainer(tiny_config(tiny_model_dir, tmp_path / "resumed", "checkpoint.every=1",
                                   "checkpoint.keep_last=3"), resume_from=run_dir).train()
     assert resumed.step == 4
-    assert (f"skipped damaged checkpoint checkpoints/step_00000003: agent.pt is 100 bytes but was written with "
+    assert ("skipped damaged checkpoint checkpoints/step_00000003: agent.pt is 100 bytes but was written with "
             in capsys.readouterr().err)
     # Continued from update 2, the run still equals one that never stopped.
     assert reproducible(read_metrics(run_dir)) == reproducible(read_metrics(straight.run_dir))
@@ -153,3 +144,16 @@ def test_resume_does_not_import_a_module_planted_in_the_run_directory(
     assert cli_main(["train", "--resume", str(run_dir)]) == 1
     assert "would import and run module 'planted_reward'" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_eval_and_generate_read_a_run_with_its_own_threads(tiny_model_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    run_dir = Trainer(tiny_config(tiny_model_dir, tmp_path, "threads=2")).train().run_dir
+    torch.set_num_threads(1)
+    assert cli_main(["generate", str(run_dir), "--prompt", "The film", "--max-new-tokens", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    assert cli_main(["eval", str(run_dir), "--n", "2"]) == 0
+    assert torch.get_num_threads() == 2

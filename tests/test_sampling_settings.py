@@ -3,22 +3,10 @@ temperature (log-probs), top-k and top-p (tokens they can no longer draw), max_n
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import torch
 from wiring_helpers import EOS, VOCAB_SIZE, tiny_lm, tiny_policy
 
 from rlfb.models.sampler import Generation, SamplingConfig, filter_logits, generate
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 ROWS = 64
 

@@ -18,13 +18,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("reward_model"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("agent", list(AGENT_PRESETS))
 @pytest.mark.parametrize("config_path", RUN_CONFIGS, ids=lambda path: path.stem)
 def test_every_shipped_config_switches_to_every_agent(config_path: Path, agent: str, tmp_path: Path) -> None:

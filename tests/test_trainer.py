@@ -17,15 +17,6 @@ from rlfb.logging import read_metrics
 from rlfb.trainer import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    """Tiny models run fastest on one thread, and a busy machine makes two threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(model_dir: Path, output_dir: Path, *overrides: str, agent: str = "ppo") -> RunConfig:
     """A run that takes a second or two: 4 completions of 6 tokens per update.
 

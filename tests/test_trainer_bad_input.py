@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import one_thread, tiny_config  # noqa: F401 (one_thread is an autouse fixture)
+from test_trainer import tiny_config
 
 from rlfb.agents.rollout import Rollout
 from rlfb.errors import RewardError

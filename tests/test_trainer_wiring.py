@@ -5,24 +5,14 @@ Sampling and agent settings of the run config reach the rollouts, the evaluation
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from wiring_helpers import run_config
 
 import rlfb.trainer as trainer_module
 from rlfb.logging import read_metrics
 from rlfb.trainer import Trainer
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def update_steps(run_dir: Path) -> list[int]:

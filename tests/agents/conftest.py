@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -24,16 +23,6 @@ def tiny_policy(seed: int = 0, value_head: bool = True, r: int = 8) -> Policy:
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
     )  # fmt: skip
     return Policy(GPT2LMHeadModel(config), tokenizer=None, lora=LoraSettings(r=r), value_head=value_head, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine torch's thread pool
-    spends ~15 ms per op waiting for its workers (a 0.2 s update took 18 s in a measurement)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_rollout(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from rlfb.errors import ConfigError, ModelNotFoundError
 from rlfb.models.policy import LoraSettings, Policy, default_target_modules
 
 VOCAB = 16
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; a shared machine makes torch's thread pool stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
