@@ -3,13 +3,17 @@
     python benchmarks/train_targets.py                         # all three configs, seeds 0 1 2
     python benchmarks/train_targets.py configs/sentiment_ppo.yaml --seeds 0
     python benchmarks/train_targets.py configs/sentiment_ppo.yaml --minutes 20 --seeds 0   # stability run
+    python benchmarks/train_targets.py configs/sentiment_ppo.yaml --stability-updates 4000 --seeds 0   # the same,
+                                               # as a number of updates (what 20 quiet minutes fit): load-proof
 
 For every run it prints the held-out evaluation before and after training (the config's first reward
 component), the KL to the reference, distinct-2 relative to the base model, and wall time; then the mean
 and std over seeds, and whether each target is met. ``--minutes M`` trains for M minutes whatever the
 config's update budget and evaluates every ``--eval-every`` updates to check stability: the KL stays
 within 2x the agent's target and the base model's log-likelihood per token (``eval/fluency``) never
-falls more than 1 nat below its start.
+falls more than 1 nat below its start. ``--stability-updates N`` is the same check over a fixed number of
+updates, so that a loaded machine (fewer updates in M minutes) cannot make a run look steadier. Runs use
+the config's ``threads`` key, as ``rlfb train`` does, unless ``--threads`` says otherwise.
 
 Targets (on 2 CPU cores, the base model already built):
     sentiment_ppo        <= 5 min; sentiment >= 0.7; KL <= 4 nats; distinct-2 >= 0.6x the base model's
@@ -28,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from rlfb.cpu_threads import configure_threads
 
-from rlfb.config import load_config
-from rlfb.logging import read_metrics
-from rlfb.trainer import Trainer
+configure_threads(None)  # OpenMP's sleeping wait policy, as rlfb train sets it: before torch is imported
+
+from rlfb.config import load_config  # noqa: E402
+from rlfb.logging import read_metrics  # noqa: E402
+from rlfb.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = ["configs/sentiment_ppo.yaml", "configs/sentiment_reinforce.yaml", "configs/arithmetic_grpo.yaml"]
@@ -61,6 +67,7 @@ def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]
     config = load_config(ROOT / config_path if not Path(config_path).exists() else config_path,
                          [f"seed={seed}", f"output_dir={output_dir}", "logging.progress_bar=false",
                           "logging.tensorboard=false", *overrides])
+    configure_threads(config.threads)
     started = time.perf_counter()
     result = Trainer(config).train()
     wall_s = time.perf_counter() - started
@@ -137,18 +144,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=None,
                         help="train this long whatever the update budget (stability run)")
-    parser.add_argument("--eval-every", type=int, default=25, help="updates between evaluations with --minutes")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the targets assume 2)")
+    parser.add_argument("--stability-updates", type=int, default=None, metavar="N",
+                        help="a stability run of N updates, whatever the time it takes (load-proof --minutes)")
+    parser.add_argument("--eval-every", type=int, default=25,
+                        help="updates between evaluations of a stability run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the config's `threads` key, as rlfb train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output-dir", default=None, help="where runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    stability = args.minutes is not None or args.stability_updates is not None
+    if args.minutes is not None and args.stability_updates is not None:
+        parser.error("give --minutes or --stability-updates, not both")
     if args.minutes is not None:
-        overrides += ["budget.updates=null", f"budget.time_limit_s={args.minutes * 60}",
-                      f"eval.every={args.eval_every}", "checkpoint.every=0"]
+        overrides += ["budget.updates=null", f"budget.time_limit_s={args.minutes * 60}"]
+    if args.stability_updates is not None:
+        overrides += [f"budget.updates={args.stability_updates}", "budget.time_limit_s=null"]
+    if stability:
+        overrides += [f"eval.every={args.eval_every}", "checkpoint.every=0"]
     output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="rlfb-bench-"))
-    print(f"runs in {output_dir}; torch threads {torch.get_num_threads()}; overrides {overrides}")
+    print(f"runs in {output_dir}; overrides {overrides}")
     all_ok = True
     for config_path in args.configs:
         name = Path(config_path).stem
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
                 for key, value in measures.items()), flush=True)
             runs.append(measures)
-        all_ok &= summarize(name, runs, TARGETS.get(name), stability=args.minutes is not None)
+        all_ok &= summarize(name, runs, TARGETS.get(name), stability=stability)
     return 0 if all_ok else 1
 
 

@@ -100,8 +100,8 @@ class TinyModelRecipe:
     n_positions: int = 64
     steps: int = 1200
     batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
+    learning_rate: float = 2e-3
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     seed: int = 0
     num_threads: int = 1
