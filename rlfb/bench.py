@@ -2,7 +2,8 @@
 
 A bench config names a task, a base model, an agent, a budget, seeds, the held-out evaluation, the
 *gold* rewards (what the user really wants, never trained on unless a design says so) and a list of
-*designs*, each a reward list plus a KL setting:
+*designs*, each a reward list plus a KL setting (and optionally a ``reward_scale`` section, as in a run
+config: ``{normalize: true}`` puts a reward model's arbitrary scale at unit variance):
 
     task: sentiment
     model: rlfb-tiny
@@ -46,7 +47,14 @@ import yaml
 
 from rlfb.bench_plots import EvalPoint, RunRecord, results_markdown, summarize, write_csv, write_plots
 from rlfb.bench_verdict import PROXY_KEY, VerdictBounds
-from rlfb.config import RewardConfig, RunConfig, check_section, config_from_dict, parse_yaml
+from rlfb.config import (
+    RewardConfig,
+    RewardScaleConfig,
+    RunConfig,
+    check_section,
+    config_from_dict,
+    parse_yaml,
+)
 from rlfb.errors import ConfigError
 
 RUNS_DIR = "runs"
@@ -104,6 +112,7 @@ class Design:
     rewards: list[RewardConfig]
     agent_kl: dict[str, Any]
     recipes: dict[int, RewardModelRecipe] = field(default_factory=dict)  # reward index -> recipe
+    reward_scale: dict[str, Any] = field(default_factory=dict)  # the run config's reward_scale section
 
 
 @dataclass
@@ -135,7 +144,7 @@ class BenchConfig:
         agent.update(design.agent_kl)
         data.update(
             agent=agent, seed=seed, output_dir=str(runs_dir),
-            rewards=[dataclasses.asdict(reward) for reward in design.rewards],
+            rewards=[dataclasses.asdict(reward) for reward in design.rewards], reward_scale=dict(design.reward_scale),
             # Held-out evaluation is the bench's (gold + design rewards on the same samples), not the trainer's.
             eval={"num_prompts": 0, "seed": self.eval.seed},
             logging={"run_name": run_name(design.name, seed), "progress_bar": progress_bar},
@@ -234,9 +243,10 @@ def _verdict_bounds(section: dict[str, Any], config: BenchConfig) -> tuple[Verdi
 
 def _design(entry: Any, where: str) -> Design:
     entry = _mapping(entry, where)
-    unknown = sorted(set(entry) - {"name", "rewards", "kl"})
+    unknown = sorted(set(entry) - {"name", "rewards", "kl", "reward_scale"})
     if unknown:
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys in a design: name, rewards, kl")
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys in a design: name, rewards, kl, "
+                          "reward_scale")
     name = entry.get("name")
     _require(isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum(),
              f"{where}.name", name, "a name of letters, digits, '_' or '-'")
@@ -252,7 +262,10 @@ def _design(entry: Any, where: str) -> Design:
             reward.setdefault("name", "reward_model")
         rewards.append(_reward_entry(reward, f"{where}.rewards.{index}",
                                      needs_path=recipe is None))
-    return Design(name=name, rewards=rewards, agent_kl=_kl(entry.get("kl"), f"{where}.kl"), recipes=recipes)
+    reward_scale = check_section(RewardScaleConfig, _mapping(entry.get("reward_scale", {}), f"{where}.reward_scale"),
+                                 f"{where}.reward_scale")
+    return Design(name=name, rewards=rewards, agent_kl=_kl(entry.get("kl"), f"{where}.kl"), recipes=recipes,
+                  reward_scale=reward_scale)
 
 
 def _kl(value: Any, where: str) -> dict[str, Any]:
@@ -377,6 +390,20 @@ def _base_policy(config: BenchConfig) -> Any:
                                   lora=LoraSettings(r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules))
 
 
+def _same_run_config(run_dir: Path, run_config: RunConfig) -> bool:
+    """Whether the run in ``run_dir`` was trained with ``run_config`` (the progress bar aside)."""
+    from rlfb.checkpoint import CONFIG_FILE
+    from rlfb.config import load_config
+
+    try:
+        saved = load_config(run_dir / CONFIG_FILE)
+    except (OSError, ConfigError):
+        return False
+    def comparable(config: RunConfig) -> RunConfig:
+        return dataclasses.replace(config, logging=dataclasses.replace(config.logging, progress_bar=True))
+    return comparable(saved) == comparable(run_config)
+
+
 def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, base: EvalPoint,
                progress_bar: bool = True, say: Progress = print, clock: _Clock | None = None) -> RunRecord:
     """Train ``design`` with ``seed`` (or reuse a finished run) and return its evaluation curve."""
@@ -384,14 +411,16 @@ def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, b
 
     run_dir = runs_dir / run_name(design.name, seed)
     saved = run_dir / RUN_EVAL_FILE
+    run_config = config.run_config(design, seed, runs_dir, progress_bar=progress_bar)
     if saved.is_file():
         record = _load_record(saved)
-        if record is not None:
+        if record is not None and _same_run_config(run_dir, run_config):
             say(f"bench: reusing the finished run {run_dir}")
             return record
+        if record is not None:
+            say(f"bench: the config of {run_dir.name} changed since it ran; training it again")
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished run from an interrupted bench: start it again
-    run_config = config.run_config(design, seed, runs_dir, progress_bar=progress_bar)
+        shutil.rmtree(run_dir)  # an unfinished run from an interrupted bench, or a stale one: start it again
     points = [base]
     trainer: Trainer | None = None
 

@@ -155,6 +155,16 @@ def test_tiny_bench_writes_results_plots_and_tensorboard_runs(tiny_model_dir: Pa
     run_bench(config, output_dir=out, say=lines.append, progress_bar=False)
     assert sum("reusing the finished run" in line for line in lines) == 2
 
+    # A design whose config changed (here its reward_scale) is trained again; the others are reused.
+    data = bench_data(model=str(tiny_model_dir))
+    data["designs"][1]["reward_scale"] = {"normalize": True}
+    changed = bench_config_from_dict(data)
+    assert changed.run_config(changed.designs[1], 0).reward_scale.normalize
+    lines.clear()
+    run_bench(changed, output_dir=out, say=lines.append, progress_bar=False)
+    assert sum("reusing the finished run" in line for line in lines) == 1
+    assert any("the config of vader_no_kl__seed0 changed since it ran" in line for line in lines)
+
 
 def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: pytest.CaptureFixture[str]) -> None:
     from rlfb.cli import main

@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         for design in config.designs:
             rewards = ", ".join(f"{r.weight:g}*{r.label or r.name}" for r in design.rewards)
             kl = ", ".join(f"{k}={v}" for k, v in design.agent_kl.items()) or "agent default"
-            print(f"  {design.name}: {rewards}; KL {kl}")
+            scale = "".join(f"; reward_scale.{k}={v}" for k, v in design.reward_scale.items())
+            print(f"  {design.name}: {rewards}; KL {kl}{scale}")
         return 0
     out = run_bench(config, output_dir=args.output_dir, progress_bar=not args.no_progress_bar)
     print((out / "results.md").read_text())
