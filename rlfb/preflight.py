@@ -4,7 +4,8 @@
 here, in two steps, so that every mistake a user can make in a config fails in seconds with one line:
 
 * :func:`check_run_inputs` (no torch): the output directory can hold run directories, the task and its
-  local dataset files exist, every reward is registered or importable, the agent and its options are valid;
+  local dataset files exist, every reward is registered or importable and accepts its kwargs, the
+  agent and its options are valid;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
 
 Example:
@@ -24,7 +25,7 @@ from rlfb.agents.configs import run_agent
 from rlfb.config import RunConfig
 from rlfb.envs.tasks import check_task
 from rlfb.errors import ConfigError
-from rlfb.rewards.registry import TRUST_ALL, ImportTrust, UntrustedImportError, resolve
+from rlfb.rewards.registry import TRUST_ALL, ImportTrust, UntrustedImportError, check_reward_kwargs, resolve
 
 
 def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
@@ -44,13 +45,17 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
     check_task({"name": config.task.name, **config.task.kwargs})
     for index, reward in enumerate(config.rewards):
         try:
-            resolve(reward.name, trust)
+            target = resolve(reward.name, trust)
         except UntrustedImportError:
             raise  # its message already names the reward, the config file and the flag
         except ConfigError as error:
             hint = ("; for a module in the current directory run `PYTHONPATH=. rlfb train ...`"
                     if isinstance(error.__cause__, ImportError) else "")
             raise ConfigError(f"rewards.{index}.name: {error}{hint}") from None
+        try:
+            check_reward_kwargs(target, reward.kwargs, reward.name)
+        except ConfigError as error:
+            raise ConfigError(f"rewards.{index}.kwargs: {error}") from None
 
 
 def check_output_dir(output_dir: str | Path) -> None:

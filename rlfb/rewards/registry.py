@@ -180,6 +180,22 @@ def is_reward_function(candidate: Callable[..., Any]) -> bool:
     return all(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters) and bool(names)
 
 
+def check_reward_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], label: str) -> None:
+    """Check, without calling it, that a reward factory accepts ``kwargs`` (a reward function takes any).
+
+    Raises:
+        ConfigError: naming the reward, the keyword arguments and what the factory's signature refuses.
+    """
+    if is_reward_function(target):
+        return
+    try:
+        inspect.signature(target).bind(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"reward {label!r}: bad kwargs {dict(kwargs)}: {error}") from None
+    except ValueError:  # no signature to check against: the call will tell
+        return
+
+
 def build_reward(name_or_callable: str | Callable[..., Any], kwargs: Mapping[str, Any] | None = None,
                  trust: ImportTrust = TRUST_ALL) -> RewardFunction:
     """Turn a config entry into a ready reward function.
