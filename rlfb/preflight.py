@@ -3,7 +3,8 @@
 :func:`rlfb.config.load_config` checks keys, types and ranges. What depends on the machine is checked
 here, in two steps, so that every mistake a user can make in a config fails in seconds with one line:
 
-* :func:`check_run_inputs` (no torch): the output directory can hold run directories, the task and its
+* :func:`check_run_inputs` (no torch): the model names a built-in model, a model directory or a hub id,
+  the output directory can hold run directories, the task and its
   local dataset files exist, every reward is registered or importable and accepts its kwargs, the
   agent and its options are valid;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
@@ -39,8 +40,10 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
     Raises:
         ConfigError: naming the key, the value and the fix.
         DatasetError: a local dataset file does not exist.
+        ModelNotFoundError: the model is a path that does not exist, or a directory that is not a model.
     """
     run_agent(config)
+    check_model(config.model.name)
     check_output_dir(config.output_dir)
     check_task({"name": config.task.name, **config.task.kwargs})
     for index, reward in enumerate(config.rewards):
@@ -56,6 +59,19 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
             check_reward_kwargs(target, reward.kwargs, reward.name)
         except ConfigError as error:
             raise ConfigError(f"rewards.{index}.kwargs: {error}") from None
+
+
+def check_model(name: str) -> None:
+    """Check that ``name`` can name a model: a built-in name, an existing model directory, or a hub id.
+
+    Raises:
+        ModelNotFoundError: an empty name, a path that does not exist, a directory that is not a model or
+            is a damaged rlfb build (what :func:`rlfb.models.loading.resolve_model_path` refuses).
+    """
+    from rlfb.models.loading import BUILTIN_MODELS, resolve_model_path
+
+    if name not in BUILTIN_MODELS:  # a built-in name is always valid (and resolving it may build it)
+        resolve_model_path(name)
 
 
 def check_output_dir(output_dir: str | Path) -> None:
