@@ -188,6 +188,22 @@ def test_a_reply_that_does_not_fit_is_dropped_and_truncates() -> None:
     assert info["reply"] == "higher" and info["reply_spans"] == [] and info["length"] == opening + 3
 
 
+def test_a_long_opening_keeps_its_last_tokens_leaving_room_for_one_model_token() -> None:
+    from rlfb.envs.core import PromptTruncationWarning
+
+    env = make_env(protocol="guess_number", max_context_tokens=8, max_turn_tokens=4)
+    long_row = {"prompt": "Guess a number from 1 to 20.", "low": 20, "high": 20}  # "1", the cut turn, is wrong
+    with pytest.warns(PromptTruncationWarning, match="longer than max_context_tokens - 1 = 7"):
+        observation, info = env.reset(options={"prompt": long_row})
+    assert conversation_tokens(observation) == ids("Guess a number from 1 to 20.")[-7:] and info["length"] == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once; later ones are only counted
+        env.reset(options={"prompt": long_row})
+    assert env.num_truncated_openings == 2
+    _, _, _, truncated, info = env.step(turn("10"))
+    assert truncated and info["truncation"] == "context_window" and info["model_spans"] == [(7, 8)]
+
+
 # ---- seeding -----------------------------------------------------------------------------------------------
 def play_random(env: MultiTurnEnv, seed: int) -> list[Any]:
     env.action_space.seed(seed)
