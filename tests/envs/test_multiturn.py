@@ -14,7 +14,7 @@ import pytest
 import rlfb  # noqa: F401  (registers the ids)
 from rlfb.envs.builtin_protocols import evaluate_expression
 from rlfb.envs.multiturn_env import MultiTurnEnv
-from rlfb.envs.protocol import MultiTurnProtocol, Reply, make_protocol
+from rlfb.envs.protocol import MultiTurnProtocol, Reply, list_protocols, make_protocol
 from rlfb.errors import ConfigError
 from rlfb.models.loading import load_tokenizer
 
@@ -290,6 +290,13 @@ def test_with_a_chat_template_the_conversation_is_the_templates_rendering_token_
     assert reward == 1.0
 
 
+def test_use_chat_template_false_renders_plainly_even_when_the_tokenizer_has_a_template() -> None:
+    env = make_env(protocol="calculator", tokenizer=chat_tokenizer(), use_chat_template=False)
+    env.reset(options={"prompt": SUM})
+    env.step(turn("<calc>17+25</calc>"))
+    assert env.render_text() == "17+25=<calc>17+25</calc><|endoftext|>\n42\n"
+
+
 def test_with_a_chat_template_a_turn_cut_short_is_closed_by_the_environment() -> None:
     tokenizer = chat_tokenizer()
     env = make_env(protocol="guess_number", tokenizer=tokenizer, max_turn_tokens=2)
@@ -379,6 +386,7 @@ def test_a_protocol_that_breaks_the_contract_gets_an_error_naming_it(reply: Any,
 
 
 def test_bad_settings_are_clear_errors() -> None:
+    assert {"calculator", "guess_number"} <= set(list_protocols())
     with pytest.raises(ConfigError, match="unknown protocol 'calculater'; registered: .*calculator"):
         make_env(protocol="calculater")
     with pytest.raises(ConfigError, match=r"max_turn_tokens must be in \[1, 64\)"):
