@@ -9,6 +9,8 @@ Built-ins:
       a positive continuation. Default reward: ``sentiment``.
     * ``arithmetic``: sums such as ``"17+25="`` with the ``answer`` column; the eval sums never occur in
       the built-in model's pretraining corpus. Default reward: ``exact_match``.
+    * ``guess_number``: one row, ``"Guess 1-20:"`` with ``low`` / ``high`` columns, for the ``guess_number``
+      protocol of ``rlfb/MultiTurn-v0`` (it draws the secret). No default reward.
     * ``dataset``: any source :func:`datasets.load_dataset` reads: a local JSON / JSONL / CSV / Parquet /
       text file or directory, or a hub id where there is internet. No default reward. A path that
       looks local (a file suffix, a leading ``.``, ``/`` or ``~``, or a directory part that exists) is
@@ -280,6 +282,23 @@ def arithmetic_task(num_train: int | None = None, num_eval: int | None = None, s
 
     return Task("arithmetic", train=problems("train", num_train), eval=problems("eval", num_eval),
                 default_rewards=("exact_match",), description="two-digit sums; the answer is an extra column")
+
+
+@register_task("guess_number")
+def guess_number_task(low: int = 1, high: int = 20) -> Task:
+    """One opening such as "Guess 1-20:" with its range; the guess_number protocol draws each secret.
+
+    Both splits hold the same row: what varies between episodes is the secret, drawn from the
+    environment's generator at every reset.
+
+    Args:
+        low, high: The range of the secret (inclusive).
+    """
+    if low > high:
+        raise ConfigError(f"guess_number: low ({low}) must not exceed high ({high})")
+    row = {"prompt": f"Guess {low}-{high}:", "low": low, "high": high}
+    return Task("guess_number", train=(row,), eval=(dict(row),),
+                description="a number range for the guess_number protocol of rlfb/MultiTurn-v0")
 
 
 @register_task("dataset")
