@@ -1,7 +1,7 @@
 """rlfb: reinforcement learning from feedback for language models.
 
-Importing rlfb registers its Gymnasium environments (``rlfb/TextGeneration-v0``, ``rlfb/Completion-v0``)
-and makes the reward registry available as :mod:`rlfb.rewards`.
+Importing rlfb registers its Gymnasium environments (``rlfb/TextGeneration-v0``, ``rlfb/Completion-v0``,
+``rlfb/MultiTurn-v0``) and makes the reward registry available as :mod:`rlfb.rewards`.
 
 Example:
     >>> import gymnasium as gym
