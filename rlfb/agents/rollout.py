@@ -1,16 +1,24 @@
-"""Rollouts: a batch of sampled completions with their rewards, and the policy's view of them.
+"""Rollouts: a batch of episodes with their rewards, and the policy's view of them.
+
+An episode is one token sequence: the prompt, then model turns and, between them, environment replies (a
+tool's output, a game's next observation, a user's answer). :class:`Rollout` holds a batch of them with an
+action mask (which tokens the model produced), the end of each turn and each turn's reward; a single-turn
+episode (one prompt, one completion) is the one-turn case of the same structure. Agents compute log-probs,
+KL, values and losses over model tokens only (docs/algorithms.md, "Multi-turn episodes").
 
 :func:`collect_rollout` drives the token-per-step vector env with a KV-cached sampler and returns a
-:class:`Rollout`. :func:`evaluate_rollout` then recomputes, in no-grad passes over the full sequences, the
-log-probs and values the agents need (see its docstring for why the sampler's own log-probs are not used);
-:func:`rollout_reference_logprobs` computes the reference's alone.
+single-turn :class:`Rollout`; :func:`build_rollout` assembles one from per-row segments (a multi-turn
+collector's output, or a test's). :func:`evaluate_rollout` then recomputes, in no-grad passes over the full
+sequences, the log-probs and values the agents need (see its docstring for why the sampler's own log-probs
+are not used); :func:`rollout_reference_logprobs` computes the reference's alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,24 +29,7 @@ from rlfb.models.policy import Policy, PolicyForward
 from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 
-class Rollout(NamedTuple):
-    """A batch of B completions. Token tensors are on the policy's device.
-
-    Attributes:
-        prompt_ids: (B, P) prompt token ids, left-padded.
-        prompt_mask: (B, P) 1 for real prompt tokens.
-        completion_ids: (B, T) completion token ids, right-padded after EOS.
-        completion_mask: (B, T) 1 for real completion tokens (EOS included).
-        sampled_logprobs: (B, T) log-probs of the sampled tokens under the sampling distribution.
-        scores: (B,) float32 total sequence reward (weighted sum of the reward components); 0 where no
-            reward scored the row (see :attr:`scored`).
-        reward_components: name -> (B,) float32 unweighted component, NaN where a reward returned None.
-        per_token_rewards: (B, T) float32 weighted sum of dense (per-token) rewards, or None.
-        prompts: Decoded prompts.
-        completions: Decoded completions.
-        group_size: k when consecutive groups of k rows share one prompt (group baselines), else 1.
-    """
-
+class _RolloutFields(NamedTuple):
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
@@ -49,7 +40,87 @@ class Rollout(NamedTuple):
     per_token_rewards: torch.Tensor | None
     prompts: list[str]
     completions: list[str]
-    group_size: int = 1
+    group_size: int
+    action_mask: torch.Tensor
+    turn_ends: torch.Tensor
+    turn_rewards: torch.Tensor
+
+
+class Rollout(_RolloutFields):
+    """A batch of B episodes. Token tensors are on the policy's device.
+
+    Each row is ``prompt | completion``; the completion is the episode after the prompt, model turns and
+    environment replies in the order they happened, right-padded::
+
+        completion:       [ turn 1 (model) | reply 1 (env) | turn 2 (model) | pad ]
+        completion_mask:  [ 1 1 1          | 1 1           | 1 1            | 0   ]
+        action_mask:      [ 1 1 1          | 0 0           | 1 1            | 0   ]
+        turn_ends:        [ 2, 6 ]      (completion index of each turn's last model token)
+
+    Model tokens are the actions; environment tokens are part of the state the next action sees. Rewards
+    sit at model tokens: turn k's reward at ``turn_ends[:, k]``, the final score at the episode's last
+    model token. A single-turn rollout is the one-turn case: ``action_mask`` is ``completion_mask``, one
+    turn ends at the last real token, its turn reward is 0 (what the constructor fills in when
+    ``action_mask``, ``turn_ends`` and ``turn_rewards`` are left out).
+
+    Attributes:
+        prompt_ids: (B, P) prompt token ids, left-padded.
+        prompt_mask: (B, P) 1 for real prompt tokens.
+        completion_ids: (B, T) the episode after the prompt (model and environment tokens), right-padded.
+        completion_mask: (B, T) 1 for real tokens after the prompt, model's and environment's (EOS
+            included); real tokens come first, padding only at the end.
+        sampled_logprobs: (B, T) log-probs of the sampled tokens under the sampling distribution (0 at
+            environment tokens, which were not sampled).
+        scores: (B,) float32 final episode reward (weighted sum of the reward components), at the last model
+            token; 0 where no reward scored the row (see :attr:`scored`).
+        reward_components: name -> (B,) float32 unweighted component, NaN where a reward returned None.
+        per_token_rewards: (B, T) float32 weighted sum of dense (per-token) rewards, or None. Only model
+            tokens are actions: a value at an environment token is ignored.
+        prompts: Decoded prompts.
+        completions: Decoded completions (whole episodes after the prompt).
+        group_size: k when consecutive groups of k rows share one prompt (group baselines), else 1.
+        action_mask: (B, T) 1 for tokens the model produced: the only tokens that carry log-probs, KL,
+            values and losses. A subset of ``completion_mask``.
+        turn_ends: (B, K) int64 completion index of the last model token of each of the row's turns, in
+            order; -1 past the row's last turn (K is the batch's largest number of turns).
+        turn_rewards: (B, K) float32 reward of each turn, paid at its ``turn_ends`` token (0 past the row's
+            last turn). The final ``scores`` come on top of the last turn's.
+
+    Build a rollout with all its fields (``_replace`` does not recompute the defaults: replacing
+    ``completion_mask`` of a rollout leaves its ``action_mask`` as it was).
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        sampled_logprobs: torch.Tensor,
+        scores: torch.Tensor,
+        reward_components: dict[str, torch.Tensor],
+        per_token_rewards: torch.Tensor | None,
+        prompts: list[str],
+        completions: list[str],
+        group_size: int = 1,
+        action_mask: torch.Tensor | None = None,
+        turn_ends: torch.Tensor | None = None,
+        turn_rewards: torch.Tensor | None = None,
+    ) -> Rollout:
+        # The one-turn defaults: a few tensor operations, no host synchronisation (the collector's hot path).
+        if action_mask is None:
+            action_mask = completion_mask
+        if turn_ends is None:
+            turn_ends = last_action_index(action_mask).unsqueeze(1)  # (B, 1)
+        if turn_rewards is None:
+            turn_rewards = torch.zeros(turn_ends.shape, dtype=torch.float32, device=turn_ends.device)
+        return super().__new__(
+            cls, prompt_ids, prompt_mask, completion_ids, completion_mask, sampled_logprobs, scores,
+            reward_components, per_token_rewards, prompts, completions, group_size, action_mask, turn_ends,
+            turn_rewards,
+        )  # fmt: skip
 
     @property
     def batch_size(self) -> int:
@@ -66,6 +137,11 @@ class Rollout(NamedTuple):
         for values in self.reward_components.values():
             scored |= ~torch.isnan(values)
         return scored
+
+    @property
+    def num_turns(self) -> torch.Tensor:
+        """(B,) int64 number of model turns of each episode."""
+        return (self.turn_ends >= 0).sum(1)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -97,11 +173,26 @@ class Rollout(NamedTuple):
             prompts=[self.prompts[i] for i in index],
             completions=[self.completions[i] for i in index],
             group_size=1,
+            action_mask=self.action_mask[rows],
+            turn_ends=self.turn_ends[rows],
+            turn_rewards=self.turn_rewards[rows],
         )
 
 
+def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 completion index of each row's last model token (0 for a row without one).
+
+    Example:
+        >>> last_action_index(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]])).tolist()
+        [1, 2]
+    """
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device)
+    return (positions * action_mask.bool()).amax(1)
+
+
 class RolloutEvaluation(NamedTuple):
-    """The policy's view of a rollout before the update; every tensor is (B, T), no grad.
+    """The policy's view of a rollout before the update; every tensor is (B, T), no grad, 0 wherever
+    ``rollout.action_mask`` is 0 (environment tokens and padding are not actions).
 
     Attributes:
         logprobs: log pi_old(a_t | s_t) under the training forward pass (PPO's "old" log-probs).
@@ -207,7 +298,7 @@ def evaluate_rollout(
     forward = forward_rollout(
         policy, rollout, max_rows_per_pass=chunk_size, temperature=temperature, with_entropy=False
     )
-    mask = rollout.completion_mask.to(forward.logprobs.dtype)
+    mask = rollout.action_mask.to(forward.logprobs.dtype)
     return RolloutEvaluation(
         logprobs=forward.logprobs * mask,
         reference_logprobs=rollout_reference_logprobs(policy, rollout, temperature, chunk_size),
@@ -219,7 +310,7 @@ def evaluate_rollout(
 def rollout_reference_logprobs(
     policy: Policy, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """(B, T) log pi_ref of the completion tokens (adapter disabled), 0 past each row's end.
+    """(B, T) log pi_ref of the model tokens (adapter disabled), 0 at environment tokens and padding.
 
     Args:
         policy: The policy; its reference is the same model with the LoRA adapter switched off.
@@ -230,7 +321,7 @@ def rollout_reference_logprobs(
     forward = forward_rollout(
         policy, rollout, reference=True, max_rows_per_pass=chunk_size, temperature=temperature
     )
-    return forward.logprobs * rollout.completion_mask.to(forward.logprobs.dtype)
+    return forward.logprobs * rollout.action_mask.to(forward.logprobs.dtype)
 
 
 def collect_rollout(
@@ -254,7 +345,8 @@ def collect_rollout(
         options: Passed to ``venv.reset`` (e.g. ``{"split": "eval"}`` or pinned prompts).
 
     Returns:
-        The :class:`Rollout`. Scores are the env's ``score`` (NaN, where no reward applied, -> 0).
+        A single-turn :class:`Rollout` (every completion token is the model's; one turn). Scores are the
+        env's ``score`` (NaN, where no reward applied, -> 0).
         ``per_token_rewards`` holds the dense rewards (per-token reward functions and the env's
         ``dense_reward``) at their tokens; None when there are none.
     """
@@ -295,6 +387,8 @@ def collect_rollout(
         for key, values in ended_info.items()
         if key.startswith("reward/")
     }
+    # One turn: the Rollout's defaults make action_mask the completion_mask itself (no copy) and end the
+    # turn at the last token.
     return Rollout(
         prompt_ids=prompt_ids.to(device),
         prompt_mask=prompt_mask.to(device),
