@@ -45,6 +45,7 @@ import torch
 from rlfb import checkpoint as checkpointing
 from rlfb import run_directory
 from rlfb.agents.configs import run_agent
+from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
 from rlfb.errors import RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
@@ -494,8 +495,6 @@ def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int
     model's tokens (all its turns; environment replies left out); an episode is truncated when its last
     model token is not EOS (a single-turn completion that hit ``max_new_tokens``).
     """
-    from rlfb.agents.rollout import last_action_index  # loaded by then; heavy to import with this module
-
     scored = rollout.scored
     scores = rollout.scores.double()[scored]
     mask = rollout.action_mask.bool()

@@ -30,13 +30,8 @@ import torch
 from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
 from rlfb.agents.configs import PPOConfig
 from rlfb.agents.kl import make_kl_controller
-from rlfb.agents.rollout import (
-    Rollout,
-    evaluate_rollout,
-    forward_rollout,
-    last_action_index,
-    rollout_reference_logprobs,
-)
+from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
+from rlfb.agents.trajectory import last_action_index
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -124,8 +119,11 @@ def clipped_surrogate_loss(
     rho_t = pi(a_t|s_t) / pi_old(a_t|s_t)
     loss  = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
     approx_kl = mean_t (rho_t - 1) - log rho_t   (k3 estimator of KL(pi_old || pi); Schulman 2020)
+
+    The means run over the ``mask`` tokens; elsewhere the log ratio is zeroed before exp, so nothing found
+    there (an environment token's log-prob) can overflow into inf * 0 = NaN.
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)

@@ -1,193 +1,26 @@
-"""Rollouts: a batch of episodes with their rewards, and the policy's view of them.
-
-An episode is one token sequence: the prompt, then model turns and, between them, environment replies (a
-tool's output, a game's next observation, a user's answer). :class:`Rollout` holds a batch of them with an
-action mask (which tokens the model produced), the end of each turn and each turn's reward; a single-turn
-episode (one prompt, one completion) is the one-turn case of the same structure. Agents compute log-probs,
-KL, values and losses over model tokens only (docs/algorithms.md, "Multi-turn episodes").
+"""Rollouts: collecting a batch of episodes, and the policy's view of them.
 
 :func:`collect_rollout` drives the token-per-step vector env with a KV-cached sampler and returns a
-single-turn :class:`Rollout`; :func:`build_rollout` assembles one from per-row segments (a multi-turn
-collector's output, or a test's). :func:`evaluate_rollout` then recomputes, in no-grad passes over the full
-sequences, the log-probs and values the agents need (see its docstring for why the sampler's own log-probs
-are not used); :func:`rollout_reference_logprobs` computes the reference's alone.
+single-turn :class:`~rlfb.agents.trajectory.Rollout` (the batch structure every agent reads, defined in
+rlfb/agents/trajectory.py with its multi-turn fields). :func:`evaluate_rollout` then recomputes, in no-grad
+passes over the full sequences, the log-probs and values the agents need (see its docstring for why the
+sampler's own log-probs are not used); :func:`rollout_reference_logprobs` computes the reference's alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlfb.agents.trajectory import Rollout
 from rlfb.models.policy import Policy, PolicyForward
 from rlfb.models.sampler import SamplingConfig, TokenSampler
-
-
-class _RolloutFields(NamedTuple):
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    sampled_logprobs: torch.Tensor
-    scores: torch.Tensor
-    reward_components: dict[str, torch.Tensor]
-    per_token_rewards: torch.Tensor | None
-    prompts: list[str]
-    completions: list[str]
-    group_size: int
-    action_mask: torch.Tensor
-    turn_ends: torch.Tensor
-    turn_rewards: torch.Tensor
-
-
-class Rollout(_RolloutFields):
-    """A batch of B episodes. Token tensors are on the policy's device.
-
-    Each row is ``prompt | completion``; the completion is the episode after the prompt, model turns and
-    environment replies in the order they happened, right-padded::
-
-        completion:       [ turn 1 (model) | reply 1 (env) | turn 2 (model) | pad ]
-        completion_mask:  [ 1 1 1          | 1 1           | 1 1            | 0   ]
-        action_mask:      [ 1 1 1          | 0 0           | 1 1            | 0   ]
-        turn_ends:        [ 2, 6 ]      (completion index of each turn's last model token)
-
-    Model tokens are the actions; environment tokens are part of the state the next action sees. Rewards
-    sit at model tokens: turn k's reward at ``turn_ends[:, k]``, the final score at the episode's last
-    model token. A single-turn rollout is the one-turn case: ``action_mask`` is ``completion_mask``, one
-    turn ends at the last real token, its turn reward is 0 (what the constructor fills in when
-    ``action_mask``, ``turn_ends`` and ``turn_rewards`` are left out).
-
-    Attributes:
-        prompt_ids: (B, P) prompt token ids, left-padded.
-        prompt_mask: (B, P) 1 for real prompt tokens.
-        completion_ids: (B, T) the episode after the prompt (model and environment tokens), right-padded.
-        completion_mask: (B, T) 1 for real tokens after the prompt, model's and environment's (EOS
-            included); real tokens come first, padding only at the end.
-        sampled_logprobs: (B, T) log-probs of the sampled tokens under the sampling distribution (0 at
-            environment tokens, which were not sampled).
-        scores: (B,) float32 final episode reward (weighted sum of the reward components), at the last model
-            token; 0 where no reward scored the row (see :attr:`scored`).
-        reward_components: name -> (B,) float32 unweighted component, NaN where a reward returned None.
-        per_token_rewards: (B, T) float32 weighted sum of dense (per-token) rewards, or None. Only model
-            tokens are actions: a value at an environment token is ignored.
-        prompts: Decoded prompts.
-        completions: Decoded completions (whole episodes after the prompt).
-        group_size: k when consecutive groups of k rows share one prompt (group baselines), else 1.
-        action_mask: (B, T) 1 for tokens the model produced: the only tokens that carry log-probs, KL,
-            values and losses. A subset of ``completion_mask``.
-        turn_ends: (B, K) int64 completion index of the last model token of each of the row's turns, in
-            order; -1 past the row's last turn (K is the batch's largest number of turns).
-        turn_rewards: (B, K) float32 reward of each turn, paid at its ``turn_ends`` token (0 past the row's
-            last turn). The final ``scores`` come on top of the last turn's.
-
-    Build a rollout with all its fields (``_replace`` does not recompute the defaults: replacing
-    ``completion_mask`` of a rollout leaves its ``action_mask`` as it was).
-    """
-
-    __slots__ = ()
-
-    def __new__(
-        cls,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        completion_ids: torch.Tensor,
-        completion_mask: torch.Tensor,
-        sampled_logprobs: torch.Tensor,
-        scores: torch.Tensor,
-        reward_components: dict[str, torch.Tensor],
-        per_token_rewards: torch.Tensor | None,
-        prompts: list[str],
-        completions: list[str],
-        group_size: int = 1,
-        action_mask: torch.Tensor | None = None,
-        turn_ends: torch.Tensor | None = None,
-        turn_rewards: torch.Tensor | None = None,
-    ) -> Rollout:
-        # The one-turn defaults: a few tensor operations, no host synchronisation (the collector's hot path).
-        if action_mask is None:
-            action_mask = completion_mask
-        if turn_ends is None:
-            turn_ends = last_action_index(action_mask).unsqueeze(1)  # (B, 1)
-        if turn_rewards is None:
-            turn_rewards = torch.zeros(turn_ends.shape, dtype=torch.float32, device=turn_ends.device)
-        return super().__new__(
-            cls, prompt_ids, prompt_mask, completion_ids, completion_mask, sampled_logprobs, scores,
-            reward_components, per_token_rewards, prompts, completions, group_size, action_mask, turn_ends,
-            turn_rewards,
-        )  # fmt: skip
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.completion_ids.shape[0])
-
-    @property
-    def scored(self) -> torch.Tensor:
-        """(B,) bool: some reward scored the row (at least one component is not NaN).
-
-        A row no reward scored carries a score of 0 to the agents, as TRL's ``nansum`` gives it, but it is
-        no evidence about the policy: metrics leave it out.
-        """
-        scored = torch.zeros(self.batch_size, dtype=torch.bool, device=self.scores.device)
-        for values in self.reward_components.values():
-            scored |= ~torch.isnan(values)
-        return scored
-
-    @property
-    def num_turns(self) -> torch.Tensor:
-        """(B,) int64 number of model turns of each episode."""
-        return (self.turn_ends >= 0).sum(1)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """(B, P + T) prompt followed by completion."""
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """(B, P + T) 1 for real tokens of prompt and completion."""
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    @property
-    def completion_start(self) -> int:
-        """Index of the first completion token in :attr:`input_ids` (the padded prompt length P)."""
-        return int(self.prompt_ids.shape[1])
-
-    def select(self, rows: torch.Tensor) -> Rollout:
-        """The rollout restricted to ``rows`` (a 1-D index tensor), e.g. a minibatch."""
-        index = rows.tolist()
-        return self._replace(
-            prompt_ids=self.prompt_ids[rows],
-            prompt_mask=self.prompt_mask[rows],
-            completion_ids=self.completion_ids[rows],
-            completion_mask=self.completion_mask[rows],
-            sampled_logprobs=self.sampled_logprobs[rows],
-            scores=self.scores[rows],
-            reward_components={name: values[rows] for name, values in self.reward_components.items()},
-            per_token_rewards=None if self.per_token_rewards is None else self.per_token_rewards[rows],
-            prompts=[self.prompts[i] for i in index],
-            completions=[self.completions[i] for i in index],
-            group_size=1,
-            action_mask=self.action_mask[rows],
-            turn_ends=self.turn_ends[rows],
-            turn_rewards=self.turn_rewards[rows],
-        )
-
-
-def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 completion index of each row's last model token (0 for a row without one).
-
-    Example:
-        >>> last_action_index(torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]])).tolist()
-        [1, 2]
-    """
-    positions = torch.arange(action_mask.shape[1], device=action_mask.device)
-    return (positions * action_mask.bool()).amax(1)
 
 
 class RolloutEvaluation(NamedTuple):
