@@ -198,3 +198,60 @@ def test_observed_kl_sums_over_model_tokens(agent_name: str) -> None:
     expected = ((before.logprobs - before.reference_logprobs) * mask).sum(1).mean()
     assert metrics["train/kl"] == pytest.approx(float(expected), rel=1e-5)
     assert float(((before.logprobs - before.reference_logprobs) * (rollout.completion_mask - mask)).abs().sum()) == 0
+
+
+def without_final_reply(rollout: Rollout) -> Rollout:
+    """``multi_turn_rollout()`` with row 3's closing environment reply (after its last model turn) turned
+    into padding: same shapes, same model tokens, each seeing the same context."""
+    completion_mask, completion_ids = rollout.completion_mask.clone(), rollout.completion_ids.clone()
+    completion_mask[3, 3:] = 0
+    completion_ids[3, 3:] = completion_ids[3, -1]  # the padding token
+    return rollout._replace(completion_mask=completion_mask, completion_ids=completion_ids)
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_CASES))
+def test_a_closing_environment_reply_counts_as_padding(case: str) -> None:
+    # No statistic (whitening, token means, entropy, KL, value loss, the token count) may count environment
+    # tokens: a reply after the episode's last model token then changes nothing, as padding would not.
+    agent_name = case.split("_")[0]
+    rollout = multi_turn_rollout()
+    padded = without_final_reply(rollout)
+    assert padded.action_mask.equal(rollout.action_mask) and not padded.completion_mask.equal(rollout.completion_mask)
+    updates = []
+    for batch in (rollout, padded):
+        policy = moved_policy(value_head=agent_name == "ppo")
+        metrics = make_agent(agent_name, policy, GARBAGE_CASES[case]).update(batch)
+        updates.append((metrics, torch.cat([p.detach().flatten() for p in policy.trainable_parameters()])))
+    (with_reply, reply_parameters), (with_padding, padding_parameters) = updates
+    # Not bit-identical: row 3 is shorter with padding, so the passes are ordered and trimmed differently,
+    # and Adam's first steps magnify rounding (measured: up to 1.3e-6 on a parameter). Counting the two
+    # environment tokens in any statistic moves the update by far more.
+    assert with_reply == pytest.approx(with_padding, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(reply_parameters, padding_parameters, rtol=1e-4, atol=1e-5)
+
+
+def test_reinforce_return_adds_every_turn_reward_to_the_score() -> None:
+    rollout = multi_turn_rollout()
+    agent = make_agent("reinforce", moved_policy(value_head=False), {"kl_coef": 0.0, "kl_target": None})
+    metrics = agent.update(rollout)
+    # scores 1, -1, 0.5, -0.5; turn rewards 0.3 (row 0), -0.2 (row 1), 0.1 (row 3)
+    assert metrics["train/return_mean"] == pytest.approx((1.3 - 1.2 + 0.5 - 0.4) / 4)
+    assert metrics["train/baseline"] == 0.0
+
+
+def test_ppo_returns_pay_turn_rewards_at_turn_ends_and_discount_over_model_tokens_only() -> None:
+    # A fresh policy: its value head is zero-initialised (V = 0) and the adapter is zero (KL = 0), so with
+    # lambda 1 the return of model token t is sum_k gamma^k r_(t+k) over the row's *model* tokens from t on.
+    # gamma 0.5; rewards at model tokens (turn rewards and the score at their tokens):
+    #   row 0, tokens 0 1 4 5: 0, 0.3, 0, 1.0      -> returns 0.275, 0.55, 0.5, 1.0
+    #   row 1, tokens 0 4 5:   0, 0, -0.2 - 1.0    -> returns -0.3, -0.6, -1.2
+    #   row 2, tokens 0 1 2 3: 0, 0, 0, 0.5        -> returns 0.0625, 0.125, 0.25, 0.5
+    #   row 3, tokens 0 2:     0, 0.1 - 0.5        -> returns -0.2, -0.4
+    # (Counting row 0's two environment tokens as steps would give its token 1 0.3 + 0.5^4 = 0.3625, not
+    # 0.3 + 0.5^2 = 0.55.)
+    returns = [0.275, 0.55, 0.5, 1.0, -0.3, -0.6, -1.2, 0.0625, 0.125, 0.25, 0.5, -0.2, -0.4]
+    options = {"kl_coef": 0.0, "kl_target": None, "gamma": 0.5, "gae_lambda": 1.0, "num_minibatches": 2}
+    metrics = make_agent("ppo", tiny_policy(seed=4), options).update(multi_turn_rollout())
+    assert metrics["train/value_mean"] == 0.0
+    assert metrics["train/return_mean"] == pytest.approx(sum(returns) / len(returns), rel=1e-6)
+    assert metrics["train/advantage_mean"] == pytest.approx(sum(returns) / len(returns), rel=1e-6)
