@@ -260,7 +260,7 @@ def build_rollout(
         logprobs: list[float] = []
         turn_ends: list[int] = []
         turn_rewards: list[float] = []
-        for segment in map(lambda parts: Segment(*parts), row_segments):
+        for segment in (Segment(*parts) for parts in row_segments):
             tokens = list(segment.token_ids)
             if segment.by_model:
                 if not tokens:
