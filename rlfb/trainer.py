@@ -45,6 +45,7 @@ import torch
 from rlfb import checkpoint as checkpointing
 from rlfb import run_directory
 from rlfb.agents.configs import run_agent
+from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
 from rlfb.errors import RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
@@ -338,7 +339,7 @@ class Trainer:
                 metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
                 metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
                                 for name, value in reward_logs.metrics.items()})
-                tokens = float(rollout.completion_mask.sum())
+                tokens = float(rollout.action_mask.sum())  # sampled: the model's, not the environment's
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
@@ -487,21 +488,25 @@ class Trainer:
 
 
 def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
-    """``rollout/...`` metrics of one batch: total reward, each component, length, truncations.
+    """``rollout/...`` metrics of one batch: total reward, each component, length, turns, truncations.
 
     The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
-    returned None for is not a reward of 0, whatever the agents are given for it.
+    returned None for is not a reward of 0, whatever the agents are given for it. Lengths count the
+    model's tokens (all its turns; environment replies left out); an episode is truncated when its last
+    model token is not EOS (a single-turn completion that hit ``max_new_tokens``).
     """
     scored = rollout.scored
     scores = rollout.scores.double()[scored]
-    mask = rollout.completion_mask.bool()
-    ended = ((rollout.completion_ids == eos_token_id) & mask).any(1)  # (B,) the completion has its EOS
+    mask = rollout.action_mask.bool()
+    last = last_action_index(mask).unsqueeze(1)  # (B, 1) each episode's last model token
+    ended = ((rollout.completion_ids.gather(1, last) == eos_token_id) & mask.gather(1, last)).squeeze(1)
     nan = float("nan")
     metrics = {"rollout/reward_mean": float(scores.mean()) if scores.numel() else nan,
                "rollout/reward_std": float(scores.std(unbiased=False)) if scores.numel() else nan,
                "rollout/scored_fraction": float(scored.double().mean()),
                "rollout/completion_length": float(mask.sum(1).double().mean()),
-               "rollout/truncated_fraction": float((~ended).double().mean())}
+               "rollout/truncated_fraction": float((~ended).double().mean()),
+               "rollout/turns": float(rollout.num_turns.double().mean())}
     for name in reward_names:
         values = rollout.reward_components[name].double()
         finite = values[~torch.isnan(values)]

@@ -1,4 +1,5 @@
-"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts.
+"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts (single- and
+multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -23,20 +24,21 @@ if TYPE_CHECKING:
     from rlfb.agents.ppo import PPOAgent
     from rlfb.agents.reinforce import ReinforceAgent
     from rlfb.agents.rollout import (
-        Rollout,
         RolloutEvaluation,
         collect_rollout,
         evaluate_rollout,
         rollout_reference_logprobs,
     )
+    from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 
 _MODULE_OF = {
     "AGENT_PRESETS": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs", "agent_config": "configs",
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
     "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
-    "Rollout": "rollout", "RolloutEvaluation": "rollout", "collect_rollout": "rollout",
-    "evaluate_rollout": "rollout", "rollout_reference_logprobs": "rollout",
+    "RolloutEvaluation": "rollout", "collect_rollout": "rollout", "evaluate_rollout": "rollout",
+    "rollout_reference_logprobs": "rollout",
+    "Rollout": "trajectory", "Segment": "trajectory", "build_rollout": "trajectory",
 }
 
 __all__ = [
@@ -52,7 +54,9 @@ __all__ = [
     "ReinforceConfig",
     "Rollout",
     "RolloutEvaluation",
+    "Segment",
     "agent_config",
+    "build_rollout",
     "collect_rollout",
     "evaluate_rollout",
     "make_agent",

@@ -1,13 +1,18 @@
 """Token-level PPO with a KL penalty to the reference model, as in RLHF.
 
-Each completion token is an action; the state is the prompt plus the tokens so far. The update, top to
-bottom (docs/algorithms.md gives the source of every step):
+Each token the model produced is an action; the state is the prompt plus every token so far, environment
+replies of a multi-turn episode included. Environment tokens, the prompt and padding are not actions: they
+carry no log-prob, KL, value or loss, and GAE steps over them from one model token to the next
+(``rollout.action_mask``; docs/algorithms.md, "Multi-turn episodes"). The update, top to bottom
+(docs/algorithms.md gives the source of every step):
 
 1. Reference log-probs in a no-grad pass over the full sequences; old log-probs and values likewise, or,
    with one minibatch, from the first gradient step's own forward pass (the same numbers, one pass fewer).
-2. Per-token rewards: r_t = -beta * (log pi_old - log pi_ref)_t  (+ dense rewards)  (+ score at the last
-   token) -- Ziegler et al. 2019, spread over tokens as in their code and Stiennon et al. 2020.
-3. GAE(gamma, lambda) advantages and returns (Schulman et al. 2016); advantages whitened over the batch.
+2. Per-token rewards: r_t = -beta * (log pi_old - log pi_ref)_t  (+ dense rewards)  (+ each turn's reward
+   at its last token)  (+ score at the last model token) -- Ziegler et al. 2019, spread over tokens as in
+   their code and Stiennon et al. 2020.
+3. GAE(gamma, lambda) advantages and returns over each row's model tokens (Schulman et al. 2016);
+   advantages whitened over the batch's model tokens.
 4. ``epochs`` passes over shuffled minibatches: clipped surrogate + clipped value loss - entropy bonus
    (Schulman et al. 2017), gradient clipping; optional early stop when the approximate KL between the
    new and the old policy passes ``early_stop_kl``.
@@ -26,6 +31,7 @@ from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
 from rlfb.agents.configs import PPOConfig
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
+from rlfb.agents.trajectory import last_action_index
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -38,32 +44,62 @@ def token_rewards(
     mask: torch.Tensor,
     kl_coef: float,
     per_token_rewards: torch.Tensor | None = None,
+    turn_ends: torch.Tensor | None = None,
+    turn_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards with the KL penalty; returns (rewards, kl), both (B, T).
+    """Per-token rewards with the KL penalty at the model tokens (``mask``); returns (rewards, kl), (B, T).
 
-    r_t = -beta * kl_t + dense_t, and the sequence score is added at the last real token, where
-    kl_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) (k1 estimator; its sum is the sequence KL estimate).
+    r_t = -beta * kl_t + dense_t  at every model token t, plus turn k's reward at its last token
+    ``turn_ends[:, k]`` and the episode's score at its last model token, where
+    kl_t = log pi_old(a_t|s_t) - log pi_ref(a_t|s_t) (k1 estimator; its sum over the model tokens is the
+    episode's KL estimate). Both are 0 wherever ``mask`` is 0 (prompt, environment tokens, padding).
     """
     kl = (logprobs - reference_logprobs) * mask  # (B, T)
     rewards = -kl_coef * kl
     if per_token_rewards is not None:
         rewards = rewards + per_token_rewards * mask
-    last_index = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) position of each row's last real token
+    last_index = last_action_index(mask)  # (B,) position of each row's last model token
     rewards = rewards.scatter_add(1, last_index.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
+    if turn_ends is not None and turn_rewards is not None:
+        # (B, K) turns; a row with fewer than K turns has turn_ends -1 (and reward 0) in the rest.
+        present = turn_ends >= 0
+        paid = torch.where(present, turn_rewards.to(rewards.dtype), 0.0)
+        rewards = rewards.scatter_add(1, turn_ends.clamp(min=0), paid)
     return rewards * mask, kl
 
 
 def generalized_advantages(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE (Schulman et al. 2016, eq. 16); returns (advantages, returns), both (B, T).
+    """GAE (Schulman et al. 2016, eq. 16) over each row's model tokens; returns (advantages, returns), (B, T).
 
-    delta_t = r_t + gamma * V_{t+1} - V_t        (V past the last real token is 0: the episode ended)
+    With t, t+1 consecutive *model* tokens of a row (``mask`` 1):
+
+    delta_t = r_t + gamma * V_{t+1} - V_t        (V past the last model token is 0: the episode ended)
     A_t     = delta_t + gamma * lambda * A_{t+1}
     R_t     = A_t + V_t                          (the value target, a lambda-return)
+
+    Environment tokens (``mask`` 0 between model tokens) are not time steps of the policy: the last model
+    token of turn k is followed by the first of turn k+1, as in verl's ``compute_gae_advantage_return``
+    ("skip values and TD-error on observation tokens"). So each row's model tokens are packed to the
+    front, in order, GAE runs over them, and the results go back to their positions; A and R are 0 at
+    every other position. A single-turn row is already packed (its model tokens come first).
     """
-    mask = mask.to(values.dtype)
-    values = values * mask
+    # Pack: a stable sort of "not a model token" moves each row's model tokens to the front in order; for a
+    # single-turn rollout ``order`` is the identity.
+    order = torch.argsort((mask == 0).to(torch.uint8), dim=1, stable=True)  # (B, T)
+    packed_mask = mask.gather(1, order).to(values.dtype)
+    packed_rewards = rewards.gather(1, order)
+    packed_values = values.gather(1, order) * packed_mask
+    advantages = _packed_generalized_advantages(packed_rewards, packed_values, packed_mask, gamma, gae_lambda)
+    advantages = torch.zeros_like(advantages).scatter(1, order, advantages)  # back to the token positions
+    return advantages, advantages + values * mask.to(values.dtype)
+
+
+def _packed_generalized_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> torch.Tensor:
+    """GAE's backward recursion over rows whose steps are consecutive and padded at the end (``mask``)."""
     advantages = torch.zeros_like(values)
     next_advantage = torch.zeros_like(values[:, 0])
     next_value = torch.zeros_like(values[:, 0])
@@ -72,7 +108,7 @@ def generalized_advantages(
         next_advantage = (delta + gamma * gae_lambda * next_advantage) * mask[:, t]
         advantages[:, t] = next_advantage
         next_value = values[:, t]
-    return advantages, advantages + values
+    return advantages
 
 
 def clipped_surrogate_loss(
@@ -83,8 +119,11 @@ def clipped_surrogate_loss(
     rho_t = pi(a_t|s_t) / pi_old(a_t|s_t)
     loss  = mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))
     approx_kl = mean_t (rho_t - 1) - log rho_t   (k3 estimator of KL(pi_old || pi); Schulman 2020)
+
+    The means run over the ``mask`` tokens; elsewhere the log ratio is zeroed before exp, so nothing found
+    there (an environment token's log-prob) can overflow into inf * 0 = NaN.
     """
-    log_ratio = logprobs - old_logprobs
+    log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -155,7 +194,7 @@ class PPOAgent(Agent):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
-        mask = rollout.completion_mask.float()  # (B, T)
+        mask = rollout.action_mask.float()  # (B, T) the model's tokens: the only ones with a loss, KL or value
         batch_size = rollout.batch_size
 
         # 1. pi_ref in a no-grad pass. pi_old and V_old: with one minibatch, the first gradient step's own
@@ -176,10 +215,11 @@ class PPOAgent(Agent):
         # 2. Per-token rewards with the KL penalty, at the coefficient beta of this update.
         kl_coef = self.kl_controller.value
         rewards, kl = token_rewards(
-            rollout.scores, old_logprobs, reference_logprobs, mask, kl_coef, rollout.per_token_rewards
-        )
+            rollout.scores, old_logprobs, reference_logprobs, mask, kl_coef, rollout.per_token_rewards,
+            rollout.turn_ends, rollout.turn_rewards,
+        )  # fmt: skip
 
-        # 3. GAE, then whitening of the advantages over the whole batch.
+        # 3. GAE over the model tokens, then whitening of the advantages over the whole batch's model tokens.
         advantages, returns = generalized_advantages(rewards, old_values, mask, c.gamma, c.gae_lambda)
         raw_advantage_mean = float(masked_mean(advantages, mask))  # before whitening, which zeroes it
         if c.whiten_advantages:
@@ -214,7 +254,7 @@ class PPOAgent(Agent):
             if stop:
                 break
 
-        # 5. The KL coefficient follows the observed sequence KL (mean over completions of sum_t kl_t).
+        # 5. The KL coefficient follows the observed KL (mean over episodes of sum_t kl_t, t model tokens).
         sequence_kl_tensor = kl.sum(1).mean()
         sequence_kl = float(sequence_kl_tensor)
         self.kl_controller.update(sequence_kl, batch_size)
@@ -250,7 +290,7 @@ class PPOAgent(Agent):
         """One gradient step on a minibatch (``forward``: its forward pass, if already run); None when it was
         degenerate and skipped."""
         c = self.config
-        mask = batch.completion_mask.float()
+        mask = batch.action_mask.float()
         forward = forward if forward is not None else self._forward(batch)
         assert forward.values is not None and forward.entropy is not None
         policy_loss, clip_fraction, approx_kl = clipped_surrogate_loss(
@@ -273,7 +313,8 @@ class PPOAgent(Agent):
         return {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
 
     def _forward(self, batch: Rollout) -> PolicyForward:
-        """Log-probs, values and entropies of ``batch``'s completion tokens, with gradients."""
+        """Log-probs, values and entropies at ``batch``'s completion positions, with gradients (the update
+        masks all but the model tokens)."""
         c = self.config
         return forward_rollout(self.policy, batch, temperature=c.temperature, entropy_grad=c.entropy_coef != 0)
 

@@ -1,10 +1,13 @@
 """REINFORCE with a baseline: moving average, leave-one-out (RLOO) or group-normalised (GRPO).
 
-The whole completion is one action (a bandit over sequences), so the policy gradient is
+The whole episode is one action (a bandit over sequences), so the policy gradient is
 
-    grad J = E[ A(x, y) * sum_t grad log pi(y_t | x, y_<t) ]                 (Williams 1992)
+    grad J = E[ A(x, y) * sum_t grad log pi(y_t | s_t) ]                     (Williams 1992)
 
-with the sequence advantage A = R - b. The baselines b:
+with the episode advantage A = R - b and t running over the model's tokens only: in a multi-turn episode
+the environment's replies are part of the states s_t, not actions, so they add no log-prob, KL or loss
+term (``rollout.action_mask``; a single-turn completion is all model tokens). The return R is the final
+score plus every turn's reward and dense reward. The baselines b:
 
 * ``"ema"``: b is an exponential moving average of past batch-mean returns, updated after use so that it
   never depends on the sample it is subtracted from (the plainest variance reduction; Williams 1992).
@@ -13,7 +16,7 @@ with the sequence advantage A = R - b. The baselines b:
 * ``"grpo"``: k completions per prompt; A_i = (R_i - mean_j R_j) / (std_j R_j + eps)
   (Shao et al. 2024, "DeepSeekMath", GRPO with outcome supervision).
 
-KL to the reference either enters the return, R = score - beta * sum_t (log pi - log pi_ref)_t
+KL to the reference (over model tokens) either enters the return, R = score - beta * sum_t (log pi - log pi_ref)_t
 (``kl_penalty="reward"``, as in Ziegler et al. 2019 and Ahmadian et al. 2024), or is a loss term
 beta * mean_t k3_t with k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (``kl_penalty="loss"``,
 Shao et al. 2024; Schulman 2020). One gradient step per rollout: the samples are on-policy.
@@ -119,7 +122,7 @@ class ReinforceAgent(Agent):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
-        mask = rollout.completion_mask.float()  # (B, T)
+        mask = rollout.action_mask.float()  # (B, T) the model's tokens: the only ones with a log-prob or KL term
         chunk = c.minibatch_size or rollout.batch_size
         # log pi_old: when one chunk takes the whole batch, the gradient step's own forward pass (detached)
         # gives it -- same weights, same inputs, one pass fewer. With several chunks the returns need every
@@ -132,12 +135,12 @@ class ReinforceAgent(Agent):
         else:
             old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=chunk)
             old_logprobs, reference_logprobs = old.logprobs, old.reference_logprobs
-        kl = (old_logprobs - reference_logprobs) * mask  # (B, T) k1 per token
+        kl = (old_logprobs - reference_logprobs) * mask  # (B, T) k1 per model token
         sequence_kl = kl.sum(1)  # (B,)
         kl_coef = self.kl_controller.value
 
-        # R = score + sum_t dense_t  [- beta * sum_t kl_t when the KL is part of the reward]
-        returns = rollout.scores.float()
+        # R = score + sum_k turn_reward_k + sum_t dense_t  [- beta * sum_t kl_t when the KL is in the reward]
+        returns = rollout.scores.float() + rollout.turn_rewards.sum(1)
         if rollout.per_token_rewards is not None:
             returns = returns + (rollout.per_token_rewards * mask).sum(1)
         if c.kl_penalty == "reward":
@@ -162,8 +165,10 @@ class ReinforceAgent(Agent):
             loss = policy_loss - c.entropy_coef * entropy
             kl_loss = policy_loss.new_zeros(())
             if c.kl_penalty == "loss":
-                # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024)
-                log_ratio = reference_logprobs[rows] - forward.logprobs
+                # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 >= 0 (Shao et al. 2024). The log
+                # ratio is zeroed off the model tokens before exp: an environment token the model finds very
+                # unlikely would overflow exp, and inf * 0 is NaN, in the loss and in its gradient.
+                log_ratio = (reference_logprobs[rows] - forward.logprobs) * batch_mask
                 kl_loss = ((torch.exp(log_ratio) - log_ratio - 1.0) * batch_mask).sum() / total_tokens
                 loss = loss + kl_coef * kl_loss
             if not self.stepper.backward(loss):
@@ -201,7 +206,8 @@ class ReinforceAgent(Agent):
         return metrics
 
     def _forward(self, batch: Rollout) -> PolicyForward:
-        """Log-probs and entropies of ``batch``'s completion tokens, with gradients (no values)."""
+        """Log-probs and entropies at ``batch``'s completion positions, with gradients (no values; the update
+        masks all but the model tokens)."""
         c = self.config
         return forward_rollout(
             self.policy, batch, temperature=c.temperature, with_values=False, entropy_grad=c.entropy_coef != 0

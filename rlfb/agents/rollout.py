@@ -1,9 +1,10 @@
-"""Rollouts: a batch of sampled completions with their rewards, and the policy's view of them.
+"""Rollouts: collecting a batch of episodes, and the policy's view of them.
 
 :func:`collect_rollout` drives the token-per-step vector env with a KV-cached sampler and returns a
-:class:`Rollout`. :func:`evaluate_rollout` then recomputes, in no-grad passes over the full sequences, the
-log-probs and values the agents need (see its docstring for why the sampler's own log-probs are not used);
-:func:`rollout_reference_logprobs` computes the reference's alone.
+single-turn :class:`~rlfb.agents.trajectory.Rollout` (the batch structure every agent reads, defined in
+rlfb/agents/trajectory.py with its multi-turn fields). :func:`evaluate_rollout` then recomputes, in no-grad
+passes over the full sequences, the log-probs and values the agents need (see its docstring for why the
+sampler's own log-probs are not used); :func:`rollout_reference_logprobs` computes the reference's alone.
 """
 
 from __future__ import annotations
@@ -17,91 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlfb.agents.trajectory import Rollout
 from rlfb.models.policy import Policy, PolicyForward
 from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 
-class Rollout(NamedTuple):
-    """A batch of B completions. Token tensors are on the policy's device.
-
-    Attributes:
-        prompt_ids: (B, P) prompt token ids, left-padded.
-        prompt_mask: (B, P) 1 for real prompt tokens.
-        completion_ids: (B, T) completion token ids, right-padded after EOS.
-        completion_mask: (B, T) 1 for real completion tokens (EOS included).
-        sampled_logprobs: (B, T) log-probs of the sampled tokens under the sampling distribution.
-        scores: (B,) float32 total sequence reward (weighted sum of the reward components); 0 where no
-            reward scored the row (see :attr:`scored`).
-        reward_components: name -> (B,) float32 unweighted component, NaN where a reward returned None.
-        per_token_rewards: (B, T) float32 weighted sum of dense (per-token) rewards, or None.
-        prompts: Decoded prompts.
-        completions: Decoded completions.
-        group_size: k when consecutive groups of k rows share one prompt (group baselines), else 1.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    sampled_logprobs: torch.Tensor
-    scores: torch.Tensor
-    reward_components: dict[str, torch.Tensor]
-    per_token_rewards: torch.Tensor | None
-    prompts: list[str]
-    completions: list[str]
-    group_size: int = 1
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.completion_ids.shape[0])
-
-    @property
-    def scored(self) -> torch.Tensor:
-        """(B,) bool: some reward scored the row (at least one component is not NaN).
-
-        A row no reward scored carries a score of 0 to the agents, as TRL's ``nansum`` gives it, but it is
-        no evidence about the policy: metrics leave it out.
-        """
-        scored = torch.zeros(self.batch_size, dtype=torch.bool, device=self.scores.device)
-        for values in self.reward_components.values():
-            scored |= ~torch.isnan(values)
-        return scored
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """(B, P + T) prompt followed by completion."""
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        """(B, P + T) 1 for real tokens of prompt and completion."""
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    @property
-    def completion_start(self) -> int:
-        """Index of the first completion token in :attr:`input_ids` (the padded prompt length P)."""
-        return int(self.prompt_ids.shape[1])
-
-    def select(self, rows: torch.Tensor) -> Rollout:
-        """The rollout restricted to ``rows`` (a 1-D index tensor), e.g. a minibatch."""
-        index = rows.tolist()
-        return self._replace(
-            prompt_ids=self.prompt_ids[rows],
-            prompt_mask=self.prompt_mask[rows],
-            completion_ids=self.completion_ids[rows],
-            completion_mask=self.completion_mask[rows],
-            sampled_logprobs=self.sampled_logprobs[rows],
-            scores=self.scores[rows],
-            reward_components={name: values[rows] for name, values in self.reward_components.items()},
-            per_token_rewards=None if self.per_token_rewards is None else self.per_token_rewards[rows],
-            prompts=[self.prompts[i] for i in index],
-            completions=[self.completions[i] for i in index],
-            group_size=1,
-        )
-
-
 class RolloutEvaluation(NamedTuple):
-    """The policy's view of a rollout before the update; every tensor is (B, T), no grad.
+    """The policy's view of a rollout before the update; every tensor is (B, T), no grad, 0 wherever
+    ``rollout.action_mask`` is 0 (environment tokens and padding are not actions).
 
     Attributes:
         logprobs: log pi_old(a_t | s_t) under the training forward pass (PPO's "old" log-probs).
@@ -207,7 +131,7 @@ def evaluate_rollout(
     forward = forward_rollout(
         policy, rollout, max_rows_per_pass=chunk_size, temperature=temperature, with_entropy=False
     )
-    mask = rollout.completion_mask.to(forward.logprobs.dtype)
+    mask = rollout.action_mask.to(forward.logprobs.dtype)
     return RolloutEvaluation(
         logprobs=forward.logprobs * mask,
         reference_logprobs=rollout_reference_logprobs(policy, rollout, temperature, chunk_size),
@@ -219,7 +143,7 @@ def evaluate_rollout(
 def rollout_reference_logprobs(
     policy: Policy, rollout: Rollout, temperature: float = 1.0, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """(B, T) log pi_ref of the completion tokens (adapter disabled), 0 past each row's end.
+    """(B, T) log pi_ref of the model tokens (adapter disabled), 0 at environment tokens and padding.
 
     Args:
         policy: The policy; its reference is the same model with the LoRA adapter switched off.
@@ -230,7 +154,7 @@ def rollout_reference_logprobs(
     forward = forward_rollout(
         policy, rollout, reference=True, max_rows_per_pass=chunk_size, temperature=temperature
     )
-    return forward.logprobs * rollout.completion_mask.to(forward.logprobs.dtype)
+    return forward.logprobs * rollout.action_mask.to(forward.logprobs.dtype)
 
 
 def collect_rollout(
@@ -254,7 +178,8 @@ def collect_rollout(
         options: Passed to ``venv.reset`` (e.g. ``{"split": "eval"}`` or pinned prompts).
 
     Returns:
-        The :class:`Rollout`. Scores are the env's ``score`` (NaN, where no reward applied, -> 0).
+        A single-turn :class:`Rollout` (every completion token is the model's; one turn). Scores are the
+        env's ``score`` (NaN, where no reward applied, -> 0).
         ``per_token_rewards`` holds the dense rewards (per-token reward functions and the env's
         ``dense_reward``) at their tokens; None when there are none.
     """
@@ -295,6 +220,8 @@ def collect_rollout(
         for key, values in ended_info.items()
         if key.startswith("reward/")
     }
+    # One turn: the Rollout's defaults make action_mask the completion_mask itself (no copy) and end the
+    # turn at the last token.
     return Rollout(
         prompt_ids=prompt_ids.to(device),
         prompt_mask=prompt_mask.to(device),

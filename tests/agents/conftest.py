@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlfb.agents.rollout import Rollout
+from rlfb.agents.trajectory import Rollout, build_rollout
 from rlfb.models.policy import LoraSettings, Policy
 from rlfb.models.sampler import SamplingConfig, generate
 
@@ -87,3 +87,29 @@ def contains_token(token: int) -> Callable[[torch.Tensor, torch.Tensor], torch.T
         return ((completion_ids == token) & completion_mask.bool()).any(1).float()
 
     return reward
+
+
+def multi_turn_rollout() -> Rollout:
+    """Four hand-made episodes in two groups of two (prompts "a", "b"), with padding on both sides.
+
+    Completion positions (M model, E environment, . padding):
+
+        row 0: M M E E M M    turns end at 1 and 5; turn 1 reward 0.3
+        row 1: M E E E M M    turns end at 0 and 5; turn 2 reward -0.2
+        row 2: M M M M . .    one turn (a single-turn episode in the same batch); prompt left-padded
+        row 3: M E M E E .    ends on an environment reply (its last token is EOS); turn 2 reward 0.1;
+                              prompt left-padded
+    """
+    return build_rollout(
+        prompt_ids=[[3, 4, 5], [3, 4, 5], [5, 6], [5, 6]],
+        segments=[
+            [([6, 7], True, 0.3), ([8, 9], False), ([10, EOS], True)],
+            [([11], True), ([12, 13, 14], False), ([2, EOS], True, -0.2)],
+            [([7, 8, 9, EOS], True)],
+            [([1], True), ([2], False), ([3], True, 0.1), ([4, EOS], False)],
+        ],
+        scores=[1.0, -1.0, 0.5, -0.5],
+        pad_token_id=EOS,
+        prompts=["a", "a", "b", "b"],
+        group_size=2,
+    )

@@ -52,6 +52,11 @@ def test_rollout_matches_the_env_and_the_training_forward_pass(tiny_model_dir: P
         assert rollout.scores[row].item() == float(len(rollout.completions[row].split()))
     torch.testing.assert_close(rollout.reward_components["words"], rollout.scores)
     assert rollout.per_token_rewards is None
+    # Single-turn: every completion token is the model's (the same tensor, no copy), one turn ending at the
+    # last token, no turn reward besides the score.
+    assert rollout.action_mask is rollout.completion_mask
+    assert rollout.turn_ends.tolist() == (rollout.completion_mask.sum(1, keepdim=True) - 1).tolist()
+    assert rollout.turn_rewards.eq(0).all() and rollout.num_turns.eq(1).all()
 
     # Sampled (KV cache, step by step) and recomputed (full sequence) log-probs agree: the ratio starts at 1.
     evaluation = evaluate_rollout(policy, rollout)
