@@ -66,6 +66,7 @@ DECODING = "rlfb/models/decoding.py"
 EVALUATION = "rlfb/evaluation.py"
 BENCH = "rlfb/bench.py"
 BENCH_PLOTS = "rlfb/bench_plots.py"
+AGENT_CONFIGS = "rlfb/agents/configs.py"
 
 TRAINER_TESTS = ("tests/test_trainer_wiring.py", "tests/test_trainer.py")
 METRIC_TESTS = ("tests/test_metrics_values.py", "tests/test_trainer.py")
@@ -122,10 +123,10 @@ BUGS: tuple[PlantedBug, ...] = (
     _bug("trainer-sampling-top-p", "trainer", TRAINER,
          "top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)",
          "max_new_tokens=config.sampling.max_new_tokens)", TRAINER_TESTS),
-    _bug("trainer-agent-temperature", "trainer", TRAINER,
+    _bug("trainer-agent-temperature", "trainer", AGENT_CONFIGS,
          'decided = {"temperature": config.sampling.temperature,', 'decided = {"temperature": 1.0,',
          TRAINER_TESTS),
-    _bug("trainer-agent-total-updates", "trainer", TRAINER,
+    _bug("trainer-agent-total-updates", "trainer", AGENT_CONFIGS,
          '"total_updates": config.budget.updates,', '"total_updates": config.budget.num_envs,', TRAINER_TESTS),
     # ----------------------------------------------------------------------------------- rollout metrics
     _bug("metric-reward-mean", "metric", TRAINER,
