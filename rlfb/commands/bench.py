@@ -8,6 +8,7 @@ per design and seed to the output directory. See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +30,11 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_bench_config(args.config, args.overrides)
     for design in config.designs:
-        check_run_inputs(config.run_config(design, config.seeds[0], runs_dir=args.output_dir or config.output_dir))
+        run_config = config.run_config(design, config.seeds[0], runs_dir=args.output_dir or config.output_dir)
+        # A reward model the bench trains first gets its path then: check the rest of its kwargs now.
+        rewards = [dataclasses.replace(reward, kwargs={**reward.kwargs, "path": "(trained by the bench)"})
+                   if index in design.recipes else reward for index, reward in enumerate(run_config.rewards)]
+        check_run_inputs(dataclasses.replace(run_config, rewards=rewards))
     configure_threads(config.threads or None)  # the bench's `threads: 0` keeps torch's default
     check_device(config.run_config(config.designs[0], config.seeds[0]).device)
     if args.check:
