@@ -44,7 +44,7 @@ import torch
 
 from rlfb import checkpoint as checkpointing
 from rlfb import run_directory
-from rlfb.agents.configs import run_agent
+from rlfb.agents.configs import agent_spec, run_agent
 from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
 from rlfb.errors import RewardError
@@ -57,7 +57,6 @@ from rlfb.rewards.reward_set import LOGGED_METRIC_PREFIX
 EVAL_FILE = run_directory.EVAL_FILE
 FAILED_FILE = "FAILED"  # in a run directory whose training stopped on an error: {"step": N, "error": "..."}
 SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.samples_every updates
-AGENTS_WITH_VALUE_HEAD = frozenset({"ppo"})
 # Rollouts in a row that no reward scored before the run stops: one such batch can be bad luck (every
 # completion missed a format), several mean the rewards cannot score this task and training learns nothing.
 UNSCORED_ROLLOUTS_LIMIT = 3
@@ -192,7 +191,7 @@ class Trainer:
             config.model.name,
             lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                               target_modules=lora.target_modules),
-            value_head=agent_name in AGENTS_WITH_VALUE_HEAD, device=self.device,
+            value_head=agent_spec(agent_name).needs_value_head, device=self.device,
             dtype=DTYPES.get(config.model.dtype or ""))
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)

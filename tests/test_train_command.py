@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rlfb.rewards
-from rlfb.agents import AGENT_PRESETS
+from rlfb.agents import AGENTS
 from rlfb.commands.train import prepare_config
 from rlfb.config import config_from_dict
 from rlfb.errors import ConfigError
@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("reward_model"))
 
 
-@pytest.mark.parametrize("agent", list(AGENT_PRESETS))
+@pytest.mark.parametrize("agent", list(AGENTS))
 @pytest.mark.parametrize("config_path", RUN_CONFIGS, ids=lambda path: path.stem)
 def test_every_shipped_config_switches_to_every_agent(config_path: Path, agent: str, tmp_path: Path) -> None:
     config = prepare_config(str(config_path), [f"agent.name={agent}", f"output_dir={tmp_path}"], None)

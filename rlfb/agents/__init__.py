@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rlfb.agents.base import Agent, DegenerateUpdateError, GradientStepper, make_agent
-    from rlfb.agents.configs import AGENT_PRESETS, PPOConfig, ReinforceConfig, agent_config
+    from rlfb.agents.configs import (
+        AGENTS,
+        AgentSpec,
+        PPOConfig,
+        ReinforceConfig,
+        agent_config,
+        register_agent,
+    )
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.ppo import PPOAgent
     from rlfb.agents.reinforce import ReinforceAgent
@@ -32,7 +39,8 @@ if TYPE_CHECKING:
     from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 
 _MODULE_OF = {
-    "AGENT_PRESETS": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs", "agent_config": "configs",
+    "AGENTS": "configs", "AgentSpec": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs",
+    "agent_config": "configs", "register_agent": "configs",
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
     "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
@@ -42,7 +50,8 @@ _MODULE_OF = {
 }
 
 __all__ = [
-    "AGENT_PRESETS",
+    "AGENTS",
+    "AgentSpec",
     "AdaptiveKLController",
     "Agent",
     "DegenerateUpdateError",
@@ -61,6 +70,7 @@ __all__ = [
     "evaluate_rollout",
     "make_agent",
     "make_kl_controller",
+    "register_agent",
     "rollout_reference_logprobs",
 ]
 

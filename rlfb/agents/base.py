@@ -8,6 +8,7 @@ evolution-strategies agent fits it; PPO and REINFORCE share a :class:`GradientSt
 from __future__ import annotations
 
 import abc
+import importlib
 import logging
 import math
 import warnings
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rlfb.agents.configs import PPOConfig, agent_config, check_learning_rate
+from rlfb.agents.configs import agent_config, agent_spec, check_learning_rate
 from rlfb.agents.rollout import Rollout
 from rlfb.errors import RlfbError
 
@@ -192,12 +193,12 @@ class GradientStepper:
 
 # ------------------------------------------------------------------------------- construction by name
 def make_agent(name: str, policy: Any, config: Mapping[str, Any] | None = None) -> Agent:
-    """Build an agent by name: ``"ppo"``, ``"reinforce"``, ``"rloo"`` or ``"grpo"``.
+    """Build a registered agent by name: ``"ppo"``, ``"reinforce"``, ``"rloo"``, ``"grpo"``, ...
 
     Args:
-        name: Agent name (a key of :data:`rlfb.agents.configs.AGENT_PRESETS`).
+        name: Agent name (a key of :data:`rlfb.agents.configs.AGENTS`).
         policy: The :class:`~rlfb.models.policy.Policy` to train.
-        config: Options of the agent's config dataclass (``PPOConfig`` or ``ReinforceConfig``) over its preset.
+        config: Options of the agent's config dataclass over its preset.
 
     Returns:
         The agent.
@@ -205,10 +206,7 @@ def make_agent(name: str, policy: Any, config: Mapping[str, Any] | None = None) 
     Raises:
         ConfigError: On an unknown name or option, naming the known ones.
     """
-    from rlfb.agents.ppo import PPOAgent
-    from rlfb.agents.reinforce import ReinforceAgent
-
     options = agent_config(name, config)
-    if isinstance(options, PPOConfig):
-        return PPOAgent(policy, options)
-    return ReinforceAgent(policy, options)
+    module, _, attribute = agent_spec(name).agent_class.partition(":")
+    agent_class = getattr(importlib.import_module(module), attribute)
+    return agent_class(policy, options)

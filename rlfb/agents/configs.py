@@ -1,10 +1,11 @@
-"""The agents' hyper-parameters and presets, importable without torch.
+"""The agent registry and the agents' hyper-parameters, importable without torch.
 
-Each agent's config is a dataclass whose fields are the ``agent:`` options of a run config; the presets
-name agents that are one config with some options fixed (RLOO and GRPO are REINFORCE with a group
-baseline). Nothing here imports torch, so ``rlfb train`` checks every agent option of a config in
-milliseconds, before the heavy imports (rlfb/preflight.py); the update rules live in ppo.py and
-reinforce.py.
+Each agent is an :class:`AgentSpec` in :data:`AGENTS`: its name, the dataclass of its options (the
+``agent:`` section of a run config), where its class lives, the options its name fixes (RLOO and GRPO are
+REINFORCE with a group baseline) and whether it needs a value head. Adding an agent is one
+:func:`register_agent` call; the trainer reads only the spec. Nothing here imports torch, so ``rlfb train``
+checks every agent option of a config in milliseconds, before the heavy imports (rlfb/preflight.py); the
+update rules live in one file per agent (ppo.py, reinforce.py).
 
 Example:
     >>> agent_config("grpo", {"learning_rate": 3e-4}).baseline
@@ -184,30 +185,83 @@ def config_from_mapping(config_class: type[ConfigT], values: Mapping[str, Any], 
     return config_class(**dict(values))
 
 
-# name -> preset options. "rloo" and "grpo" are REINFORCE with a group baseline, k = 4 completions per
-# prompt unless the config says otherwise. GRPO puts the KL in the loss (Shao et al. 2024): in the reward,
-# dividing by the group's std would blow the KL noise of a group whose scores are all equal up to
-# unit-size advantages.
-AGENT_PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": {},
-    "reinforce": {},
-    "rloo": {"baseline": "rloo", "group_size": 4},
-    "grpo": {"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
-}
+@dataclasses.dataclass(frozen=True)
+class AgentSpec:
+    """What the trainer needs to know of an agent, without importing it.
+
+    Attributes:
+        name: The ``agent.name`` of a run config.
+        config_class: The dataclass of its options (the ``agent:`` section).
+        agent_class: ``"module:Class"`` of the agent, imported when a run builds it (it imports torch).
+        preset: Options fixed by this name (``grpo`` is REINFORCE with ``baseline: grpo``, ...).
+        needs_value_head: Whether the policy gets a value head (PPO's critic).
+        description: One line for ``--help`` and errors.
+    """
+
+    name: str
+    config_class: type
+    agent_class: str
+    preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    needs_value_head: bool = False
+    description: str = ""
+
+    @property
+    def default_group_size(self) -> int:
+        """Completions per prompt unless ``budget.group_size`` says otherwise."""
+        return int(self.preset.get("group_size", 1))
+
+
+AGENTS: dict[str, AgentSpec] = {}
+
+
+def register_agent(spec: AgentSpec) -> AgentSpec:
+    """Add an agent to the registry: ``agent.name: NAME`` then builds it, with no change to the trainer.
+
+    Raises:
+        ConfigError: the name is taken.
+    """
+    if spec.name in AGENTS:
+        raise ConfigError(f"an agent named {spec.name!r} is already registered ({AGENTS[spec.name].agent_class})")
+    AGENTS[spec.name] = spec
+    return spec
+
+
+# RLOO and GRPO are REINFORCE with a group baseline, k = 4 completions per prompt unless the config says
+# otherwise. GRPO puts the KL in the loss (Shao et al. 2024): in the reward, dividing by the group's std
+# would blow the KL noise of a group whose scores are all equal up to unit-size advantages.
+register_agent(AgentSpec("ppo", PPOConfig, "rlfb.agents.ppo:PPOAgent", needs_value_head=True,
+                         description="token-level PPO with a value head and a KL penalty (Ziegler et al. 2019)"))
+register_agent(AgentSpec("reinforce", ReinforceConfig, "rlfb.agents.reinforce:ReinforceAgent",
+                         description="REINFORCE with a moving-average baseline (Williams 1992)"))
+register_agent(AgentSpec("rloo", ReinforceConfig, "rlfb.agents.reinforce:ReinforceAgent",
+                         preset={"baseline": "rloo", "group_size": 4},
+                         description="REINFORCE, leave-one-out baseline over k samples (Ahmadian et al. 2024)"))
+register_agent(AgentSpec("grpo", ReinforceConfig, "rlfb.agents.reinforce:ReinforceAgent",
+                         preset={"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
+                         description="REINFORCE, group-normalised advantages, KL in the loss (Shao et al. 2024)"))
 
 AgentConfig = PPOConfig | ReinforceConfig
 
 
-def agent_config_class(name: str) -> type[AgentConfig]:
-    """The config dataclass whose fields are the options of agent ``name`` (a key of AGENT_PRESETS)."""
+def agent_spec(name: str) -> AgentSpec:
+    """The registered agent ``name``.
+
+    Raises:
+        ConfigError: naming the known agents.
+    """
     check_agent_name(name)
-    return PPOConfig if name == "ppo" else ReinforceConfig
+    return AGENTS[name]
+
+
+def agent_config_class(name: str) -> type[AgentConfig]:
+    """The config dataclass whose fields are the options of agent ``name``."""
+    return agent_spec(name).config_class
 
 
 def check_agent_name(name: str) -> None:
     """Raise ConfigError naming the known agents unless ``name`` is one."""
-    if name not in AGENT_PRESETS:
-        raise ConfigError(f"unknown agent {name!r}; known: {', '.join(AGENT_PRESETS)}")
+    if name not in AGENTS:
+        raise ConfigError(f"unknown agent {name!r}; known: {', '.join(AGENTS)}")
 
 
 def agent_config(name: str, options: Mapping[str, Any] | None = None) -> AgentConfig:
@@ -218,7 +272,7 @@ def agent_config(name: str, options: Mapping[str, Any] | None = None) -> AgentCo
             contradicts the preset (``baseline`` of ``rloo`` or ``grpo``).
     """
     check_agent_name(name)
-    merged = dict(AGENT_PRESETS[name])
+    merged = dict(AGENTS[name].preset)
     for key, value in (options or {}).items():
         if key == "baseline" and key in merged and value != merged[key]:
             raise ConfigError(f"agent {name!r} uses baseline {merged[key]!r}; got baseline={value!r}")
@@ -231,7 +285,7 @@ class RunAgent:
     """The agent a run config asks for, checked: its name, options and completions per prompt.
 
     Attributes:
-        name: A key of :data:`AGENT_PRESETS`.
+        name: A key of :data:`AGENTS`.
         options: The ``agent:`` options plus what the run config decides for the agent (``temperature``
             from ``sampling``, ``total_updates`` from ``budget``, ``seed``, ``group_size``).
         group_size: Completions per prompt (``budget.group_size``, else the preset's, else 1).
@@ -257,9 +311,9 @@ def run_agent(config: RunConfig) -> RunAgent:
     from rlfb.config import check_section
 
     name = config.agent.name
-    if name not in AGENT_PRESETS:
-        raise ConfigError(f"unknown agent '{name}' in agent.name; known: {', '.join(AGENT_PRESETS)}")
-    group_size = config.budget.group_size or int(AGENT_PRESETS[name].get("group_size", 1))
+    if name not in AGENTS:
+        raise ConfigError(f"unknown agent '{name}' in agent.name; known: {', '.join(AGENTS)}")
+    group_size = config.budget.group_size or AGENTS[name].default_group_size
     if config.budget.num_envs % group_size:
         raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
                           f"group size {group_size} of agent '{name}'")
@@ -267,8 +321,7 @@ def run_agent(config: RunConfig) -> RunAgent:
     options = check_section(config_class, dict(config.agent.params), "agent")
     decided = {"temperature": config.sampling.temperature, "total_updates": config.budget.updates,
                "seed": config.seed}
-    if name != "ppo":
-        decided["group_size"] = group_size
+    decided["group_size"] = group_size  # for agents whose config has the option
     known = {field.name for field in dataclasses.fields(config_class)}
     for key, value in decided.items():
         if key not in known:

@@ -98,10 +98,10 @@ def _without_options_of_the_replaced_agent(config: RunConfig, file_agent: str, o
     Options given with ``--set`` are kept (and rejected by the agent if unknown): only what the user did
     not ask for on this command line is dropped.
     """
-    from rlfb.agents.configs import AGENT_PRESETS, agent_config_class
+    from rlfb.agents.configs import AGENTS, agent_config_class
 
     name = config.agent.name
-    if name == file_agent or name not in AGENT_PRESETS:
+    if name == file_agent or name not in AGENTS:
         return config
     known = {option.name for option in dataclasses.fields(agent_config_class(name))}
     given = {_agent_option_of(override) for override in overrides}
