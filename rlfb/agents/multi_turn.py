@@ -171,9 +171,9 @@ def collect_episodes(
             actions[row] = np.asarray(ids, dtype=np.int64)
         _, rewards, terminated, truncated, info = venv.step(actions)
         for row, (_, logprobs) in zip(active, turns, strict=True):
-            conversation = conversations[row]
-            kept = len(conversation.turn_ids[-1])  # the env cuts a turn only past the room, which we respect
-            turn_logprobs[row].append(logprobs[:kept])
+            # The env would cut a turn longer than the room left; _sample_turns stops there, so the env keeps
+            # every sampled token (build_rollout checks that each turn has as many log-probs as tokens).
+            turn_logprobs[row].append(logprobs)
             turn_reward = float(info["turn_reward"][row])
             turn_rewards[row].append(turn_reward)
             if terminated[row] or truncated[row]:

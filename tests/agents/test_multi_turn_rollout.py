@@ -118,17 +118,18 @@ def test_sampled_logprobs_equal_the_training_forward_pass(policy: Policy, sampli
     torch.testing.assert_close(evaluation.logprobs[mask], rollout.sampled_logprobs[mask], atol=1e-5, rtol=0)
 
 
-def test_a_turn_never_runs_past_the_room_the_window_leaves(policy: Policy) -> None:
-    venv = countdown_venv(policy, max_turns=8, max_turn_tokens=8, max_context_tokens=24)
+@pytest.mark.parametrize(("cap", "reason"), [({"max_context_tokens": 24}, "context_window"),
+                                             ({"max_model_tokens": 11}, "token_cap")])
+def test_a_turn_never_runs_past_the_room_the_caps_leave(policy: Policy, cap: dict, reason: str) -> None:
+    venv = countdown_venv(policy, max_turns=8, max_turn_tokens=8, **cap)
     batch = collect_episodes(venv, policy, SamplingConfig(), torch.Generator().manual_seed(0), seed=0,
                              options={"prompts": [{"prompt": "Row says", "stop": 8}] * 4})
-    assert batch.truncated.all()  # the window ends every episode
+    # The cap ends every episode. Had a turn been sampled past the room, the env would have cut it and its
+    # log-probs would outnumber its tokens (build_rollout refuses that).
+    assert batch.truncated.all()
     for row, conversation in enumerate(venv.unwrapped.conversations):
-        assert len(conversation.tokens) <= 24
-        # Each turn's log-probs are as many as its tokens (build_rollout checks), and none is cut: a turn is
-        # at most max_turn_tokens and ends at EOS or at the room left.
-        rollout = batch.rollout
-        assert int(rollout.action_mask[row].sum()) == conversation.num_model_tokens
+        assert conversation.truncation == reason
+        assert int(batch.rollout.action_mask[row].sum()) == conversation.num_model_tokens
 
 
 def test_rows_of_a_group_play_the_same_episode(tiny_model_dir: Path, policy: Policy) -> None:
