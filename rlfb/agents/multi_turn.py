@@ -76,11 +76,13 @@ class EpisodeBatch(NamedTuple):
     used_tool: np.ndarray | None
 
     def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
-        """Means over the episodes: ``episode_return``, ``success_rate``, ``episode_truncated`` and, where the
-        protocol reports it, ``tool_use`` (the share of episodes that called the tool); docs/metrics.md."""
-        metrics = {f"{prefix}episode_return": float(self.returns.mean()),
-                   f"{prefix}success_rate": float(self.success.mean()),
-                   f"{prefix}episode_truncated": float(self.truncated.mean())}
+        """Means over the episodes (docs/metrics.md): ``success_rate``, ``episode_truncated``,
+        ``reward/protocol`` (the turn rewards' sum) and, where the protocol reports it, ``tool_use`` (the share
+        of episodes that called the tool). The mean return is the trainer's ``rollout/reward_mean``."""
+        protocol = self.rollout.reward_components[PROTOCOL_COMPONENT]
+        metrics = {f"{prefix}success_rate": float(self.success.mean()),
+                   f"{prefix}episode_truncated": float(self.truncated.mean()),
+                   f"{prefix}reward/{PROTOCOL_COMPONENT}": float(protocol.double().mean())}
         if self.used_tool is not None:
             metrics[f"{prefix}tool_use"] = float(self.used_tool.mean())
         return metrics
