@@ -156,3 +156,16 @@ def test_env_section_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path
         assert message in lines[0], (case, lines[0])
         assert not result["torch"], f"{case}: torch was imported before the error"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_without_reward_functions_is_scored_by_its_protocol(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Three updates: as many unscored rollouts in a row would stop a run (trainer.UNSCORED_ROLLOUTS_LIMIT).
+    config = guess_config(tiny_model_dir, tmp_path, "rewards=[]", "budget.updates=3", "checkpoint.every=1")
+    result = Trainer(config).train()
+    assert result.step == 3
+    updates = [row for row in read_metrics(result.run_dir) if "rollout/reward_mean" in row]
+    assert all(row["rollout/scored_fraction"] == 1.0 and row["rollout/reward_mean"] == 0.0 for row in updates)
+    assert not any(key.startswith("rollout/reward/") and key != "rollout/reward/protocol" for key in updates[0])
+    resumed = Trainer(guess_config(tiny_model_dir, tmp_path, "rewards=[]", "budget.updates=4"),
+                      resume_from=result.run_dir).train()
+    assert resumed.step == 4

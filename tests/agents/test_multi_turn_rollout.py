@@ -156,3 +156,39 @@ def test_an_env_wider_than_the_model_is_refused(policy: Policy) -> None:
     text_venv = countdown_venv(policy, action_type="text")
     with pytest.raises(ConfigError, match="action_type='tokens'"):
         collect_episodes(text_venv, policy, SamplingConfig(), seed=0, options={"prompts": PINNED})
+
+
+def test_tool_use_success_and_returns_on_the_calculator(policy: Policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripted turns (the policy's sampling replaced) exercise every outcome: a tool call then the right
+    answer, the right answer at once, a wrong answer, and two calls then a wrong answer."""
+    from rlfb.trainer import rollout_metrics
+
+    script = [["<calc>17+25</calc>", "42"], ["42"], ["41"], ["<calc>17+25</calc>", "<calc>1+1</calc>", "2"]]
+    venv = gym.make_vec("rlfb/MultiTurn-v0", num_envs=4, vectorization_mode="vector_entry_point",
+                        protocol="calculator", tokenizer=policy.tokenizer, model=None, max_context_tokens=64,
+                        max_turns=3, max_turn_tokens=20)
+    tokenizer = policy.tokenizer
+
+    def scripted_turns(policy: Any, conversations: list, *args: Any) -> list[tuple[list[int], list[float]]]:
+        turns = []
+        for conversation in conversations:
+            row = next(row for row, other in enumerate(venv.unwrapped.conversations) if other is conversation)
+            text = script[row][len(conversation.turns)]
+            ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            turns.append((ids, [-1.0] * len(ids)))
+        return turns
+
+    monkeypatch.setattr(multi_turn, "_sample_turns", scripted_turns)
+    batch = collect_episodes(venv, policy, SamplingConfig(), seed=0,
+                             options={"prompts": [{"prompt": "17+25=", "answer": "42"}] * 4})
+    assert batch.rollout.num_turns.tolist() == [2, 1, 1, 3]
+    assert batch.rollout.turn_rewards.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0] * 3, [0.0] * 3]
+    assert batch.used_tool is not None and batch.used_tool.tolist() == [True, False, False, True]
+    assert batch.success.tolist() == [True, True, False, False]
+    assert batch.returns.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert batch.metrics() == {"rollout/success_rate": 0.5, "rollout/episode_truncated": 0.0,
+                               "rollout/reward/protocol": 0.5, "rollout/tool_use": 0.5}
+    # The trainer's reward statistics count the turn rewards: the mean return of the episodes.
+    metrics = rollout_metrics(batch.rollout, [], tokenizer.eos_token_id)
+    assert metrics["rollout/reward_mean"] == 0.5 and metrics["rollout/reward_std"] == 0.5
+    assert metrics["rollout/turns"] == 1.75 and metrics["rollout/scored_fraction"] == 1.0
