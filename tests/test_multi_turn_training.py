@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_run_checks import _CLI_PROBE, run_python
 from test_trainer import reproducible
+from wiring_helpers import move_adapter
 
 from rlfb.checkpoint import find_checkpoint, read_trainer_state
 from rlfb.config import RunConfig, config_from_dict
@@ -19,15 +21,18 @@ from rlfb.trainer import Trainer
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def guess_config(model_dir: Path, output_dir: Path, *overrides: str, agent: str = "grpo") -> RunConfig:
+def guess_config(model_dir: Path, output_dir: Path, *overrides: str, agent: str = "grpo",
+                 protocol: str = "guess_number") -> RunConfig:
     """Guess the number on the tiny random model: 4 episodes of up to 3 turns of 3 tokens per update.
 
     A random model never guesses right, so a reward on the last turn (a vowel in it) gives the agents a
-    gradient on top of the protocol's reward.
+    gradient on top of the protocol's reward. ``protocol="calculator"`` plays sums instead: their openings
+    differ from episode to episode (guess_number's secret changes nothing a random model writes).
     """
+    task = {"guess_number": "guess_number", "calculator": "arithmetic"}[protocol]
     data = {
-        "task": "guess_number", "model": str(model_dir),
-        "env": {"kind": "multi_turn", "protocol": "guess_number", "max_turns": 3, "max_turn_tokens": 3},
+        "task": task, "model": str(model_dir),
+        "env": {"kind": "multi_turn", "protocol": protocol, "max_turns": 3, "max_turn_tokens": 3},
         "rewards": [{"name": "regex", "kwargs": {"pattern": "[aeiou]"}, "label": "vowel"}],
         "agent": {"name": agent, "learning_rate": 1e-2},
         "lora": {"r": 4, "alpha": 8},
@@ -69,29 +74,55 @@ def test_every_agent_trains_on_whole_episodes(tiny_model_dir: Path, tmp_path: Pa
     assert set(saved["after"]["episodes"]) == {"success_rate", "turns"}
 
 
-def test_held_out_evaluation_replays_the_same_episodes(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_held_out_evaluation_replays_the_same_episodes_and_measures_model_tokens(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
     config = guess_config(tiny_model_dir, tmp_path, "budget.updates=1", "eval.num_prompts=3")
     trainer = Trainer(config)
     trainer._build()
+    move_adapter(trainer.policy.model, scale=0.3)  # policy != reference: a KL to measure
     first, _ = trainer._measure()
+    conversations = trainer.eval_venv.unwrapped.conversations
+    secrets = [conversation.state.secret for conversation in conversations]
     second, _ = trainer._measure()
     assert first.to_dict() == second.to_dict()
-    assert first.num_prompts == 3 and len(first.prompt_rewards["vowel"]) == 3
-    # The episode's secret numbers come from eval.seed: episode i is reset with seed eval.seed + i.
-    secrets = [conversation.state.secret for conversation in trainer.eval_venv.unwrapped.conversations]
-    assert len(set(secrets)) > 1
+    # The episodes' secrets come from eval.seed (episode i is reset with eval.seed + i): the same each time.
+    assert [conversation.state.secret for conversation in trainer.eval_venv.unwrapped.conversations] == secrets
+    assert len(set(secrets)) > 1 and first.num_prompts == 3 and len(first.prompt_rewards["vowel"]) == 3
+
+    # Oracle: one plain forward pass per conversation, at temperature 1, over the model's tokens only.
+    policy, kl, reference_logprobs, model_tokens = trainer.policy, [], [], []
+    with torch.no_grad():
+        for conversation in trainer.eval_venv.unwrapped.conversations:
+            tokens = torch.tensor([conversation.tokens])
+            logprobs = torch.log_softmax(policy.model(tokens).logits[0, :-1].float(), -1)
+            with policy.reference():
+                reference = torch.log_softmax(policy.model(tokens).logits[0, :-1].float(), -1)
+            positions = [p for start, end in conversation.spans("model") for p in range(start, end)]
+            targets = tokens[0, positions]
+            policy_values = logprobs[[p - 1 for p in positions], targets]
+            reference_values = reference[[p - 1 for p in positions], targets]
+            kl.append(float((policy_values - reference_values).sum()))
+            reference_logprobs += reference_values.tolist()
+            model_tokens.append(len(positions))
+    assert first.kl == pytest.approx(sum(kl) / len(kl), abs=1e-4) and abs(first.kl) > 1e-2
+    assert first.fluency == pytest.approx(sum(reference_logprobs) / len(reference_logprobs), abs=1e-4)
+    assert first.completion_length == pytest.approx(sum(model_tokens) / len(model_tokens))
+    assert first.episodes["turns"] == pytest.approx(
+        sum(len(conversation.turns) for conversation in conversations) / 3)
 
 
 @pytest.mark.parametrize("agent", ["ppo", "grpo"])
 def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path,
                                                             agent: str) -> None:
-    straight = Trainer(guess_config(tiny_model_dir, tmp_path / "straight", agent=agent)).train()
+    straight = Trainer(guess_config(tiny_model_dir, tmp_path / "straight", agent=agent,
+                                    protocol="calculator")).train()
 
     def ctrl_c_after_update_2(step: int, metrics: dict) -> None:
         if step == 2:
             raise KeyboardInterrupt
 
-    config = guess_config(tiny_model_dir, tmp_path / "resumed", "checkpoint.every=0", agent=agent)
+    config = guess_config(tiny_model_dir, tmp_path / "resumed", "checkpoint.every=0", agent=agent,
+                          protocol="calculator")
     interrupted = Trainer(config, callbacks=[ctrl_c_after_update_2]).train()
     assert interrupted.interrupted and read_trainer_state(find_checkpoint(interrupted.run_dir))["step"] == 2
     resumed = Trainer(config, resume_from=interrupted.run_dir).train()
@@ -100,12 +131,12 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(tiny_model_dir: Path
     assert reproducible(read_metrics(resumed.run_dir)) == straight_rows
     # Not trivially equal: the episodes differ from update to update.
     update_rows = [row for row in straight_rows if "rollout/reward_mean" in row]
-    assert len({row["rollout/completion_length"] for row in update_rows}) > 1
+    assert len({row["rollout/reward_mean"] for row in update_rows}) > 1, update_rows
 
 
 def test_a_rollout_interrupted_mid_way_resumes_from_the_last_complete_update(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = Trainer(guess_config(tiny_model_dir, tmp_path / "straight")).train()
+    straight = Trainer(guess_config(tiny_model_dir, tmp_path / "straight", protocol="calculator")).train()
     import rlfb.agents.multi_turn as multi_turn
 
     real_collect = multi_turn.collect_episodes
@@ -118,7 +149,7 @@ def test_a_rollout_interrupted_mid_way_resumes_from_the_last_complete_update(
             raise KeyboardInterrupt
         return result
 
-    config = guess_config(tiny_model_dir, tmp_path / "resumed", "checkpoint.every=0")
+    config = guess_config(tiny_model_dir, tmp_path / "resumed", "checkpoint.every=0", protocol="calculator")
     monkeypatch.setattr(multi_turn, "collect_episodes", collect_then_interrupt)
     trainer = Trainer(config)
     assert trainer.train().interrupted
