@@ -1,6 +1,6 @@
 """Typed run configs: one YAML file per run, ``--set key=value`` overrides, errors that name the key.
 
-A run config has one section per concern (task, model, lora, rewards, reward_scale, agent, sampling,
+A run config has one section per concern (task, model, lora, rewards, reward_scale, agent, env, sampling,
 budget, eval, logging, checkpoint) plus ``seed``, ``device``, ``threads`` and ``output_dir``. Every field
 has a type and a help text; loading checks both, so a typo or a wrong type fails before any model is
 loaded. This module imports neither torch nor transformers, so those errors come in a fraction of a second:
@@ -126,6 +126,38 @@ class SamplingConfig:
         "null: 64, or less when the model's context window needs room for max_new_tokens"))
 
 
+ENV_KINDS = ("single_turn", "multi_turn")  # the env sections a run may collect its rollouts from
+
+
+@dataclass
+class EnvConfig:
+    """Where rollouts come from: one completion per prompt (default), or multi-turn episodes (docs/envs.md).
+
+    ``env: {kind: multi_turn, protocol: guess_number, max_turns: 6}`` plays conversations of
+    ``rlfb/MultiTurn-v0``: the task's rows open them, the protocol answers each model turn and pays its
+    reward; ``rewards`` (which may then be empty) score each finished episode on top.
+    """
+
+    kind: str = field(default="single_turn", metadata=_help(
+        "single_turn: one completion per prompt (rlfb/TextGeneration-v0); multi_turn: conversations with a "
+        "protocol, one whole model turn per step (rlfb/MultiTurn-v0)"))
+    protocol: str | None = field(default=None, metadata=_help(
+        "multi_turn: the registered protocol that answers the model's turns (calculator, guess_number)"))
+    protocol_options: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "multi_turn: options of the protocol, e.g. {high: 50} for guess_number"))
+    max_turns: int = field(default=8, metadata=_help("multi_turn: model turns before an episode is truncated"))
+    max_turn_tokens: int = field(default=24, metadata=_help(
+        "multi_turn: longest model turn, in tokens (sampling.max_new_tokens is not used)"))
+    max_model_tokens: int | None = field(default=None, metadata=_help(
+        "multi_turn: model tokens over a whole episode before it is truncated; null: no cap"))
+    max_context_tokens: int | None = field(default=None, metadata=_help(
+        "multi_turn: longest conversation, in tokens; null: the model's context window"))
+    reply_template: str = field(default="\n{reply}\n", metadata=_help(
+        "multi_turn: how a reply is written without a chat template (a format string with {reply})"))
+    use_chat_template: bool | None = field(default=None, metadata=_help(
+        "multi_turn: render with the tokenizer's chat template; null: when it has one"))
+
+
 @dataclass
 class BudgetConfig:
     """How much to train: stops at whichever of ``updates`` and ``time_limit_s`` comes first."""
@@ -182,6 +214,8 @@ class RunConfig:
     reward_scale: RewardScaleConfig = field(default_factory=RewardScaleConfig, metadata=_help(
         "normalization and clipping of the total reward"))
     agent: AgentConfig = field(default_factory=AgentConfig, metadata=_help("learning algorithm"))
+    env: EnvConfig = field(default_factory=EnvConfig, metadata=_help(
+        "the environment: single-turn completions or multi-turn episodes"))
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=_help("sampling"))
     budget: BudgetConfig = field(default_factory=BudgetConfig, metadata=_help("training budget"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("held-out evaluation"))
@@ -522,7 +556,9 @@ def validate(config: RunConfig) -> RunConfig:
             f"one of {', '.join(MODEL_DTYPES)}, or null for the model's own")
     require(config.lora.r >= 1, "lora.r", config.lora.r, ">= 1")
     require(0 <= config.lora.dropout < 1, "lora.dropout", config.lora.dropout, "in [0, 1)")
-    require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")
+    _validate_env(config)
+    if config.env.kind == "single_turn":  # a multi-turn episode is scored by its protocol, rewards optional
+        require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")
     for index, reward in enumerate(config.rewards):
         require(bool(reward.name), f"rewards.{index}.name", reward.name, "a registered reward name")
     require(config.eval.num_prompts >= 0, "eval.num_prompts", config.eval.num_prompts, ">= 0")
@@ -533,6 +569,43 @@ def validate(config: RunConfig) -> RunConfig:
     require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every, ">= 0 (0: only at the end)")
     require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", config.checkpoint.keep_last, ">= 1")
     return config
+
+
+def _validate_env(config: RunConfig) -> None:
+    """The ``env`` section: a known kind, a registered protocol for multi-turn runs only, caps in range."""
+    from rlfb.envs.protocol import list_protocols
+
+    env = config.env
+    if env.kind not in ENV_KINDS:
+        close = difflib.get_close_matches(env.kind, ENV_KINDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"'env.kind' is {env.kind!r}{hint}; it must be one of {', '.join(ENV_KINDS)}")
+    if env.kind == "single_turn":
+        for key in ("protocol", "protocol_options"):
+            if getattr(env, key):
+                raise ConfigError(f"'env.{key}' is set but 'env.kind' is 'single_turn'; set env.kind: multi_turn "
+                                  f"to play a protocol, or remove env.{key}")
+        return
+    protocols = list_protocols()
+    if env.protocol is None:
+        raise ConfigError(f"'env.kind' is 'multi_turn' but 'env.protocol' is not set; name one of: "
+                          f"{', '.join(protocols)}")
+    if env.protocol not in protocols:
+        close = difflib.get_close_matches(env.protocol, list(protocols), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown protocol {env.protocol!r} in 'env.protocol'{hint}; registered: "
+                          f"{', '.join(protocols)}")
+
+    def require(ok: bool, key: str, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(f"'env.{key}' is {getattr(env, key)!r}; it must be {accepted}")
+
+    require(env.max_turns >= 1, "max_turns", ">= 1")
+    require(env.max_turn_tokens >= 1, "max_turn_tokens", ">= 1")
+    require(env.max_model_tokens is None or env.max_model_tokens >= 1, "max_model_tokens", ">= 1, or null for no cap")
+    require(env.max_context_tokens is None or env.max_context_tokens > env.max_turn_tokens, "max_context_tokens",
+            f"above env.max_turn_tokens ({env.max_turn_tokens}), or null for the model's context window")
+    require("{reply}" in env.reply_template, "reply_template", "a format string containing {reply}")
 
 
 def _list_item_type(kind: Any) -> Any:

@@ -16,6 +16,12 @@ What is measured (docs/metrics.md has healthy values):
 * ``completion_length``: mean tokens per completion, EOS included.
 * ``distinct_1`` / ``distinct_2``: distinct word uni/bigrams over all completions divided by their count
   (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models").
+
+A multi-turn run (``env.kind: multi_turn``) is evaluated by :func:`evaluate_episodes`: held-out episodes
+played to their end: ``reward/total`` is the mean episode return (turn rewards and final score),
+``reward/protocol`` the turn rewards' part; the same measures over the model's tokens only (KL, fluency and
+length over all its turns; distinct n-grams over its turns' text); and the episodes' ``success_rate``,
+``turns`` and, for a protocol that reports it, ``tool_use`` (:attr:`EvalResult.episodes`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class EvalResult:
     reward_metrics: dict[str, float] = field(default_factory=dict)
     # Reward component -> its value on each held-out row, in row order (NaN where the reward gave None).
     prompt_rewards: dict[str, list[float]] = field(default_factory=dict)
+    # Multi-turn evaluations only: success_rate, turns (and tool_use), means over the episodes.
+    episodes: dict[str, float] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Scalar metrics named as in docs/metrics.md (``eval/reward/sentiment``, ``eval/kl``, ...)."""
@@ -62,13 +70,17 @@ class EvalResult:
         result.update({f"{prefix}kl": self.kl, f"{prefix}fluency": self.fluency,
                        f"{prefix}completion_length": self.completion_length,
                        f"{prefix}distinct_1": self.distinct_1, f"{prefix}distinct_2": self.distinct_2})
+        result.update({f"{prefix}{name}": value for name, value in self.episodes.items()})
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rewards": self.rewards, "kl": self.kl, "fluency": self.fluency,
+        data = {"rewards": self.rewards, "kl": self.kl, "fluency": self.fluency,
                 "completion_length": self.completion_length, "distinct_1": self.distinct_1,
                 "distinct_2": self.distinct_2, "num_prompts": self.num_prompts, "samples": self.samples,
                 "reward_metrics": self.reward_metrics}
+        if self.episodes:  # a single-turn eval.json keeps its keys
+            data["episodes"] = self.episodes
+        return data
 
 
 def encode_for_generation(tokenizer: Any, prompts: Sequence[str], sampling: SamplingConfig,
@@ -177,6 +189,101 @@ def evaluate_policy(policy: Any, rows: Sequence[Mapping[str, Any]], reward_set: 
     )
 
 
+# Episodes per batch of a multi-turn evaluation (the eval env's rows).
+EVAL_EPISODES_PER_BATCH = 64
+
+
+@torch.no_grad()
+def evaluate_episodes(policy: Any, venv: Any, sampling: SamplingConfig, seed: int, num_episodes: int,
+                      num_samples: int = 3) -> EvalResult:
+    """Play ``num_episodes`` held-out episodes of a multi-turn vector env to their end and measure them.
+
+    Episode i opens on row ``i mod R`` of the task's eval split (R rows) and is reset with seed
+    ``seed + i``, so every evaluation of a run plays the same episodes (the same sums, the same secret
+    numbers) with the same sampling noise; only the adapter differs. The env's batches are of its
+    ``num_envs`` rows; the rows past ``num_episodes`` in the last batch are dropped.
+
+    Args:
+        policy: A :class:`rlfb.models.policy.Policy`.
+        venv: A ``rlfb/MultiTurn-v0`` vector env (token actions), used for evaluation only (it is reset).
+        sampling: How to sample each turn (the run's sampling settings).
+        seed: Seeds the episodes and a sampling generator used only here.
+        num_episodes: Episodes to play.
+        num_samples: Episodes kept as text samples.
+
+    Returns:
+        An :class:`EvalResult`: ``rewards`` holds ``total`` (the mean episode return), ``protocol`` (the turn
+        rewards' sum) and each reward function's mean final score; KL, fluency and length over the model's
+        tokens; :attr:`EvalResult.episodes` the episode measures.
+    """
+    from rlfb.agents.multi_turn import collect_episodes
+    from rlfb.agents.rollout import evaluate_rollout
+
+    if num_episodes < 1:
+        raise ValueError("evaluation needs at least one episode")
+    env = venv.unwrapped
+    eval_rows = len(env.settings.task.eval)
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    reward_set = env.settings.rewards
+    updating = getattr(reward_set, "update_normalization", None)
+    if updating is not None:
+        reward_set.update_normalization = False  # evaluation must not shift the training reward scale
+    per_episode: dict[str, list[float]] = {}
+    texts: list[str] = []
+    samples: list[dict[str, Any]] = []
+    try:
+        for first in range(0, num_episodes, env.num_envs):
+            indices = [(first + row) % eval_rows for row in range(env.num_envs)]
+            batch = collect_episodes(venv, policy, sampling, generator, seed=seed + first,
+                                     options={"split": "eval", "indices": indices})
+            keep = min(env.num_envs, num_episodes - first)
+            rollout = batch.rollout
+            evaluation = evaluate_rollout(policy, rollout)  # KL and fluency: properties of the models, at T = 1
+            mask = rollout.action_mask.float()
+            values = {
+                "return": batch.returns, "success": batch.success.astype(np.float64),
+                "turns": rollout.num_turns.double().cpu().numpy(),
+                "kl": ((evaluation.logprobs - evaluation.reference_logprobs) * mask).sum(1).double().cpu().numpy(),
+                "reference_logprob_sum": evaluation.reference_logprobs.sum(1).double().cpu().numpy(),
+                "model_tokens": mask.sum(1).double().cpu().numpy(),
+                **{f"reward/{name}": values.double().cpu().numpy()
+                   for name, values in rollout.reward_components.items()},
+            }
+            if batch.used_tool is not None:
+                values["tool_use"] = batch.used_tool.astype(np.float64)
+            for name, array in values.items():
+                per_episode.setdefault(name, []).extend(np.asarray(array)[:keep].tolist())
+            conversations = env.conversations[:keep]
+            texts += [" ".join(conversation.turns) for conversation in conversations]
+            samples += [{"prompt": rollout.prompts[row], "completion": rollout.completions[row],
+                         "reward": float(batch.returns[row])} for row in range(keep)]
+    finally:
+        if updating is not None:
+            reward_set.update_normalization = updating
+    if reward_set is not None:
+        reward_set.pop_logged()  # what the rewards logged here is not for the next rollout's logs
+    rewards = {"total": float(np.mean(per_episode["return"]))}
+    rewards.update({name.removeprefix("reward/"): _nanmean(np.asarray(values))
+                    for name, values in per_episode.items() if name.startswith("reward/")})
+    episodes = {"success_rate": float(np.mean(per_episode["success"])), "turns": float(np.mean(per_episode["turns"]))}
+    if "tool_use" in per_episode:
+        episodes["tool_use"] = float(np.mean(per_episode["tool_use"]))
+    model_tokens = float(np.sum(per_episode["model_tokens"]))
+    return EvalResult(
+        rewards=rewards,
+        kl=float(np.mean(per_episode["kl"])),
+        fluency=float(np.sum(per_episode["reference_logprob_sum"])) / model_tokens if model_tokens else float("nan"),
+        completion_length=float(np.mean(per_episode["model_tokens"])),
+        distinct_1=distinct_n(texts, 1),
+        distinct_2=distinct_n(texts, 2),
+        num_prompts=num_episodes,
+        samples=samples[:num_samples],
+        prompt_rewards={name.removeprefix("reward/"): values
+                        for name, values in per_episode.items() if name.startswith("reward/")},
+        episodes=episodes,
+    )
+
+
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct word n-grams over all ``texts`` / total n-grams (0 when there are none).
 
@@ -198,6 +305,7 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
              ("completion length (tokens)", before.completion_length, after.completion_length),
              ("distinct-1", before.distinct_1, after.distinct_1),
              ("distinct-2", before.distinct_2, after.distinct_2)]
+    rows += [(name, before.episodes.get(name, math.nan), value) for name, value in after.episodes.items()]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"held-out evaluation on {after.num_prompts} prompts",
              f"{'':<{width}}  {'before':>9}  {'after':>9}  {'change':>9}"]

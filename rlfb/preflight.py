@@ -6,7 +6,7 @@ here, in two steps, so that every mistake a user can make in a config fails in s
 * :func:`check_run_inputs` (no torch): the model names a built-in model, a model directory or a hub id,
   the output directory can hold run directories, the task and its
   local dataset files exist, every reward is registered or importable and accepts its kwargs, the
-  agent and its options are valid;
+  agent and its options are valid, a multi-turn protocol accepts its options;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
 
 Example:
@@ -43,6 +43,13 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
         ModelNotFoundError: the model is a path that does not exist, or a directory that is not a model.
     """
     run_agent(config)
+    if config.env.kind == "multi_turn":
+        from rlfb.envs.protocol import make_protocol
+
+        try:  # a protocol is a small Python object: building it checks env.protocol_options
+            make_protocol(config.env.protocol or "", config.env.protocol_options)
+        except ConfigError as error:
+            raise ConfigError(f"env.protocol_options: {error}") from None
     check_model(config.model.name)
     check_output_dir(config.output_dir)
     check_task({"name": config.task.name, **config.task.kwargs})

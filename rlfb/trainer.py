@@ -4,6 +4,7 @@
     evaluate on held-out prompts ("before")
     repeat until the budget is spent:
         rollout = collect_rollout(venv, policy, sampling, generator)   # the env scores each completion
+                  (env.kind: multi_turn -> collect_episodes: whole conversations, see rlfb/agents/multi_turn.py)
         metrics = agent.update(rollout)
         log metrics, samples; evaluate every eval.every updates; checkpoint every checkpoint.every
     save final/, evaluate again ("after"), print the before/after table
@@ -48,7 +49,7 @@ from rlfb.agents.configs import agent_spec, run_agent
 from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
 from rlfb.errors import RewardError
-from rlfb.evaluation import EvalResult, comparison_table, evaluate_policy
+from rlfb.evaluation import EvalResult, comparison_table, evaluate_episodes, evaluate_policy
 from rlfb.files import write_text_atomically
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
 from rlfb.rewards.registry import TRUST_ALL, ImportTrust
@@ -61,6 +62,9 @@ SAMPLES_LOGGED = 4  # rollout completions written to TensorBoard every logging.s
 # completion missed a format), several mean the rewards cannot score this task and training learns nothing.
 UNSCORED_ROLLOUTS_LIMIT = 3
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
+
+# A multi-turn run's eval env has at most this many rows (episodes per evaluation batch).
+EVAL_BATCH = 64
 
 # A callback sees the update number and its metrics after each update; returning False stops training.
 Callback = Callable[[int, dict[str, float]], "bool | None"]
@@ -103,6 +107,24 @@ def is_main_process() -> bool:
     """True unless this is a non-zero rank of an initialized ``torch.distributed`` group."""
     distributed = torch.distributed
     return not (distributed.is_available() and distributed.is_initialized() and distributed.get_rank() != 0)
+
+
+class _NoRewards:
+    """The reward set of a multi-turn run whose ``rewards`` list is empty: the protocol alone scores."""
+
+    names: list[str] = []
+    needs_scorer = False
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        pass
+
+    def pop_logged(self) -> Any:
+        from rlfb.rewards.reward_set import RewardLogs
+
+        return RewardLogs()
 
 
 class Trainer:
@@ -183,8 +205,10 @@ class Trainer:
         self._collect_rollout = collect_rollout
         task_spec: Any = {"name": config.task.name, **config.task.kwargs}
         self.task = make_task(task_spec)
-        self.reward_set = RewardSet(run_directory.reward_specs(config.rewards, self.import_trust),
-                                    normalize=config.reward_scale.normalize, clip=config.reward_scale.clip)
+        self.multi_turn = config.env.kind == "multi_turn"
+        self.reward_set: Any = _NoRewards() if not config.rewards else RewardSet(
+            run_directory.reward_specs(config.rewards, self.import_trust),
+            normalize=config.reward_scale.normalize, clip=config.reward_scale.clip)
         lora = config.lora
         agent_name = config.agent.name
         self.policy = Policy.from_pretrained(
@@ -198,15 +222,53 @@ class Trainer:
         self.agent = make_agent(agent_name, self.policy, self.run_agent.options)
         self.sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                                        top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)
-        self.venv = gymnasium.make_vec(
-            "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
-            task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
-            group_size=self.group_size,
-            max_new_tokens=config.sampling.max_new_tokens, max_prompt_tokens=config.sampling.max_prompt_tokens,
-            device=str(self.device))
-        self.venv.reset(seed=config.seed)  # seeds the env's np_random; rollouts then reset without a seed
+        self.eval_venv = None
+        if self.multi_turn:
+            self.venv = self._multi_turn_venv(config.budget.num_envs, "train")
+            if config.eval.num_prompts:
+                self.eval_venv = self._multi_turn_venv(min(config.eval.num_prompts, EVAL_BATCH), "eval")
+        else:
+            self.venv = gymnasium.make_vec(
+                "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
+                task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
+                group_size=self.group_size,
+                max_new_tokens=config.sampling.max_new_tokens, max_prompt_tokens=config.sampling.max_prompt_tokens,
+                device=str(self.device))
+        # Seeds the env's np_random; rollouts then reset without a seed (a multi-turn rollout draws its
+        # groups' seeds from it).
+        self.venv.reset(seed=config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
+
+    def _multi_turn_venv(self, num_envs: int, split: str) -> Any:
+        """A ``rlfb/MultiTurn-v0`` vector env as the ``env`` section says, in the model's context window."""
+        import gymnasium
+
+        from rlfb.agents.multi_turn import model_context_window
+
+        env = self.config.env
+        tokenizer = self.policy.tokenizer
+        context = env.max_context_tokens
+        if context is None:
+            stated = getattr(tokenizer, "model_max_length", None)
+            windows = [window for window in (model_context_window(self.policy.model), stated)
+                       if isinstance(window, int) and window < 1_000_000]  # transformers' "unset" is huge
+            context = min(windows) if windows else None
+        return gymnasium.make_vec(
+            "rlfb/MultiTurn-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", protocol=env.protocol,
+            protocol_options=env.protocol_options, task=self.task, model=self.config.model.name, tokenizer=tokenizer,
+            rewards=self.reward_set if self.config.rewards else None, max_turns=env.max_turns,
+            max_turn_tokens=env.max_turn_tokens, max_model_tokens=env.max_model_tokens, max_context_tokens=context,
+            split=split, use_chat_template=env.use_chat_template, reply_template=env.reply_template)
+
+    def _collect(self) -> tuple[Any, dict[str, float]]:
+        """One rollout, and the episode metrics of a multi-turn one (none for single-turn completions)."""
+        if not self.multi_turn:
+            return self._collect_rollout(self.venv, self.policy, self.sampling, self.generator), {}
+        from rlfb.agents.multi_turn import collect_episodes
+
+        batch = collect_episodes(self.venv, self.policy, self.sampling, self.generator, group_size=self.group_size)
+        return batch.rollout, batch.metrics()
 
     def _numpy_generators(self) -> dict[str, np.random.Generator]:
         return {"env": self.venv.unwrapped.np_random}
@@ -260,7 +322,7 @@ class Trainer:
             # and the first prompts fail here and leave nothing behind.
             measured = self._measure() if before is None else None
         except BaseException:
-            self.venv.close()
+            self._close_envs()
             raise
         if self._run_dir is None:
             self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
@@ -298,7 +360,12 @@ class Trainer:
             raise
         finally:
             self.logger.close()
-            self.venv.close()
+            self._close_envs()
+
+    def _close_envs(self) -> None:
+        self.venv.close()
+        if self.eval_venv is not None:
+            self.eval_venv.close()
 
     def _mark_failed(self, error: Exception) -> None:
         """Write ``RUN_DIR/FAILED`` (the update reached and the error), so the run directory says it failed."""
@@ -325,7 +392,7 @@ class Trainer:
                 captured = self._capture()
                 self._phase = "rollout"
                 started = time.perf_counter()
-                rollout = self._collect_rollout(self.venv, self.policy, self.sampling, self.generator)
+                rollout, episode_metrics = self._collect()
                 rollout_s = time.perf_counter() - started
                 reward_logs = self.reward_set.pop_logged()
                 self._check_scored(rollout)
@@ -336,6 +403,7 @@ class Trainer:
                 self.elapsed_s += rollout_s + update_s
                 self._phase = "log"
                 metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
+                metrics.update(episode_metrics)
                 metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
                                 for name, value in reward_logs.metrics.items()})
                 tokens = float(rollout.action_mask.sum())  # sampled: the model's, not the environment's
@@ -414,9 +482,14 @@ class Trainer:
         if not self.eval_rows or not self.is_main_process:
             return None
         started = time.perf_counter()
-        result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
-                                 seed=self.config.eval.seed, num_samples=self.config.eval.num_samples,
-                                 max_prompt_tokens=self.venv.unwrapped.max_prompt_tokens)
+        eval_config = self.config.eval
+        if self.eval_venv is not None:
+            result = evaluate_episodes(self.policy, self.eval_venv, self.sampling, seed=eval_config.seed,
+                                       num_episodes=eval_config.num_prompts, num_samples=eval_config.num_samples)
+        else:
+            result = evaluate_policy(self.policy, self.eval_rows, self.reward_set, self.sampling,
+                                     seed=eval_config.seed, num_samples=eval_config.num_samples,
+                                     max_prompt_tokens=self.venv.unwrapped.max_prompt_tokens)
         return result, time.perf_counter() - started
 
     def _record_eval(self, measured: tuple[EvalResult, float] | None, step: int,
@@ -489,13 +562,15 @@ class Trainer:
 def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
     """``rollout/...`` metrics of one batch: total reward, each component, length, turns, truncations.
 
-    The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
+    The total reward of an episode is its final score plus its turn rewards (a multi-turn episode's return;
+    a single-turn completion has no turn reward). The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
     returned None for is not a reward of 0, whatever the agents are given for it. Lengths count the
     model's tokens (all its turns; environment replies left out); an episode is truncated when its last
     model token is not EOS (a single-turn completion that hit ``max_new_tokens``).
     """
     scored = rollout.scored
-    scores = rollout.scores.double()[scored]
+    # The episode's total reward: its final score plus its turn rewards (all 0 in a single-turn rollout).
+    scores = (rollout.scores.double() + rollout.turn_rewards.double().sum(1))[scored]
     mask = rollout.action_mask.bool()
     last = last_action_index(mask).unsqueeze(1)  # (B, 1) each episode's last model token
     ended = ((rollout.completion_ids.gather(1, last) == eos_token_id) & mask.gather(1, last)).squeeze(1)

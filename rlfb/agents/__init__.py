@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         register_agent,
     )
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+    from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
     from rlfb.agents.reinforce import ReinforceAgent
     from rlfb.agents.rollout import (
@@ -44,6 +45,7 @@ _MODULE_OF = {
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
     "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
+    "EpisodeBatch": "multi_turn", "collect_episodes": "multi_turn",
     "RolloutEvaluation": "rollout", "collect_rollout": "rollout", "evaluate_rollout": "rollout",
     "rollout_reference_logprobs": "rollout",
     "Rollout": "trajectory", "Segment": "trajectory", "build_rollout": "trajectory",
@@ -55,6 +57,7 @@ __all__ = [
     "AdaptiveKLController",
     "Agent",
     "DegenerateUpdateError",
+    "EpisodeBatch",
     "FixedKLController",
     "GradientStepper",
     "PPOAgent",
@@ -66,6 +69,7 @@ __all__ = [
     "Segment",
     "agent_config",
     "build_rollout",
+    "collect_episodes",
     "collect_rollout",
     "evaluate_rollout",
     "make_agent",

@@ -421,7 +421,7 @@ class Conversation:
     def step_info(self, result: TurnResult) -> dict[str, Any]:
         """The info of the step that produced ``result`` (episode-end entries included when it ended)."""
         info: dict[str, Any] = {"turn": self.turns[-1], "reply": result.reply.text, "num_turns": len(self.turns),
-                                **self.layout_info()}
+                                "turn_reward": result.reward, **self.layout_info()}
         for name, value in result.reply.components.items():
             info[f"reward/{name}"] = value
         self._merge(info, result.reply.info, "respond")
