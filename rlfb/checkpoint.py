@@ -54,13 +54,12 @@ from rlfb.files import (
     sha256_of_file,
     temporary_sibling,
 )
+from rlfb.run_directory import CONFIG_FILE, TRAINER_STATE_FILE  # noqa: F401 (part of this module's API)
 
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
-TRAINER_STATE_FILE = "trainer_state.json"
 AGENT_STATE_FILE = "agent.pt"
 RNG_STATE_FILE = "rng.pt"
-CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

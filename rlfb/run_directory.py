@@ -26,6 +26,10 @@ from rlfb.errors import ConfigError, RlfbError
 from rlfb.logging import flatten
 from rlfb.rewards.registry import ImportTrust, resolve
 
+# File names of a run directory that are read before torch is imported (the rest: rlfb/checkpoint.py).
+CONFIG_FILE = "config.yaml"
+TRAINER_STATE_FILE = "trainer_state.json"
+
 if TYPE_CHECKING:
     from rlfb.config import RewardConfig, RunConfig
     from rlfb.rewards import RewardSpec
@@ -70,7 +74,7 @@ def open_run(target: str | Path, command: str) -> tuple[Path, RunConfig] | None:
     Raises:
         CheckpointNotFoundError: a run directory without an intact checkpoint.
     """
-    from rlfb.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, find_checkpoint
+    from rlfb.checkpoint import find_checkpoint
     from rlfb.config import load_config
 
     path = Path(target)

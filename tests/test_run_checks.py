@@ -71,6 +71,9 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
         "group size": (["--set", "agent.name=grpo", "--set", "budget.num_envs=30"],
                        "'budget.num_envs' is 30; it must be a multiple of the group size 4 of agent 'grpo'"),
         "unknown dtype": (["--set", "model.dtype=int8"], "'model.dtype' is 'int8'; it must be one of float32"),
+        "resume of a missing directory": (["--resume", "nowhere"], "--resume 'nowhere' is not a directory"),
+        "resume of a directory that is not a run": (["--resume", "."], "--resume '.' has no config.yaml, so it is "
+                                                                     "not a run directory written by rlfb train"),
         "missing model directory": (["--set", "model=./no_such_model"],
                                     "model path './no_such_model' does not exist"),
         "bad reward kwargs": (["--set", "rewards=[{name: length, kwargs: {target: 5, colour: red}}]"],

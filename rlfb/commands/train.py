@@ -75,8 +75,7 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
             raise ConfigError("give a run config (e.g. rlfb train configs/sentiment_ppo.yaml) or --resume RUN_DIR")
         path = Path(config_path)
     else:
-        # rlfb.checkpoint imports torch: only for a resumed run, whose config was valid when it started.
-        from rlfb.checkpoint import CONFIG_FILE
+        from rlfb.run_directory import CONFIG_FILE
 
         if not Path(resume).is_dir():
             raise ConfigError(f"--resume '{resume}' is not a directory; pass a run directory written by rlfb train")
