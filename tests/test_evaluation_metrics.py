@@ -23,6 +23,7 @@ MAX_NEW_TOKENS = 6
 def policy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Policy:
     """The tiny model (EOS-prone, so lengths differ) with a moved adapter: policy != reference."""
     model_dir = eos_prone_copy(tiny_model_dir, tmp_path_factory.mktemp("eos-prone"), scale=300.0)
+    torch.manual_seed(0)  # LoRA's A matrices come from torch's global RNG: the same policy in any test order
     policy = Policy.from_pretrained(str(model_dir), lora=LoraSettings(r=4, alpha=8), value_head=False, device="cpu")
     move_adapter(policy.model, scale=0.3)
     return policy
