@@ -3,10 +3,10 @@
 :func:`rlfb.config.load_config` checks keys, types and ranges. What depends on the machine is checked
 here, in two steps, so that every mistake a user can make in a config fails in seconds with one line:
 
-* :func:`check_run_inputs` (no torch): the model names a built-in model, a model directory or a hub id,
-  the output directory can hold run directories, the task and its
-  local dataset files exist, every reward is registered or importable and accepts its kwargs, the
-  agent and its options are valid, a multi-turn protocol accepts its options;
+* :func:`check_run_inputs` (no torch): the model names a built-in model, a model directory or a hub id;
+  the output directory can hold run directories; the task and its local dataset files exist; every
+  reward is registered or importable and accepts its kwargs; the agent and its options are valid; a
+  multi-turn protocol accepts its options;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
 
 Example:
