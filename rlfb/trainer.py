@@ -242,24 +242,10 @@ class Trainer:
 
     def _multi_turn_venv(self, num_envs: int, split: str) -> Any:
         """A ``rlfb/MultiTurn-v0`` vector env as the ``env`` section says, in the model's context window."""
-        import gymnasium
+        from rlfb.agents.multi_turn import make_multi_turn_venv
 
-        from rlfb.agents.multi_turn import model_context_window
-
-        env = self.config.env
-        tokenizer = self.policy.tokenizer
-        context = env.max_context_tokens
-        if context is None:
-            stated = getattr(tokenizer, "model_max_length", None)
-            windows = [window for window in (model_context_window(self.policy.model), stated)
-                       if isinstance(window, int) and window < 1_000_000]  # transformers' "unset" is huge
-            context = min(windows) if windows else None
-        return gymnasium.make_vec(
-            "rlfb/MultiTurn-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", protocol=env.protocol,
-            protocol_options=env.protocol_options, task=self.task, model=self.config.model.name, tokenizer=tokenizer,
-            rewards=self.reward_set if self.config.rewards else None, max_turns=env.max_turns,
-            max_turn_tokens=env.max_turn_tokens, max_model_tokens=env.max_model_tokens, max_context_tokens=context,
-            split=split, use_chat_template=env.use_chat_template, reply_template=env.reply_template)
+        return make_multi_turn_venv(self.config, self.policy, self.task,
+                                    self.reward_set if self.config.rewards else None, num_envs, split)
 
     def _collect(self) -> tuple[Any, dict[str, float]]:
         """One rollout, and the episode metrics of a multi-turn one (none for single-turn completions)."""

@@ -200,3 +200,21 @@ def test_a_run_without_reward_functions_is_scored_by_its_protocol(tiny_model_dir
     resumed = Trainer(guess_config(tiny_model_dir, tmp_path, "rewards=[]", "budget.updates=4"),
                       resume_from=result.run_dir).train()
     assert resumed.step == 4
+
+
+def test_rlfb_eval_of_a_multi_turn_run_replays_its_held_out_episodes(
+        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlfb.cli import main
+
+    result = Trainer(guess_config(tiny_model_dir, tmp_path, "budget.updates=2", "checkpoint.every=1",
+                                  protocol="calculator")).train()
+    assert result.before is not None and result.after is not None and result.after.episodes
+    capsys.readouterr()
+    assert main(["eval", str(result.run_dir), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    # The same episodes as the trainer's final evaluation, played by the same adapter: the same measures.
+    assert evaluated["after"]["episodes"] == pytest.approx(result.after.episodes)
+    assert evaluated["after"]["rewards"] == pytest.approx(result.after.rewards)
+    assert evaluated["after"]["kl"] == pytest.approx(result.after.kl, abs=1e-6)
+    assert evaluated["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference: the adapter switched off
+    assert evaluated["before"]["episodes"] == pytest.approx(result.before.episodes)

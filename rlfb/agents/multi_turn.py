@@ -95,6 +95,35 @@ def model_context_window(model: Any) -> int | None:
     return int(context) if isinstance(context, int) else None
 
 
+def make_multi_turn_venv(config: Any, policy: Policy, task: Any, rewards: Any, num_envs: int, split: str) -> Any:
+    """The ``rlfb/MultiTurn-v0`` vector env a run config's ``env`` section describes, in the model's window.
+
+    Args:
+        config: The run config (its ``env`` and ``model`` sections).
+        policy: Whose tokenizer renders the conversations and whose model bounds the context window.
+        task: The run's task.
+        rewards: A reward set scoring each finished episode, or None for the protocol's rewards only.
+        num_envs: Conversations in the batch.
+        split: "train" or "eval".
+    """
+    import gymnasium
+
+    env = config.env
+    tokenizer = policy.tokenizer
+    context = env.max_context_tokens
+    if context is None:
+        stated = getattr(tokenizer, "model_max_length", None)
+        windows = [window for window in (model_context_window(policy.model), stated)
+                   if isinstance(window, int) and window < 1_000_000]  # transformers' "unset" is huge
+        context = min(windows) if windows else None
+    return gymnasium.make_vec(
+        "rlfb/MultiTurn-v0", num_envs=num_envs, vectorization_mode="vector_entry_point", protocol=env.protocol,
+        protocol_options=env.protocol_options, task=task, model=config.model.name, tokenizer=tokenizer,
+        rewards=rewards, max_turns=env.max_turns, max_turn_tokens=env.max_turn_tokens,
+        max_model_tokens=env.max_model_tokens, max_context_tokens=context, split=split,
+        use_chat_template=env.use_chat_template, reply_template=env.reply_template)
+
+
 def episode_seeds(num_envs: int, group_size: int, seed: int | None,
                   rng: np.random.Generator | None = None) -> list[int]:
     """One reset seed per row: the rows of a group (``group_size`` consecutive rows) share theirs.

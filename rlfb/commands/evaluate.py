@@ -37,27 +37,39 @@ def run(args: argparse.Namespace) -> int:
     trained = run is not None
     config = run[1] if run is not None else RunConfig()
     task = make_task(args.task or ({"name": config.task.name, **config.task.kwargs} if trained else "sentiment"))
+    multi_turn = trained and config.env.kind == "multi_turn"  # a conversation per held-out row, as in training
     if args.rewards:  # named on the command line by the user: trusted
         specs = [RewardSpec(name=name) for name in args.rewards]
     elif run is not None:  # named by the run directory: imports only what --allow-import allows
         specs = reward_specs(config.rewards, import_trust(run[0] / CONFIG_FILE, args.allow_imports))
     else:
         specs = [RewardSpec(name=name) for name in task.default_rewards]
-    if not specs:
+    if not specs and not multi_turn:  # a multi-turn run may be scored by its protocol alone
         raise ConfigError(f"task '{task.name}' has no default reward; name one with --reward")
-    rewards = RewardSet(specs)
+    rewards = RewardSet(specs) if specs else None
     policy, _ = load_policy(run[0] if run is not None else args.target, device=args.device)
-    if rewards.needs_scorer:
+    if rewards is not None and rewards.needs_scorer:
         rewards.bind_scorer(policy.scorer)
     n = args.n if args.n is not None else (config.eval.num_prompts if trained else 64)
-    rows = task.eval_rows()[:n]
     sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                               top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)
     seed = args.seed if args.seed is not None else config.eval.seed
+    if multi_turn:
+        from rlfb.agents.multi_turn import make_multi_turn_venv
+        from rlfb.evaluation import evaluate_episodes
+        from rlfb.trainer import EVAL_BATCH
 
-    def measure():
-        return evaluate_policy(policy, rows, rewards, sampling, seed=seed, num_samples=config.eval.num_samples,
-                               max_prompt_tokens=config.sampling.max_prompt_tokens)
+        venv = make_multi_turn_venv(config, policy, task, rewards, min(n, EVAL_BATCH), "eval")
+
+        def measure():
+            return evaluate_episodes(policy, venv, sampling, seed=seed, num_episodes=n,
+                                     num_samples=config.eval.num_samples)
+    else:
+        rows = task.eval_rows()[:n]
+
+        def measure():
+            return evaluate_policy(policy, rows, rewards, sampling, seed=seed, num_samples=config.eval.num_samples,
+                                   max_prompt_tokens=config.sampling.max_prompt_tokens)
 
     after = measure()
     before = None
