@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_checks import _CLI_PROBE, run_python
+from test_run_checks import assert_one_line_errors_before_torch
 from test_trainer import reproducible
 from wiring_helpers import move_adapter
 
@@ -178,14 +178,8 @@ def test_env_section_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path
         "single-turn needs a reward": (["--set", "env={kind: single_turn}", "--set", "rewards=[]"],
                                        "'rewards' is []; it must be a list of at least one reward"),
     }
-    argvs = [["train", config, *args] for args, _ in cases.values()]
-    results = json.loads(run_python(_CLI_PROBE, json.dumps(argvs), cwd=tmp_path))
-    for (case, (_, message)), result in zip(cases.items(), results, strict=True):
-        lines = [line for line in result["stderr"].strip().splitlines() if not line.startswith("rlfb train: note:")]
-        assert result["code"] == 1, (case, result)
-        assert len(lines) == 1 and lines[0].startswith("rlfb train: error: "), (case, lines)
-        assert message in lines[0], (case, lines[0])
-        assert not result["torch"], f"{case}: torch was imported before the error"
+    assert_one_line_errors_before_torch(
+        {case: (["train", config, *args], message) for case, (args, message) in cases.items()}, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -39,6 +39,18 @@ def run_python(code: str, *args: str, cwd: Path, env: dict[str, str] | None = No
     return result.stdout
 
 
+def assert_one_line_errors_before_torch(cases: dict[str, tuple[list[str], str]], cwd: Path) -> None:
+    """Run each case's argv in one fresh interpreter: exit 1, one error line holding its message, no torch."""
+    argvs = [argv for argv, _ in cases.values()]
+    results = json.loads(run_python(_CLI_PROBE, json.dumps(argvs), cwd=cwd))
+    for (case, (_, message)), result in zip(cases.items(), results, strict=True):
+        lines = [line for line in result["stderr"].strip().splitlines() if not line.startswith("rlfb train: note:")]
+        assert result["code"] == 1, (case, result)
+        assert len(lines) == 1 and lines[0].startswith("rlfb train: error: "), (case, lines)
+        assert message in lines[0], (case, lines[0])
+        assert not result["torch"], f"{case}: torch was imported before the error"
+
+
 def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
@@ -80,15 +92,9 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
                               "rewards.0.kwargs: reward 'length': bad kwargs {'target': 5, 'colour': 'red'}: "
                               "got an unexpected keyword argument 'colour'"),
     }
-    argvs = [["train", *(args if args[0].endswith(".yaml") else [str(CONFIG), *args])]
-             for args, _ in cases.values()]
-    results = json.loads(run_python(_CLI_PROBE, json.dumps(argvs), cwd=tmp_path))
-    for (case, (_, message)), result in zip(cases.items(), results, strict=True):
-        lines = [line for line in result["stderr"].strip().splitlines() if not line.startswith("rlfb train: note:")]
-        assert result["code"] == 1, (case, result)
-        assert len(lines) == 1 and lines[0].startswith("rlfb train: error: "), (case, lines)
-        assert message in lines[0], (case, lines[0])
-        assert not result["torch"], f"{case}: torch was imported before the error"
+    assert_one_line_errors_before_torch(
+        {case: (["train", *(args if args[0].endswith(".yaml") else [str(CONFIG), *args])], message)
+         for case, (args, message) in cases.items()}, tmp_path)
     written = sorted(path.name for path in tmp_path.iterdir())
     assert written == ["a_file", "broken.jsonl", "notes.docx", "typo.yaml"]  # nothing written
 
