@@ -33,7 +33,7 @@ from typing import Any, Union
 import yaml
 
 from rlfb.cpu_threads import DEFAULT_THREADS
-from rlfb.envs.tasks import DATASET_PATH_OPTIONS, resolve_dataset_path
+from rlfb.envs.tasks import DATASET_PATH_OPTIONS, resolve_dataset_path, task_default_rewards
 from rlfb.errors import ConfigError
 from rlfb.logging import check_run_name
 
@@ -325,8 +325,11 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     """Build a :class:`RunConfig` from plain data (as read from YAML) and ``key=value`` overrides."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
-    data = _with_defaults(RunConfig().to_dict(), _normalize(RunConfig, dict(data), ""))
-    data = _normalize(RunConfig, data, "")
+    given = _normalize(RunConfig, dict(data), "")
+    data = _normalize(RunConfig, _with_defaults(RunConfig().to_dict(), given), "")
+    if "rewards" not in given:  # the task's own rewards; a multi-turn episode is scored by its protocol
+        single_turn = data.get("env", {}).get("kind", "single_turn") == "single_turn"
+        data["rewards"] = [{"name": name} for name in task_default_rewards(data["task"]["name"])] if single_turn else []
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator or not key.strip():
@@ -558,7 +561,9 @@ def validate(config: RunConfig) -> RunConfig:
     require(0 <= config.lora.dropout < 1, "lora.dropout", config.lora.dropout, "in [0, 1)")
     _validate_env(config)
     if config.env.kind == "single_turn":  # a multi-turn episode is scored by its protocol, rewards optional
-        require(len(config.rewards) >= 1, "rewards", config.rewards, "a list of at least one reward")
+        if not config.rewards:
+            raise ConfigError(f"'rewards' is empty and task '{config.task.name}' declares no default reward; list "
+                              "at least one, e.g. rewards: [sentiment] (`rlfb rewards` lists the registered ones)")
     for index, reward in enumerate(config.rewards):
         require(bool(reward.name), f"rewards.{index}.name", reward.name, "a registered reward name")
     require(config.eval.num_prompts >= 0, "eval.num_prompts", config.eval.num_prompts, ">= 0")

@@ -125,13 +125,25 @@ def test_relative_dataset_paths_are_read_from_the_config_files_directory(
     configs = tmp_path / "project" / "configs"
     (configs / "data").mkdir(parents=True)
     path = configs / "run.yaml"
-    path.write_text("task: {name: dataset, kwargs: {path: data/prompts.jsonl, eval_path: ../held_out.csv}}\n")
+    path.write_text("task: {name: dataset, kwargs: {path: data/prompts.jsonl, eval_path: ../held_out.csv}}\n"
+                    "rewards: [sentiment]\n")
     monkeypatch.chdir(tmp_path)  # the working directory is not the config's
     kwargs = load_config(path).task.kwargs
     assert kwargs["path"] == str(configs / "data" / "prompts.jsonl")
     assert kwargs["eval_path"] == str(configs / ".." / "held_out.csv")
-    path.write_text("task: {name: dataset, kwargs: {path: stanfordnlp/imdb}}\n")
+    path.write_text("task: {name: dataset, kwargs: {path: stanfordnlp/imdb}}\nrewards: [sentiment]\n")
     assert load_config(path).task.kwargs["path"] == "stanfordnlp/imdb"  # a hub id is left alone
     assert load_config(path, ["task.kwargs.path=/abs/p.jsonl"]).task.kwargs["path"] == "/abs/p.jsonl"
     # A path typed on the command line is the working directory's, as a shell user expects.
     assert load_config(path, ["task.kwargs.path=here.jsonl"]).task.kwargs["path"] == str(tmp_path / "here.jsonl")
+
+
+def test_a_config_without_rewards_uses_its_tasks_declared_defaults() -> None:
+    assert [reward.name for reward in config_from_dict({"task": "arithmetic"}).rewards] == ["exact_match"]
+    assert [reward.name for reward in config_from_dict({}).rewards] == ["sentiment"]  # the default task's
+    multi_turn = config_from_dict({"task": "arithmetic", "env": {"kind": "multi_turn", "protocol": "calculator"}})
+    assert multi_turn.rewards == []  # the protocol scores the episode
+    listed = config_from_dict({"task": "arithmetic", "rewards": ["numeric_match"]})
+    assert [reward.name for reward in listed.rewards] == ["numeric_match"]
+    with pytest.raises(ConfigError, match="task 'dataset' declares no default reward; list at least one"):
+        config_from_dict({"task": {"name": "dataset", "kwargs": {"path": "p.jsonl"}}})

@@ -176,7 +176,7 @@ def test_env_section_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path
                                 "'env.max_context_tokens' is 4; it must be above env.max_turn_tokens (4)"),
         "reply template": (["--set", "env.reply_template=no reply"], "'env.reply_template' is 'no reply'"),
         "single-turn needs a reward": (["--set", "env={kind: single_turn}", "--set", "rewards=[]"],
-                                       "'rewards' is []; it must be a list of at least one reward"),
+                                       "'rewards' is empty and task 'guess_number' declares no default reward"),
     }
     assert_one_line_errors_before_torch(
         {case: (["train", config, *args], message) for case, (args, message) in cases.items()}, tmp_path)

@@ -151,7 +151,7 @@ def test_device_checks_name_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_run_inputs_check_task_files_and_rewards(tmp_path: Path) -> None:
     missing = {"name": "dataset", "kwargs": {"path": str(tmp_path / "gone.jsonl")}}
     with pytest.raises(DatasetError, match="gone.jsonl' .* does not exist"):
-        check_run_inputs(config_from_dict({"task": missing, "output_dir": str(tmp_path)}))
+        check_run_inputs(config_from_dict({"task": missing, "rewards": ["sentiment"], "output_dir": str(tmp_path)}))
     with pytest.raises(ConfigError, match=r"rewards.1.name: reward 'rlfb.rewards:nothing_here': module "
                                           r"'rlfb.rewards' has no attribute"):
         check_run_inputs(config_from_dict({"rewards": ["sentiment", "rlfb.rewards:nothing_here"],

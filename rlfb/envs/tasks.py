@@ -40,13 +40,15 @@ import numpy as np
 
 from rlfb.errors import ConfigError, DatasetError
 
-__all__ = ["DATASET_PATH_OPTIONS", "SPLITS", "Task", "check_task", "list_tasks", "make_task", "register_task", "resolve_dataset_path"]
+__all__ = ["DATASET_PATH_OPTIONS", "SPLITS", "Task", "check_task", "list_tasks", "make_task", "register_task", "resolve_dataset_path",
+           "task_default_rewards"]
 
 Split = Literal["train", "eval"]
 SPLITS: tuple[Split, ...] = ("train", "eval")
 TaskBuilder = Callable[..., "Task"]
 
 _BUILDERS: dict[str, TaskBuilder] = {}
+_DEFAULT_REWARDS: dict[str, tuple[str, ...]] = {}
 
 # Openings of a split are drawn without repetition until the split is used up, so deduplicating a draw
 # this long recovers every opening of the split (the grammar has a few hundred).
@@ -115,8 +117,11 @@ class Task:
         return [row["prompt"] for row in self.eval]
 
 
-def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
+def register_task(name: str, default_rewards: Sequence[str] = ()) -> Callable[[TaskBuilder], TaskBuilder]:
     """Register a task builder under ``name``: a function of keyword options returning a :class:`Task`.
+
+    ``default_rewards`` are the rewards a run config of this task uses when it lists none (single-turn
+    runs); declare them here, where a config can read them without building the task.
 
     Example:
         >>> @register_task("greetings")
@@ -129,9 +134,15 @@ def register_task(name: str) -> Callable[[TaskBuilder], TaskBuilder]:
 
     def decorator(builder: TaskBuilder) -> TaskBuilder:
         _BUILDERS[name] = builder
+        _DEFAULT_REWARDS[name] = tuple(default_rewards)
         return builder
 
     return decorator
+
+
+def task_default_rewards(name: str) -> tuple[str, ...]:
+    """The rewards registered task ``name`` declared as its defaults (none for an unknown name)."""
+    return _DEFAULT_REWARDS.get(name, ())
 
 
 def list_tasks() -> dict[str, str]:
@@ -242,7 +253,7 @@ def _looks_local(path: str, directory: Path = Path(".")) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- built-ins
-@register_task("sentiment")
+@register_task("sentiment", default_rewards=("sentiment",))
 def sentiment_task(num_train: int | None = None, num_eval: int | None = None, seed: int = 0) -> Task:
     """Openings of review sentences from the built-in grammar; the aim is positive continuations.
 
@@ -262,7 +273,7 @@ def sentiment_task(num_train: int | None = None, num_eval: int | None = None, se
                 default_rewards=("sentiment",), description="review openings; reward positive continuations")
 
 
-@register_task("arithmetic")
+@register_task("arithmetic", default_rewards=("exact_match",))
 def arithmetic_task(num_train: int | None = None, num_eval: int | None = None, seed: int = 0) -> Task:
     """Sums such as "17+25=" with the right answer in the "answer" column.
 
@@ -423,3 +434,9 @@ def _is_blank(path: Path) -> bool:
 def _preview(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Tasks of optional libraries (the library is imported when the task is made).
+from rlfb.integrations.reasoning_gym import reasoning_gym_task  # noqa: E402
+
+register_task("reasoning_gym", default_rewards=("reasoning_gym",))(reasoning_gym_task)
