@@ -1,11 +1,11 @@
-"""A lean KV-cached decoder for GPT-2-architecture models, which :class:`~rlfb.models.sampler.TokenSampler`
-runs instead of the model's own forward when it applies.
+"""Lean KV-cached decoders for the common model families, which :class:`~rlfb.models.sampler.TokenSampler`
+runs instead of the model's own forward when one applies (:func:`lean_decoder_for`).
 
 Sampling calls the model once per token. For a small model the cost of a call is mostly Python, not
 arithmetic: transformers' GPT-2 forward makes about seventy module calls, builds a 4-D mask and grows its
 cache by concatenation on every token (on rlfb-tiny, 32 rows: about 2 ms per step, of which the matrix
-products are about 0.7 ms). :class:`GPT2Decoder` computes the same function from the same weights with plain
-tensor operations:
+products are about 0.7 ms). :class:`GPT2Decoder` and :class:`LlamaDecoder` compute the same function from
+the same weights with plain tensor operations:
 
 * a LoRA adapter enters as merged weights ``W + scale * (B A)^T``, computed once per batch with peft's own
   ``get_delta_weight`` (the model's weights are not modified); with the adapter disabled, ``W`` alone;
@@ -13,15 +13,20 @@ tensor operations:
   copying the cache;
 * rows that finish leave the batch (:meth:`GPT2Decoder.select_rows`), as with the transformers cache.
 
-It applies to ``model_type == "gpt2"`` models (rlfb-tiny, GPT-2 and its fine-tunes) in eval mode, bare or
-with plain LoRA adapters on their ``Conv1D`` layers (:meth:`GPT2Decoder.supports`); anything else goes
-through the model's own forward. Its logits agree with transformers' to float rounding
-(tests/models/test_decoding.py). Merged and unmerged LoRA weights round differently in the last bits, which
+:class:`GPT2Decoder` applies to ``model_type == "gpt2"`` models (rlfb-tiny, GPT-2 and its fine-tunes);
+:class:`LlamaDecoder` to the Llama family, whose blocks are the same up to names (``llama``, ``mistral``,
+``qwen2``, ``qwen3``: RMSNorm, rotary positions from the model's own rotary module, grouped-query
+attention, a gated MLP; Qwen3's per-head query and key norms), without sliding-window layers. Both need
+eval mode and the model bare or with plain LoRA adapters on the projections of its blocks (``supports``);
+anything else goes through the model's own forward, which :func:`lean_decoder_for` reports once per
+model type. Their logits agree with transformers' to float rounding (tests/models/test_decoding.py). Merged and unmerged LoRA weights round differently in the last bits, which
 is harmless here: the agents recompute every log-prob they train on with the model's own forward.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any, NamedTuple
 
 import torch
@@ -30,6 +35,8 @@ from peft import PeftType
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
 
 
 class _Projection(NamedTuple):
@@ -40,6 +47,16 @@ class _Projection(NamedTuple):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x, self.weight)
+
+
+class _Linear(NamedTuple):
+    """An ``nn.Linear``-style affine map y = x W^T + b, W of shape (out, in); bias may be None."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class _BlockWeights(NamedTuple):
@@ -59,26 +76,114 @@ def _unwrap(model: nn.Module) -> Any:
     return get_base_model() if callable(get_base_model) else model
 
 
-def _projection(module: Any) -> _Projection:
-    """The effective weights of a Conv1D, with the active LoRA adapters merged in (not in place)."""
-    if isinstance(module, LoraLayer):
-        base: Any = module.get_base_layer()
-        weight = base.weight
-        if not module.disable_adapters and not module.merged:
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    # (in, out), scale included; peft keeps adapters in float32 on a bf16 / fp16 model
-                    delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
-                    weight = weight + delta.to(weight.dtype)
-        return _Projection(weight, base.bias)
-    return _Projection(module.weight, module.bias)
+def _projection(module: Any) -> Any:
+    """The effective weights of a Conv1D (a :class:`_Projection`) or an ``nn.Linear`` (a :class:`_Linear`),
+    with the active LoRA adapters merged in (not in place)."""
+    base: Any = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.weight
+    if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                # the base weight's layout ((in, out) for Conv1D, (out, in) for Linear), scale included;
+                # peft keeps adapters in float32 on a bf16 / fp16 model
+                delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]
+                weight = weight + delta.to(weight.dtype)
+    return _Projection(weight, base.bias) if isinstance(base, Conv1D) else _Linear(weight, base.bias)
+
+
+def _supports_lora(model: nn.Module, projections: set[Any], layer_type: type) -> bool:
+    """Whether ``model`` is in eval mode, bare or with plain, unmerged LoRA adapters on ``projections`` only
+    (each a ``layer_type`` underneath): what a lean decoder computes exactly."""
+    peft_configs = getattr(model, "peft_config", None)
+    if isinstance(peft_configs, dict) and any(
+        getattr(config, "peft_type", None) != PeftType.LORA for config in peft_configs.values()
+    ):
+        return False  # prompt or prefix tuning add tokens a lean decoder does not know
+    if model.training:
+        return False  # dropout would differ
+    for module in _unwrap(model).modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if module not in projections or not isinstance(module.get_base_layer(), layer_type):
+            return False  # an adapter on the embeddings, the head, or a layer the decoder does not know
+        if any(module.lora_variant.values()) or any(getattr(module, "lora_bias", {}).values()):
+            return False  # DoRA and other variants, LoRA biases
+        if module.merged:
+            return False  # peft unmerges it when the adapter is disabled; the decoder would keep it
+    return all(isinstance(module.get_base_layer() if isinstance(module, LoraLayer) else module, layer_type)
+               for module in projections)  # fmt: skip
+
+
+def _attention_masks(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(A, 1, P, P) prefill mask: query i sees keys j <= i that are real tokens.
+
+    A padding query also sees itself, so that no softmax row is empty (an all-masked row gives NaN, which
+    would reach the cache).
+    """
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool, device=attention_mask.device)
+    return allowed[:, None]
+
+
+def _cache_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Under autocast (bf16 on CUDA) keys and values come out of the projections in the autocast dtype:
+    store them so, as transformers' cache does (half the memory of float32 buffers, no casts per step)."""
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
 
 
 def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-class GPT2Decoder:
+class LeanDecoder:
+    """What the sampler calls on a lean decoder: ``prefill``, ``step``, ``select_rows`` (see :class:`GPT2Decoder`).
+
+    Subclasses hold one key and one value buffer per block, of shape (A, heads, width, head_dim), filled up
+    to ``_length`` columns.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model: Any = _unwrap(model)
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._blocks: list[Any] = []
+        self._length = 0
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether the decoder computes exactly what ``model``'s forward does."""
+        raise NotImplementedError
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode left-padded prompts into a fresh cache; returns the (A, V) logits of their last tokens."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One token per row; returns the (A, V) next-token logits."""
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
+        return int(self._keys[0].shape[0]) if self._keys else 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
+        self._keys = [keys[rows] for keys in self._keys]
+        self._values = [values[rows] for values in self._values]
+
+    def _new_cache(self, hidden: torch.Tensor, heads: int, width: int, head_dim: int) -> None:
+        shape = (hidden.shape[0], heads, width, head_dim)
+        self._keys = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
+        self._values = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
+        self._length = 0
+
+
+class GPT2Decoder(LeanDecoder):
     """KV-cached prefill and decode steps of a GPT-2 model (see the module docstring).
 
     Args:
@@ -99,13 +204,6 @@ class GPT2Decoder:
         True
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model: Any = _unwrap(model)
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
-        self._blocks: list[_BlockWeights] = []
-        self._length = 0
-
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """Whether :class:`GPT2Decoder` computes exactly what ``model``'s forward does.
@@ -115,38 +213,18 @@ class GPT2Decoder:
         every other peft method (prompt or prefix tuning add tokens this decoder does not know) and for a
         merged adapter (peft unmerges it when the adapter is disabled; the decoder would keep it).
         """
-        peft_configs = getattr(model, "peft_config", None)
-        if isinstance(peft_configs, dict) and any(
-            getattr(config, "peft_type", None) != PeftType.LORA for config in peft_configs.values()
-        ):
-            return False
         inner = _unwrap(model)
         config = getattr(inner, "config", None)
         if getattr(config, "model_type", None) != "gpt2" or getattr(config, "add_cross_attention", False):
             return False
-        if model.training or not hasattr(inner, "transformer") or not hasattr(inner, "lm_head"):
+        if not hasattr(inner, "transformer") or not hasattr(inner, "lm_head"):
             return False
         projections = {
             module
             for block in inner.transformer.h
             for module in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         }
-        for module in inner.modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            if module not in projections or not isinstance(module.get_base_layer(), Conv1D):
-                return False  # an adapter on the embeddings, the head, or a layer this decoder does not know
-            if any(module.lora_variant.values()) or any(getattr(module, "lora_bias", {}).values()):
-                return False
-            if module.merged:
-                return False
-        return all(isinstance(module.get_base_layer() if isinstance(module, LoraLayer) else module, Conv1D)
-                   for module in projections)  # fmt: skip
-
-    @property
-    def batch_size(self) -> int:
-        """Rows in the cache."""
-        return int(self._keys[0].shape[0]) if self._keys else 0
+        return _supports_lora(model, projections, Conv1D)
 
     def prefill(
         self,
@@ -171,20 +249,8 @@ class GPT2Decoder:
         hidden = transformer.wte(input_ids) + transformer.wpe(position_ids)
         heads = transformer.h[0].attn.num_heads
         head_dim = hidden.shape[-1] // heads
-        shape = (rows, heads, width + max_new_tokens, head_dim)
-        # Under autocast (bf16 on CUDA) keys and values come out of the projections in the autocast dtype:
-        # store them so, as transformers' cache does (half the memory of float32 buffers, no casts per step).
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        self._keys = [hidden.new_empty(shape, dtype=dtype) for _ in self._blocks]
-        self._values = [hidden.new_empty(shape, dtype=dtype) for _ in self._blocks]
-        # Query i sees keys j <= i that are real tokens; a padding query also sees itself, so that no softmax
-        # row is empty (an all-masked row gives NaN, which would reach the cache).
-        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
-        allowed = causal & attention_mask.bool()[:, None, :]
-        allowed |= torch.eye(width, dtype=torch.bool, device=input_ids.device)
-        self._length = 0
-        return self._forward(hidden, allowed[:, None])
+        self._new_cache(hidden, heads, width + max_new_tokens, head_dim)
+        return self._forward(hidden, _attention_masks(attention_mask))
 
     def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One token per row; returns the (A, V) next-token logits.
@@ -197,11 +263,6 @@ class GPT2Decoder:
         transformer = self.model.transformer
         hidden = transformer.wte(tokens[:, None]) + transformer.wpe(position_ids[:, None])  # (A, 1, C)
         return self._forward(hidden, attention_mask.bool()[:, None, None, :])
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
-        self._keys = [keys[rows] for keys in self._keys]
-        self._values = [values[rows] for values in self._values]
 
     def _forward(self, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The blocks over ``hidden`` (A, T, C) at cache columns [L, L + T); logits at the last position."""
@@ -235,3 +296,160 @@ class GPT2Decoder:
             activation=block.mlp.act,
             scaling=float(block.attn.scaling),
         )
+
+
+class _LlamaBlockWeights(NamedTuple):
+    input_norm: nn.Module  # RMSNorm modules are called as they are (Llama's, Qwen's: the same numerics)
+    query: _Linear
+    key: _Linear
+    value: _Linear
+    output: _Linear
+    query_norm: nn.Module | None  # Qwen3: RMSNorm over each head's query and key
+    key_norm: nn.Module | None
+    post_norm: nn.Module
+    gate: _Linear
+    up: _Linear
+    down: _Linear
+    activation: nn.Module
+    scaling: float
+    rotate: Any  # the family's apply_rotary_pos_emb
+
+
+class LlamaDecoder(LeanDecoder):
+    """KV-cached prefill and decode steps of a Llama-family model (see the module docstring).
+
+    Per block, with x the residual stream: ``x += o(attention(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))``,
+    then ``x += down(act(gate(n2(x))) * up(n2(x)))``; rotary cos/sin come from the model's own
+    ``rotary_emb`` (so every RoPE scaling it implements is honoured) and grouped-query attention shares each
+    key/value head between ``heads / kv_heads`` query heads.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> _ = torch.manual_seed(0)
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+        >>> LlamaDecoder.supports(model)
+        True
+        >>> prompt, mask = torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]])
+        >>> with torch.no_grad():
+        ...     logits = LlamaDecoder(model).prefill(prompt, mask, max_new_tokens=2)
+        ...     expected = model(prompt, attention_mask=mask, position_ids=torch.tensor([[0, 0, 1]])).logits[:, -1]
+        >>> bool(torch.allclose(logits, expected, atol=1e-5))
+        True
+    """
+
+    MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """True for a causal LM of :attr:`MODEL_TYPES` without sliding-window layers, in eval mode, bare or
+        with plain LoRA adapters on the attention and MLP projections of its layers."""
+        inner = _unwrap(model)
+        config = getattr(inner, "config", None)
+        if getattr(config, "model_type", None) not in LlamaDecoder.MODEL_TYPES:
+            return False
+        if not hasattr(inner, "model") or not hasattr(inner, "lm_head") or not hasattr(inner.model, "rotary_emb"):
+            return False
+        layer_types = getattr(config, "layer_types", None) or ()
+        if any(kind != "full_attention" for kind in layer_types):
+            return False  # sliding-window layers (Qwen2 / Qwen3 with use_sliding_window)
+        if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+            return False
+        if getattr(config, "pretraining_tp", 1) != 1:
+            return False
+        projections = {
+            module
+            for layer in inner.model.layers
+            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+        }
+        return _supports_lora(model, projections, nn.Linear)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`GPT2Decoder.prefill`."""
+        decoder = self.model.model
+        self._blocks = [self._block_weights(layer) for layer in decoder.layers[: self.model.config.num_hidden_layers]]
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = decoder.embed_tokens(input_ids)
+        attention = decoder.layers[0].self_attn
+        heads = self.model.config.num_key_value_heads
+        self._new_cache(hidden, heads, input_ids.shape[1] + max_new_tokens, attention.head_dim)
+        return self._forward(hidden, position_ids, _attention_masks(attention_mask))
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`GPT2Decoder.step`."""
+        hidden = self.model.model.embed_tokens(tokens[:, None])  # (A, 1, C)
+        return self._forward(hidden, position_ids[:, None], attention_mask.bool()[:, None, None, :])
+
+    def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The layers over ``hidden`` (A, T, C) at cache columns [L, L + T); logits at the last position."""
+        rows, new, _ = hidden.shape
+        start, end = self._length, self._length + new
+        cos, sin = self.model.model.rotary_emb(hidden, position_ids)  # (A, T, D) each
+        for block, keys, values in zip(self._blocks, self._keys, self._values, strict=True):
+            kv_heads, head_dim = keys.shape[1], keys.shape[3]
+            x = block.input_norm(hidden)
+            query = block.query(x).view(rows, new, -1, head_dim)
+            key = block.key(x).view(rows, new, kv_heads, head_dim)
+            if block.query_norm is not None and block.key_norm is not None:
+                query, key = block.query_norm(query), block.key_norm(key)
+            query, key = block.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+            keys[:, :, start:end] = key
+            values[:, :, start:end] = block.value(x).view(rows, new, kv_heads, head_dim).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                query, keys[:, :, :end], values[:, :, :end], attn_mask=allowed, scale=block.scaling,
+                enable_gqa=query.shape[1] != kv_heads,
+            )  # (A, H, T, D)
+            hidden = hidden + block.output(attended.transpose(1, 2).reshape(rows, new, -1))
+            x = block.post_norm(hidden)
+            hidden = hidden + block.down(block.activation(block.gate(x)) * block.up(x))
+        self._length = end
+        return self.model.lm_head(self.model.model.norm(hidden[:, -1]))
+
+    @staticmethod
+    def _block_weights(layer: Any) -> _LlamaBlockWeights:
+        attention, mlp = layer.self_attn, layer.mlp
+        family = sys.modules[type(attention).__module__]
+        return _LlamaBlockWeights(
+            input_norm=layer.input_layernorm,
+            query=_projection(attention.q_proj),
+            key=_projection(attention.k_proj),
+            value=_projection(attention.v_proj),
+            output=_projection(attention.o_proj),
+            query_norm=getattr(attention, "q_norm", None),
+            key_norm=getattr(attention, "k_norm", None),
+            post_norm=layer.post_attention_layernorm,
+            gate=_projection(mlp.gate_proj),
+            up=_projection(mlp.up_proj),
+            down=_projection(mlp.down_proj),
+            activation=mlp.act_fn,
+            scaling=float(attention.scaling),
+            rotate=family.apply_rotary_pos_emb,
+        )
+
+
+LEAN_DECODERS: tuple[type[LeanDecoder], ...] = (GPT2Decoder, LlamaDecoder)
+_REPORTED: set[str] = set()
+
+
+def lean_decoder_for(model: nn.Module) -> LeanDecoder | None:
+    """A lean decoder for ``model``, or None (the sampler then calls the model's own forward).
+
+    The first time a model type gets None, a log line says so (``rlfb.models.decoding``, level INFO for a
+    model in training mode or with an adapter the decoders do not compute, WARNING for an unknown family),
+    so a slower rollout is never silent.
+    """
+    for decoder in LEAN_DECODERS:
+        if decoder.supports(model):
+            return decoder(model)
+    model_type = str(getattr(getattr(_unwrap(model), "config", None), "model_type", type(model).__name__))
+    if model_type not in _REPORTED and not model.training:
+        _REPORTED.add(model_type)
+        known = model_type == "gpt2" or model_type in LlamaDecoder.MODEL_TYPES
+        logger.log(logging.INFO if known else logging.WARNING,
+                   "sampling %s with the generic path (the model's own forward, slower for small models): %s",
+                   model_type, "its adapter or settings are not ones the lean decoder computes exactly" if known
+                   else f"lean decoders cover {', '.join(sorted({'gpt2', *LlamaDecoder.MODEL_TYPES}))}")
+    return None

@@ -18,8 +18,9 @@ Conventions:
       leaves the compute batch (with its cache rows), so later steps cost only what the unfinished rows need.
     * Rows with the same prompt (a group of k completions per prompt) are encoded once and their cache
       rows repeated.
-    * GPT-2 models run on :class:`~rlfb.models.decoding.GPT2Decoder`, the same function without
-      transformers' per-call overhead; other models on their own forward.
+    * GPT-2 and Llama-family models (Llama, Mistral, Qwen2, Qwen3) run on a lean decoder
+      (:func:`~rlfb.models.decoding.lean_decoder_for`), the same function without transformers' per-call
+      overhead; other models on their own forward, which is logged once per model type.
 
 The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
 dropout does not perturb sampling. Forward passes run under ``torch.inference_mode`` (about 5% faster than
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from rlfb.errors import DivergedModelError
-from rlfb.models.decoding import GPT2Decoder
+from rlfb.models.decoding import LeanDecoder, lean_decoder_for
 
 __all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
 
@@ -197,8 +198,8 @@ class TokenSampler:
         generator: Source of randomness for reproducible sampling (on the model's device).
         eos_token_id: Token id (or ids) that end a row; default: the model's generation config.
         pad_token_id: Token given to finished rows; default: the model's, else the first EOS id.
-        lean_decoder: Run :class:`~rlfb.models.decoding.GPT2Decoder` where it applies (GPT-2 models in eval
-            mode); False always calls the model's own forward.
+        lean_decoder: Run a lean decoder (:func:`~rlfb.models.decoding.lean_decoder_for`) where one applies
+            (GPT-2 and Llama-family models in eval mode); False always calls the model's own forward.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -233,7 +234,7 @@ class TokenSampler:
         self.pad_token_id = int(pad) if isinstance(pad, int) else self.eos_token_ids[0]
         self.finished: torch.Tensor | None = None
         self.num_generated = 0
-        self._cache: Any = None  # the transformers cache, or a GPT2Decoder holding its own
+        self._cache: Any = None  # the transformers cache, or a LeanDecoder holding its own
         self._next_logits: torch.Tensor | None = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
         self._mask_width = 0
@@ -278,8 +279,9 @@ class TokenSampler:
         encode_ids, encode_mask = distinct.split(input_ids.shape[1], dim=1)
         # Left padding shifts each row; positions restart at 0 on each row's first real token.
         encode_positions = (encode_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        if self.lean_decoder and GPT2Decoder.supports(self.model):
-            self._cache = GPT2Decoder(self.model)
+        lean = lean_decoder_for(self.model) if self.lean_decoder else None
+        if lean is not None:
+            self._cache = lean
             logits = self._cache.prefill(encode_ids, encode_mask, self.sampling.max_new_tokens, encode_positions)
             if copies is not None:
                 self._cache.select_rows(copies)
@@ -353,7 +355,7 @@ class TokenSampler:
         self._mask_buffer[:, self._mask_width] = 1
         self._mask_width += 1
         attention_mask = self._mask_buffer[:, : self._mask_width]
-        if isinstance(self._cache, GPT2Decoder):
+        if isinstance(self._cache, LeanDecoder):
             logits = self._cache.step(active_tokens, self._next_position, attention_mask)
         else:
             outputs = self.model(
@@ -371,7 +373,7 @@ class TokenSampler:
         """Keep only the compute rows where ``keep`` (A,) is True: cache, mask, positions, row map."""
         assert self._next_position is not None
         kept = keep.nonzero().flatten()
-        if isinstance(self._cache, GPT2Decoder):
+        if isinstance(self._cache, LeanDecoder):
             self._cache.select_rows(kept)
         else:
             self._cache.batch_select_indices(kept)

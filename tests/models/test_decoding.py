@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlfb.models.decoding import GPT2Decoder
+from rlfb.models.decoding import GPT2Decoder, LeanDecoder
 from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 VOCAB = 24
@@ -21,10 +21,11 @@ def gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def with_trained_lora(model: GPT2LMHeadModel, **overrides: object) -> torch.nn.Module:
-    """A LoRA adapter on every projection, moved off its zero init so that it changes the outputs."""
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                        **overrides)  # fmt: skip
+def with_trained_lora(model: torch.nn.Module, **overrides: object) -> torch.nn.Module:
+    """A LoRA adapter on every projection (GPT-2's by default), moved off its zero init so that it changes
+    the outputs."""
+    options: dict[str, object] = {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, **overrides}
+    config = LoraConfig(r=4, lora_alpha=8, **options)  # type: ignore[arg-type]
     wrapped = get_peft_model(model, config).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -39,16 +40,11 @@ def full_forward_last_logits(model: torch.nn.Module, ids: torch.Tensor, mask: to
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
 
 
-@torch.no_grad()
-def test_prefill_steps_and_row_drops_match_the_model_forward() -> None:
-    # Left padding, an adapter on every projection, attention scaled by layer: all that the decoder handles.
-    model = with_trained_lora(gpt2(scale_attn_by_inverse_layer_idx=True))
-    ids = torch.tensor([[EOS, EOS, 5, 6], [3, 4, 5, 6], [EOS, EOS, EOS, 9]])
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
-    decoder = GPT2Decoder(model)
+def assert_decodes_like_the_forward(decoder: LeanDecoder, model: torch.nn.Module, ids: torch.Tensor,
+                                    mask: torch.Tensor) -> None:
+    """Prefill then three steps, row 1 leaving after the first: logits as the model's full forward gives them."""
     logits = decoder.prefill(ids, mask, max_new_tokens=4)
     torch.testing.assert_close(logits, full_forward_last_logits(model, ids, mask), atol=1e-5, rtol=1e-5)
-
     for step, token in enumerate([7, 8, 9]):
         if step == 1:  # row 1 finished: it leaves the batch
             kept = torch.tensor([0, 2])
@@ -59,6 +55,17 @@ def test_prefill_steps_and_row_drops_match_the_model_forward() -> None:
         ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = decoder.step(tokens, positions, mask)
         torch.testing.assert_close(logits, full_forward_last_logits(model, ids, mask), atol=1e-5, rtol=1e-5)
+    assert decoder.batch_size == 2
+
+
+@torch.no_grad()
+def test_prefill_steps_and_row_drops_match_the_model_forward() -> None:
+    # Left padding, an adapter on every projection, attention scaled by layer: all that the decoder handles.
+    model = with_trained_lora(gpt2(scale_attn_by_inverse_layer_idx=True))
+    ids = torch.tensor([[EOS, EOS, 5, 6], [3, 4, 5, 6], [EOS, EOS, EOS, 9]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    decoder = GPT2Decoder(model)
+    assert_decodes_like_the_forward(decoder, model, ids, mask)
     assert decoder.batch_size == 2
 
 
@@ -112,6 +119,31 @@ def test_supports_only_what_it_computes_exactly() -> None:
     assert not GPT2Decoder.supports(llama.eval())
 
 
+def assert_same_completions_with_and_without_the_lean_decoder(
+        model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, temperature: float,
+        decoder: type[LeanDecoder] = GPT2Decoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample with the lean decoder and with the model's forward: the same tokens and log-probs (returned)."""
+
+    def run(lean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        sampler = TokenSampler(model, SamplingConfig(temperature=temperature, max_new_tokens=8),
+                               torch.Generator().manual_seed(0), eos_token_id=EOS, lean_decoder=lean)  # fmt: skip
+        sampler.start(ids, mask)
+        assert isinstance(sampler._cache, decoder) == lean
+        tokens, logprobs = [], []
+        while not sampler.done:
+            step_tokens, step_logprobs = sampler.sample()
+            tokens.append(step_tokens)
+            logprobs.append(step_logprobs)
+            sampler.advance(step_tokens)
+        return torch.stack(tokens), torch.stack(logprobs)
+
+    lean_tokens, lean_logprobs = run(True)
+    model_tokens, model_logprobs = run(False)
+    assert torch.equal(lean_tokens, model_tokens)
+    torch.testing.assert_close(lean_logprobs, model_logprobs, atol=1e-5, rtol=1e-5)
+    return lean_tokens, lean_logprobs
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_sampler_gives_the_same_completions_with_and_without_the_lean_decoder(temperature: float) -> None:
     # Groups of repeated prompts (encoded once, cache rows repeated) and, sampling, rows ending early.
@@ -119,21 +151,6 @@ def test_sampler_gives_the_same_completions_with_and_without_the_lean_decoder(te
     ids = torch.tensor([[EOS, 5, 6], [EOS, 5, 6], [3, 4, 9], [3, 4, 9], [EOS, EOS, 7], [EOS, EOS, 7]])
     mask = (torch.arange(3) >= (ids == EOS).sum(1, keepdim=True)).long()
 
-    def run(lean: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        sampler = TokenSampler(model, SamplingConfig(temperature=temperature, max_new_tokens=8),
-                               torch.Generator().manual_seed(0), eos_token_id=EOS, lean_decoder=lean)  # fmt: skip
-        sampler.start(ids, mask)
-        tokens, logprobs = [], []
-        while not sampler.done:
-            step_tokens, step_logprobs = sampler.sample()
-            tokens.append(step_tokens)
-            logprobs.append(step_logprobs)
-            sampler.advance(step_tokens)
-        return tokens, logprobs
-
-    lean_tokens, lean_logprobs = run(True)
-    model_tokens, model_logprobs = run(False)
-    assert torch.equal(torch.stack(lean_tokens), torch.stack(model_tokens))
-    torch.testing.assert_close(torch.stack(lean_logprobs), torch.stack(model_logprobs), atol=1e-5, rtol=1e-5)
+    lean_tokens, lean_logprobs = assert_same_completions_with_and_without_the_lean_decoder(model, ids, mask, temperature)
     if temperature > 0:  # rows did leave the batch before the others
-        assert 0 < int((torch.stack(lean_tokens)[-1] == EOS).sum()) < len(ids)
+        assert 0 < int((lean_tokens[-1] == EOS).sum()) < len(ids)
