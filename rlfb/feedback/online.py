@@ -142,6 +142,6 @@ def reload_reward_models(reward_set: Any, path: str) -> int:
         reward = component.function
         if isinstance(reward, RewardModelReward) and Path(reward.path) == Path(path):
             device = reward.model.device
-            pass
+            reward.model, reward.tokenizer, reward.is_token_level = load_reward_model(path, str(device))
             count += 1
     return count
