@@ -187,8 +187,9 @@ def _synthesize(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from rlfb.errors import ConfigError
     from rlfb.feedback.items import ItemPool
-    from rlfb.feedback.server import ServerSettings, check_settings, serve
+    from rlfb.feedback.server import ServerSettings, check_settings, require_web_libraries, serve
 
+    require_web_libraries()  # before a model is loaded
     kinds = tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip())
     settings = ServerSettings(kinds=kinds, scale=tuple(args.scale), goal=args.goal)  # type: ignore[arg-type]
     try:

@@ -58,7 +58,7 @@ class ServerSettings:
     loopback_only: bool = True
 
 
-def _require_web_libraries() -> None:
+def require_web_libraries() -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -77,7 +77,7 @@ def check_settings(settings: ServerSettings) -> None:
 
 def create_app(store: FeedbackStore, pool: ItemPool, settings: ServerSettings | None = None) -> Any:
     """The FastAPI app over ``store`` and ``pool`` (start the pool yourself, or use :func:`serve`)."""
-    _require_web_libraries()
+    require_web_libraries()
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -242,7 +242,7 @@ def _mode_kinds(mode: str) -> tuple[str, ...]:
 def serve(store: FeedbackStore, pool: ItemPool, settings: ServerSettings | None = None, host: str = "127.0.0.1",
           port: int = 8000, log_level: str = "warning") -> None:
     """Run the app with uvicorn until interrupted (the pool's filler runs meanwhile)."""
-    _require_web_libraries()
+    require_web_libraries()
     import uvicorn
 
     settings = settings or ServerSettings()

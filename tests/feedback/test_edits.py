@@ -52,9 +52,10 @@ def test_sft_loss_is_the_mean_negative_log_likelihood_of_the_target_tokens(tiny_
     prompts, targets = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
     loss = sft_loss(model, prompts, targets, pad_token_id=0)
     total, count = 0.0, 0
-    for prompt, target in zip(prompts, targets):  # the oracle: one unpadded row at a time
+    for prompt, target in zip(prompts, targets, strict=True):  # the oracle: one unpadded row at a time
         ids = torch.tensor([prompt + target])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
         for position in range(len(prompt), len(prompt) + len(target)):
             total -= float(logprobs[position - 1, ids[0, position]])
             count += 1

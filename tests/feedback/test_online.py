@@ -62,7 +62,7 @@ def test_online_run_retrains_on_new_judgments_and_publishes_its_adapter(tmp_path
 
     (reward,) = [c.function for c in trainer.reward_set._components if isinstance(c.function, RewardModelReward)]
     saved, _, _ = load_reward_model(str(tmp_path / "fb" / "reward_model"), "cpu")
-    for (name, live), (_, disk) in zip(reward.model.state_dict().items(), saved.state_dict().items()):
+    for (name, live), (_, disk) in zip(reward.model.state_dict().items(), saved.state_dict().items(), strict=True):
         assert (live == disk).all(), name  # the run scores with the retrained model
 
 

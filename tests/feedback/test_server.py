@@ -3,7 +3,6 @@ simulated rater end to end. Skipped without FastAPI (pip install 'rlfb[feedback]
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ pytest.importorskip("httpx", reason="the feedback server tests need httpx (pip i
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from rlfb.feedback.items import GrammarSource, ItemPool  # noqa: E402
+from rlfb.feedback.items import ItemPool  # noqa: E402
 from rlfb.feedback.judgments import MAX_BODY_BYTES, MAX_TEXT_CHARS  # noqa: E402
 from rlfb.feedback.server import ServerSettings, create_app  # noqa: E402
 from rlfb.feedback.simulated import SimulatedRater  # noqa: E402
