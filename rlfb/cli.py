@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("rlfb.commands.models", "build and list the built-in offline models"),
     "rewards": ("rlfb.commands.rewards", "list the registered reward functions"),
     "reward-model": ("rlfb.commands.reward_model", "train a reward model from feedback data"),
-    "feedback": ("rlfb.commands.feedback", "synthesize feedback data for the built-in tasks"),
+    "feedback": ("rlfb.commands.feedback", "people in the loop: a rating page, a feedback store, synthetic feedback"),
 }
 
 # Commands whose config has a `threads` key; they set torch's threads themselves once it is read.

@@ -202,6 +202,39 @@ class CheckpointConfig:
     keep_last: int = field(default=2, metadata=_help("checkpoints kept on disk (older ones are deleted)"))
 
 
+FEEDBACK_KINDS = ("pairwise", "pointwise", "rating", "token")  # what an online reward model trains on
+FEEDBACK_REWARD_MODEL_DIR = "reward_model"  # under feedback.dir
+
+
+@dataclass
+class FeedbackConfig:
+    """Online training from people's judgments (docs/feedback.md); off while ``dir`` is null.
+
+    ``rlfb feedback serve CONFIG`` serves the page over ``dir``'s store and the adapter this run publishes;
+    the run trains its reward model from the store and retrains it as judgments come in. The run's
+    ``rewards`` must score with that model: ``- {name: reward_model, kwargs: {path: DIR/reward_model}}``.
+    """
+
+    dir: str | None = field(default=None, metadata=_help(
+        "feedback directory: store.sqlite (the judgments), policy/ (the adapter published for the server), "
+        "reward_model/ (trained from the store); null: no online feedback"))
+    kind: str = field(default="pairwise", metadata=_help(
+        "what the reward model learns from: pairwise (choices and edits), pointwise (thumbs), rating, token (edits)"))
+    retrain_every: int = field(default=100, metadata=_help(
+        "new judgments between reward-model retrainings (0: only by retrain_minutes)"))
+    retrain_minutes: float | None = field(default=None, metadata=_help(
+        "also retrain when this many minutes passed and some judgment is new; null: by count only"))
+    min_judgments: int = field(default=50, metadata=_help(
+        "judgments the first reward model needs; training waits for them (the server shows the base policy)"))
+    wait_s: float = field(default=3600.0, metadata=_help("longest wait for min_judgments before the run fails"))
+    max_staleness: int | None = field(default=None, metadata=_help(
+        "train on judgments of policies at most this many updates old; null: all judgments"))
+    publish_every: int = field(default=5, metadata=_help("updates between publications of the adapter to the server"))
+    reward_model: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "reward-model training options (epochs, learning_rate, batch_size, max_length, base_model, seed; "
+        "see docs/rewards.md)"))
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs; saved resolved as ``RUN_DIR/config.yaml``."""
@@ -221,6 +254,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("held-out evaluation"))
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("logging"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata=_help("checkpoints"))
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig, metadata=_help(
+        "online training from people's judgments (off unless feedback.dir is set)"))
     seed: int = field(default=0, metadata=_help("seed of every random number generator"))
     device: str = field(default="auto", metadata=_help(
         "auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps"))
@@ -573,7 +608,44 @@ def validate(config: RunConfig) -> RunConfig:
     require(config.logging.samples_every >= 0, "logging.samples_every", config.logging.samples_every, ">= 0")
     require(config.checkpoint.every >= 0, "checkpoint.every", config.checkpoint.every, ">= 0 (0: only at the end)")
     require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", config.checkpoint.keep_last, ">= 1")
+    _validate_feedback(config)
     return config
+
+
+# Reward-model training options the feedback section may set (the rest come from the store and the run).
+FEEDBACK_REWARD_MODEL_OPTIONS = ("base_model", "epochs", "learning_rate", "warmup_ratio", "weight_decay",
+                                 "batch_size", "max_length", "seed", "eval_fraction", "gold")
+
+
+def _validate_feedback(config: RunConfig) -> None:
+    """The ``feedback`` section: known kind, counts in range, and a reward that scores with its reward model."""
+    feedback = config.feedback
+    if feedback.dir is None:
+        return
+
+    def require(ok: bool, key: str, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(f"'feedback.{key}' is {getattr(feedback, key)!r}; it must be {accepted}")
+
+    require(feedback.kind in FEEDBACK_KINDS, "kind", f"one of {', '.join(FEEDBACK_KINDS)}")
+    require(feedback.retrain_every >= 0, "retrain_every", ">= 0 (0: only by retrain_minutes)")
+    require(feedback.retrain_minutes is None or feedback.retrain_minutes > 0, "retrain_minutes", "> 0, or null")
+    require(feedback.retrain_every > 0 or feedback.retrain_minutes is not None, "retrain_every",
+            "> 0 when feedback.retrain_minutes is null (else the reward model is never retrained)")
+    require(feedback.min_judgments >= 2, "min_judgments", ">= 2 (one is held out to evaluate the reward model)")
+    require(feedback.wait_s > 0, "wait_s", "> 0")
+    require(feedback.max_staleness is None or feedback.max_staleness >= 0, "max_staleness", ">= 0, or null")
+    require(feedback.publish_every >= 1, "publish_every", ">= 1")
+    for key in feedback.reward_model:
+        if key not in FEEDBACK_REWARD_MODEL_OPTIONS:
+            close = difflib.get_close_matches(key, FEEDBACK_REWARD_MODEL_OPTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key 'feedback.reward_model.{key}'{hint}; valid keys: "
+                              f"{', '.join(FEEDBACK_REWARD_MODEL_OPTIONS)}")
+    path = str(Path(feedback.dir) / FEEDBACK_REWARD_MODEL_DIR)
+    if not any(reward.name == "reward_model" and str(reward.kwargs.get("path")) == path for reward in config.rewards):
+        raise ConfigError(f"feedback.dir is {feedback.dir!r}, but no reward scores with its reward model; add "
+                          f"{{name: reward_model, kwargs: {{path: {path}}}}} to rewards")
 
 
 def _validate_env(config: RunConfig) -> None:

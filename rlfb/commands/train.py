@@ -52,9 +52,18 @@ def run(args: argparse.Namespace) -> int:
     trust = TRUST_ALL if args.config or args.resume is None else ImportTrust.only(
         args.allow_imports, source=str(Path(args.resume) / "config.yaml"))
     config = prepare_config(args.config, args.overrides, args.resume, trust)
+    if config.feedback.dir is not None:  # online: the first reward model comes from people's judgments
+        from rlfb.feedback.online import prepare_reward_model
+
+        prepare_reward_model(config)
     from rlfb.trainer import Trainer
 
-    result = Trainer(config, resume_from=args.resume, import_trust=trust).train()
+    trainer = Trainer(config, resume_from=args.resume, import_trust=trust)
+    if config.feedback.dir is not None:
+        from rlfb.feedback.online import OnlineFeedback
+
+        trainer.callbacks.append(OnlineFeedback(trainer))
+    result = trainer.train()
     print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
 

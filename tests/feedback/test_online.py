@@ -1,0 +1,92 @@
+"""Online fine-tuning: the first reward model from the store, retraining as judgments come, the adapter
+published for the server, and the server's pool following it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlfb.config import config_from_dict
+from rlfb.errors import ConfigError
+from rlfb.feedback.exchange import import_rows
+from rlfb.feedback.items import ItemPool, PolicySource, published_step
+from rlfb.feedback.online import OnlineFeedback, prepare_reward_model, store_of
+from rlfb.feedback.store import FeedbackStore
+from rlfb.rewards.feedback import synthesize
+
+
+def _config(tmp_path: Path, **feedback: Any) -> Any:
+    directory = str(tmp_path / "fb")
+    return config_from_dict({
+        "task": "sentiment", "model": "rlfb-tiny", "agent": {"name": "reinforce"}, "device": "cpu",
+        "rewards": [{"name": "reward_model", "kwargs": {"path": f"{directory}/reward_model", "device": "cpu"}}],
+        "budget": {"updates": 4, "num_envs": 4}, "sampling": {"max_new_tokens": 8}, "eval": {"num_prompts": 0},
+        "logging": {"tensorboard": False, "progress_bar": False}, "checkpoint": {"every": 0},
+        "output_dir": str(tmp_path / "runs"),
+        "feedback": {"dir": directory, "kind": "pointwise", "min_judgments": 8, "retrain_every": 5,
+                     "publish_every": 2, "wait_s": 0.5,
+                     "reward_model": {"epochs": 1, "batch_size": 8, "max_length": 32}, **feedback}})
+
+
+def test_the_first_reward_model_waits_for_enough_judgments(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    with pytest.raises(ConfigError, match="0 of the 8 pointwise judgments"):
+        prepare_reward_model(config, poll_s=0.1, say=lambda line: None)
+
+
+def test_online_run_retrains_on_new_judgments_and_publishes_its_adapter(tmp_path: Path) -> None:
+    from rlfb.trainer import Trainer
+
+    config = _config(tmp_path)
+    store = store_of(config.feedback)
+    import_rows(store, synthesize("sentiment", "pointwise", size=10, seed=0), "pointwise", "early")
+    prepare_reward_model(config, say=lambda line: None)
+    trainer = Trainer(config)
+    online = OnlineFeedback(trainer, say=lambda line: None)
+
+    def raters_judge(step: int, metrics: dict[str, float]) -> None:
+        if step == 1:  # judgments arriving while the policy trains
+            import_rows(store, synthesize("sentiment", "pointwise", size=6, seed=1), "pointwise", "late")
+
+    trainer.callbacks += [raters_judge, online]
+    trainer.train()
+    assert online.retrainings == 1
+    assert published_step(tmp_path / "fb" / "policy") == 4
+    import json
+
+    metadata = json.loads((tmp_path / "fb" / "reward_model" / "rlfb_reward_model.json").read_text())
+    assert metadata["train_rows"] + metadata["eval_rows"] == 16
+    from rlfb.rewards.reward_model import RewardModelReward, load_reward_model
+
+    (reward,) = [c.function for c in trainer.reward_set._components if isinstance(c.function, RewardModelReward)]
+    saved, _, _ = load_reward_model(str(tmp_path / "fb" / "reward_model"), "cpu")
+    for (name, live), (_, disk) in zip(reward.model.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert (live == disk).all(), name  # the run scores with the retrained model
+
+
+class _FakePolicy:
+    def __init__(self) -> None:
+        self.loaded: list[Path] = []
+
+    def load_adapter(self, directory: Path) -> None:
+        self.loaded.append(directory)
+
+
+def test_the_pool_follows_a_published_policy_and_drops_the_old_ones_items(tmp_path: Path) -> None:
+    import json
+
+    follow = tmp_path / "policy"
+    policy = _FakePolicy()
+    source = PolicySource(policy, sampling=None, follow=follow)
+    source.complete = lambda prompts, n: [[" x"] * n for _ in prompts]  # type: ignore[method-assign]
+    pool = ItemPool(FeedbackStore(tmp_path / "s.sqlite"), source, ["P"], capacity=4, batch_size=4)
+    pool.fill_once()
+    assert {item.policy_version for item in pool._ready} == {"base"}
+    follow.mkdir()
+    (follow / "policy_step.json").write_text(json.dumps({"step": 6}))
+    pool.fill_once()
+    assert policy.loaded == [follow]
+    assert {(item.policy_version, item.policy_step) for item in pool._ready} == {("step_6", 6)}
+    assert len(pool._ready) == 4
