@@ -175,7 +175,9 @@ class BudgetConfig:
 class EvalConfig:
     """Evaluation on held-out prompts, before training, every ``every`` updates and at the end."""
 
-    num_prompts: int = field(default=64, metadata=_help("held-out prompts per evaluation"))
+    num_prompts: int = field(default=64, metadata=_help("held-out prompts per evaluation (at most the task's eval split)"))
+    completions_per_prompt: int = field(default=1, metadata=_help(
+        "completions sampled per held-out prompt (single-turn); more give steadier means of KL and rewards"))
     every: int = field(default=0, metadata=_help("evaluate every N updates; 0: only before and after"))
     num_samples: int = field(default=3, metadata=_help("sample completions shown in the report"))
     seed: int = field(default=1234, metadata=_help(
@@ -602,6 +604,11 @@ def validate(config: RunConfig) -> RunConfig:
     for index, reward in enumerate(config.rewards):
         require(bool(reward.name), f"rewards.{index}.name", reward.name, "a registered reward name")
     require(config.eval.num_prompts >= 0, "eval.num_prompts", config.eval.num_prompts, ">= 0")
+    require(config.eval.completions_per_prompt >= 1, "eval.completions_per_prompt",
+            config.eval.completions_per_prompt, ">= 1")
+    if config.env.kind == "multi_turn" and config.eval.completions_per_prompt != 1:
+        raise ConfigError("'eval.completions_per_prompt' applies to single-turn runs; a multi-turn run evaluates "
+                          "eval.num_prompts episodes: raise that instead")
     require(config.eval.every >= 0, "eval.every", config.eval.every, ">= 0 (0: only before and after)")
     check_run_name(config.logging.run_name)
     require(config.logging.log_every >= 1, "logging.log_every", config.logging.log_every, ">= 1")

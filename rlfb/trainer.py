@@ -238,7 +238,8 @@ class Trainer:
         # groups' seeds from it).
         self.venv.reset(seed=config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.eval_rows = list(self.task.eval_rows())[: config.eval.num_prompts]
+        self.eval_rows = [row for row in list(self.task.eval_rows())[: config.eval.num_prompts]
+                          for _ in range(config.eval.completions_per_prompt)]  # a prompt's copies side by side
 
     def _multi_turn_venv(self, num_envs: int, split: str) -> Any:
         """A ``rlfb/MultiTurn-v0`` vector env as the ``env`` section says, in the model's context window."""

@@ -123,3 +123,20 @@ def test_run_config_decides_the_agents_temperature_and_schedule_length(tiny_mode
     assert trainer.agent.config.temperature == 0.7
     rates = [row["train/learning_rate"] for row in read_metrics(result.run_dir)]
     assert rates == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3])  # linear decay over budget.updates
+
+
+def test_completions_per_prompt_samples_each_held_out_prompt_that_many_times(tiny_model_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    def before(copies: int) -> dict:
+        config = run_config(tiny_model_dir, tmp_path / str(copies), "budget.updates=1", "eval.num_prompts=3",
+                            f"eval.completions_per_prompt={copies}", "eval.num_samples=6")
+        result = Trainer(config).train()
+        assert result.before is not None
+        return result.before.to_dict()
+
+    once, thrice = before(1), before(3)
+    assert once["num_prompts"] == 3 and thrice["num_prompts"] == 9  # every completion counts in the means
+    prompts = [sample["prompt"] for sample in thrice["samples"]]
+    assert prompts[:3] == [prompts[0]] * 3 and prompts[3:6] == [prompts[3]] * 3 and prompts[0] != prompts[3]
+    assert len({sample["completion"] for sample in thrice["samples"][:3]}) > 1  # independent samples
+    assert thrice["kl"] == 0.0 and thrice["rewards"] != once["rewards"]  # the base model, a larger sample
