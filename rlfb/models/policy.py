@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import (
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     load_peft_weights,
     set_peft_model_state_dict,
 )
@@ -55,10 +54,14 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 # Leaf-module names that are attention projections in common architectures. Used only when peft's table
 # (model_type -> modules) does not know the model; LoRA on attention is the setting of Hu et al. (2021).
-ATTENTION_PROJECTION_NAMES = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query", "key", "value",
-    "query_key_value", "qkv_proj", "Wqkv", "in_proj", "c_proj_attn",
+# The query, key and value projections of attention layers, fused or not, as the families name them:
+# q/k/v_proj (Llama, Mistral, Qwen, Gemma, OPT, OLMo, SmolLM), c_attn (GPT-2), qkv_proj (Phi-3),
+# query_key_value (GPT-NeoX, Falcon, BLOOM), Wqkv (MPT), query/key/value (BERT-style), q/k/v_lin (DistilBERT).
+QKV_PROJECTION_NAMES = (
+    "q_proj", "k_proj", "v_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv", "query", "key", "value",
+    "q_lin", "k_lin", "v_lin",
 )  # fmt: skip
+ALL_LINEAR = "all-linear"
 
 
 @dataclass
@@ -73,9 +76,11 @@ class LoraSettings:
         dropout: Dropout on the adapter input. Applied only while the model is in train mode; rlfb's RL
             agents keep it in eval mode because dropout makes old and new log-probs of the same weights
             differ, which corrupts PPO's probability ratio (see docs/algorithms.md).
-        target_modules: Module names to adapt. ``None`` picks them from the architecture: peft's table for
-            known model types (GPT-2: ``c_attn``; Llama/Qwen: ``q_proj, v_proj``), otherwise every linear
-            leaf named like an attention projection.
+        target_modules: Module names to adapt. ``None`` applies one rule to every family: the query, key
+            and value projections of the attention layers, fused or not (GPT-2: ``c_attn``; Llama, Qwen,
+            Mistral, Gemma, OPT: ``q_proj, k_proj, v_proj``; Phi-3: ``qkv_proj``; GPT-NeoX, Falcon:
+            ``query_key_value``), never the output projection, the MLP, the embeddings or the head.
+            ``["all-linear"]`` adapts every linear layer but the head (peft's ``all-linear``).
     """
 
     r: int = 16
@@ -104,30 +109,28 @@ class PolicyForward(NamedTuple):
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Find the modules LoRA should adapt in ``model``.
+    """The modules LoRA adapts by default: the attention's query, key and value projections (one rule).
 
     Args:
         model: A Hugging Face causal LM.
 
     Returns:
-        Module names for ``peft.LoraConfig.target_modules``.
+        Module names for ``peft.LoraConfig.target_modules``, sorted.
 
     Raises:
-        ConfigError: When the architecture is unknown and no linear layer looks like an attention
-            projection; the message lists the linear layers found so the user can name some.
+        ConfigError: When no linear layer is named like a query, key or value projection; the message lists
+            the linear layers found so the user can name some.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
     linear_names = sorted(
         {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear | Conv1D)}
     )
-    found = [name for name in linear_names if name in ATTENTION_PROJECTION_NAMES]
+    found = [name for name in linear_names if name in QKV_PROJECTION_NAMES]
     if not found:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ConfigError(
-            f"cannot pick LoRA target modules for model type {model_type!r}: no linear layer is named like an "
-            f"attention projection. Linear layers found: {', '.join(linear_names) or 'none'}. "
-            "Set lora.target_modules to some of them."
+            f"cannot pick LoRA target modules for model type {model_type!r}: no linear layer is named like a "
+            f"query, key or value projection. Linear layers found: {', '.join(linear_names) or 'none'}. "
+            "Set lora.target_modules to some of them, or to [all-linear]."
         )
     return found
 
@@ -157,10 +160,12 @@ class Policy:
         if isinstance(model, PeftModel):
             self.model = model
         else:
-            target_modules = lora.target_modules or default_target_modules(model)
+            target_modules: list[str] | str = lora.target_modules or default_target_modules(model)
+            if target_modules == [ALL_LINEAR]:
+                target_modules = ALL_LINEAR  # peft's every linear layer but the output head
             # GPT-2 style Conv1D layers store the weight transposed; peft must be told.
             conv1d_targets = any(
-                isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in target_modules
+                isinstance(module, Conv1D) and (target_modules == ALL_LINEAR or name.rsplit(".", 1)[-1] in target_modules)
                 for name, module in model.named_modules()
             )
             config = LoraConfig(

@@ -37,13 +37,31 @@ def base_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return logprobs.gather(-1, input_ids[:, start:, None]).squeeze(-1)
 
 
-def test_default_target_modules_follow_the_architecture() -> None:
-    assert default_target_modules(gpt2()) == ["c_attn"]
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2)
-    )  # fmt: skip
-    assert default_target_modules(llama) == ["q_proj", "v_proj"]
+@pytest.mark.parametrize(("model_type", "expected"), [
+    ("gpt2", ["c_attn"]), ("llama", ["k_proj", "q_proj", "v_proj"]), ("qwen2", ["k_proj", "q_proj", "v_proj"]),
+    ("smollm3", ["k_proj", "q_proj", "v_proj"]), ("olmo2", ["k_proj", "q_proj", "v_proj"]),
+    ("phi3", ["qkv_proj"]), ("gpt_neox", ["query_key_value"]), ("opt", ["k_proj", "q_proj", "v_proj"]),
+])
+def test_one_rule_picks_the_query_key_and_value_projections_of_every_family(model_type: str,
+                                                                              expected: list[str]) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"gpt2": {"n_embd": 16, "n_layer": 1, "n_head": 2},
+             "opt": {"hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "word_embed_proj_dim": 16}}.get(model_type, {
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2})
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0, **sizes)
+    assert default_target_modules(AutoModelForCausalLM.from_config(config)) == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # peft's note on fan_in_fan_out for Conv1D
+def test_all_linear_adapts_every_linear_layer_of_the_blocks_but_not_the_head() -> None:
+    policy = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=2, target_modules=["all-linear"]),
+                    value_head=False, device="cpu")
+    adapted = {name.rsplit(".", 1)[-1] for name, module in policy.model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"c_attn", "c_proj", "c_fc"}  # attention and MLP, never lm_head
+    assert {name.rsplit(".", 1)[-1] for name in policy.lora_target_modules} == adapted  # the adapter config saves them
 
 
 def test_unknown_architecture_falls_back_to_attention_names_or_explains() -> None:
