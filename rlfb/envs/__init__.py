@@ -24,9 +24,9 @@ from __future__ import annotations
 from gymnasium.envs.registration import register, registry
 
 from rlfb.envs import builtin_protocols  # noqa: F401  (registers the built-in protocols)
-from rlfb.integrations import textarena as _textarena  # noqa: F401  (registers the textarena protocol)
 from rlfb.envs.numpy_vector_env import NumpyVectorEnv
 from rlfb.envs.protocol import MultiTurnProtocol, Reply, list_protocols, register_protocol
+from rlfb.integrations import textarena as _textarena  # noqa: F401  (registers the textarena protocol)
 
 __all__ = ["ENV_IDS", "MultiTurnProtocol", "NumpyVectorEnv", "Reply", "list_protocols", "register_protocol"]
 

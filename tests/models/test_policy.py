@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlfb.errors import ConfigError, ModelNotFoundError
 from rlfb.models.policy import LoraSettings, Policy, default_target_modules
