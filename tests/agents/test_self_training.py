@@ -195,3 +195,26 @@ def test_config_mistakes_fail_in_one_line_before_torch_is_imported(tmp_path: Pat
     }
     assert_one_line_errors_before_torch({case: (["train", *args], message) for case, (args, message) in cases.items()},
                                         tmp_path)
+
+
+def test_trainer_run_with_real_text_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from test_trainer import reproducible, tiny_config
+
+    from rlfb.logging import read_metrics
+    from rlfb.trainer import Trainer
+
+    overrides = ("agent={name: self_training, keep: top_fraction, keep_fraction: 0.5, lm_coef: 0.3, "
+                 "lm_data: 'corpus:reviews', lm_batch_size: 2, kl_coef: 0.1, learning_rate: 0.01}",
+                 "budget.group_size=2")
+    straight = Trainer(tiny_config(tiny_model_dir, tmp_path / "straight", *overrides)).train()
+    rows = [row for row in read_metrics(straight.run_dir) if "train/lm_loss" in row]
+    assert len(rows) == 4 and all(row["train/kept_fraction"] == 0.5 and row["train/lm_loss"] > 0 for row in rows)
+
+    def ctrl_c_after_update_2(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    config = tiny_config(tiny_model_dir, tmp_path / "resumed", *overrides, "checkpoint.every=0")
+    interrupted = Trainer(config, callbacks=[ctrl_c_after_update_2]).train()
+    resumed = Trainer(config, resume_from=interrupted.run_dir).train()
+    assert reproducible(read_metrics(resumed.run_dir)) == reproducible(read_metrics(straight.run_dir))
