@@ -1,5 +1,5 @@
-"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts (single- and
-multi-turn episodes).
+"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, self-training, KL controllers, rollouts
+(single- and multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -9,7 +9,7 @@ Example:
     >>> make_agent("sac", policy=None)
     Traceback (most recent call last):
     ...
-    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo
+    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo, self_training
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         AgentSpec,
         PPOConfig,
         ReinforceConfig,
+        SelfTrainingConfig,
         agent_config,
         register_agent,
     )
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
     from rlfb.agents.reinforce import ReinforceAgent
+    from rlfb.agents.self_training import SelfTrainingAgent
     from rlfb.agents.rollout import (
         RolloutEvaluation,
         collect_rollout,
@@ -41,10 +43,11 @@ if TYPE_CHECKING:
 
 _MODULE_OF = {
     "AGENTS": "configs", "AgentSpec": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs",
+    "SelfTrainingConfig": "configs",
     "agent_config": "configs", "register_agent": "configs",
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
-    "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
+    "PPOAgent": "ppo", "ReinforceAgent": "reinforce", "SelfTrainingAgent": "self_training",
     "EpisodeBatch": "multi_turn", "collect_episodes": "multi_turn",
     "RolloutEvaluation": "rollout", "collect_rollout": "rollout", "evaluate_rollout": "rollout",
     "rollout_reference_logprobs": "rollout",
@@ -67,6 +70,8 @@ __all__ = [
     "Rollout",
     "RolloutEvaluation",
     "Segment",
+    "SelfTrainingAgent",
+    "SelfTrainingConfig",
     "agent_config",
     "build_rollout",
     "collect_episodes",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rlfb.errors import ConfigError
@@ -38,6 +39,33 @@ def check_learning_rate(learning_rate: float, lr_schedule: str, total_updates: i
         raise ConfigError("lr_schedule 'linear' needs total_updates (the number of updates of the run)")
     if learning_rate <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+
+
+# The built-in real text (rlfb/agents/lm_mix.py): the pretraining corpus of rlfb-tiny, or one kind of its documents.
+REAL_TEXT_CORPORA = ("corpus", "corpus:reviews", "corpus:arithmetic")
+REAL_TEXT_FILE_TYPES = (".txt", ".jsonl")
+
+
+def check_real_text(coef: float, source: str, batch_size: int, prefix: str) -> None:
+    """Check the options ``{prefix}_coef``, ``{prefix}_data`` and ``{prefix}_batch_size`` of a real-text LM term.
+
+    Raises:
+        ConfigError: a negative coefficient, a batch size < 1, or a source that is neither a built-in corpus
+            nor an existing .txt / .jsonl file (a relative path is read from the working directory).
+    """
+    if coef < 0:
+        raise ConfigError(f"{prefix}_coef must be >= 0, got {coef}")
+    if batch_size < 1:
+        raise ConfigError(f"{prefix}_batch_size must be >= 1, got {batch_size}")
+    if source in REAL_TEXT_CORPORA:
+        return
+    path = Path(source).expanduser()
+    if path.suffix.lower() not in REAL_TEXT_FILE_TYPES:
+        raise ConfigError(f"{prefix}_data {source!r} is neither a built-in corpus ({', '.join(REAL_TEXT_CORPORA)}) "
+                          f"nor a {' or '.join(REAL_TEXT_FILE_TYPES)} file; set {prefix}_data to one of them")
+    if not path.is_file():
+        raise ConfigError(f"{prefix}_data file {source!r} does not exist (a relative path is read from the "
+                          f"working directory); check the path or use {prefix}_data: corpus")
 
 
 @dataclasses.dataclass
@@ -70,7 +98,12 @@ class PPOConfig:
             and old policy exceeds this; None disables (the ``target_kl`` of OpenAI Spinning Up's PPO).
         temperature: Sampling temperature; logits are divided by it in every forward pass.
         max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
-        seed: Seed of the minibatch shuffling.
+        seed: Seed of the minibatch shuffling (and of the real-text stream of ``ptx_coef``).
+        ptx_coef: gamma of the pretraining-mix term gamma * L_LM(real text) added to every minibatch's loss
+            (PPO-ptx, Ouyang et al. 2022); 0 (the default) leaves PPO as it is.
+        ptx_data: Its real text: a built-in corpus (``corpus``, ``corpus:reviews``, ``corpus:arithmetic``)
+            or a .txt (one document per line) or .jsonl (a ``text`` field per line) file.
+        ptx_batch_size: Real-text documents per gradient step.
     """
 
     learning_rate: float = 1e-3
@@ -93,9 +126,13 @@ class PPOConfig:
     temperature: float = 1.0
     max_consecutive_skips: int = 3
     seed: int = 0
+    ptx_coef: float = 0.0
+    ptx_data: str = "corpus"
+    ptx_batch_size: int = 16
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        check_real_text(self.ptx_coef, self.ptx_data, self.ptx_batch_size, "ptx")
         if self.epochs < 1 or self.num_minibatches < 1:
             raise ConfigError(f"epochs and num_minibatches must be >= 1, got {self.epochs}, {self.num_minibatches}")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
@@ -132,6 +169,9 @@ class ReinforceConfig:
         minibatch_size: Rows per forward/backward chunk (gradients accumulate; one optimizer step per
             rollout); None = the whole batch at once.
         max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+        seed: Seed of the real-text stream of ``ptx_coef``.
+        ptx_coef, ptx_data, ptx_batch_size: The pretraining-mix term gamma * L_LM(real text) added to the
+            update's loss, as :class:`PPOConfig`'s; 0 (the default) leaves the update as it is.
     """
 
     learning_rate: float = 1e-3
@@ -149,9 +189,14 @@ class ReinforceConfig:
     temperature: float = 1.0
     minibatch_size: int | None = None
     max_consecutive_skips: int = 3
+    seed: int = 0
+    ptx_coef: float = 0.0
+    ptx_data: str = "corpus"
+    ptx_batch_size: int = 16
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        check_real_text(self.ptx_coef, self.ptx_data, self.ptx_batch_size, "ptx")
         if self.baseline not in BASELINES:
             raise ConfigError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
         if self.kl_penalty not in KL_PENALTIES:
@@ -240,7 +285,84 @@ register_agent(AgentSpec("grpo", ReinforceConfig, "rlfb.agents.reinforce:Reinfor
                          preset={"baseline": "grpo", "group_size": 4, "kl_penalty": "loss"},
                          description="REINFORCE, group-normalised advantages, KL in the loss (Shao et al. 2024)"))
 
-AgentConfig = PPOConfig | ReinforceConfig
+
+# ------------------------------------------------------------------------------- self-training
+KEEP_RULES = ("threshold", "best_of_group", "top_fraction")
+
+
+@dataclasses.dataclass
+class SelfTrainingConfig:
+    """Self-training on its own best samples (ReST-EM, RAFT, expert iteration; rlfb/agents/self_training.py).
+
+    Attributes:
+        learning_rate: AdamW learning rate of the LoRA parameters.
+        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
+        total_updates: Number of updates (iterations) of the run (for the linear schedule).
+        group_size: Samples per prompt k (``budget.group_size``; rows i*k .. i*k+k-1 share a prompt).
+        keep: Which samples become training targets: "threshold" (return >= ``keep_threshold``: ReST-EM's
+            binary filter, expert iteration), "best_of_group" (the best of each prompt's k: RAFT) or
+            "top_fraction" (the best ``keep_fraction`` of the batch).
+        keep_threshold: Minimum return of a kept sample; required by "threshold", an extra floor for the
+            other rules (None: no floor).
+        keep_fraction: Share of the batch "top_fraction" keeps (rounded up, at least one row).
+        lm_coef: lambda of L = lambda * L_LM(real text) + (1 - lambda) * L_pseudo(kept samples), in [0, 1).
+        lm_data: The real text: a built-in corpus (``corpus``, ``corpus:reviews``, ``corpus:arithmetic``) or a
+            .txt / .jsonl file (see :class:`PPOConfig`'s ``ptx_data``).
+        lm_batch_size: Real-text documents per gradient step.
+        kl_coef: Weight of a k3 KL(pi || pi_ref) term over the kept samples' model tokens (0: none).
+        epochs: Passes over the kept samples per update.
+        minibatch_size: Kept rows per gradient step; None = all of them in one step per epoch.
+        max_grad_norm: Global gradient-norm clip.
+        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+        seed: Seed of the minibatch shuffling and of the real-text stream.
+    """
+
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    total_updates: int | None = None
+    group_size: int = 4
+    keep: str = "best_of_group"
+    keep_threshold: float | None = None
+    keep_fraction: float = 0.25
+    lm_coef: float = 0.0
+    lm_data: str = "corpus"
+    lm_batch_size: int = 16
+    kl_coef: float = 0.0
+    epochs: int = 1
+    minibatch_size: int | None = None
+    max_grad_norm: float | None = 1.0
+    max_consecutive_skips: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        check_real_text(self.lm_coef, self.lm_data, self.lm_batch_size, "lm")
+        if self.keep not in KEEP_RULES:
+            raise ConfigError(f"unknown keep rule {self.keep!r}; known: {', '.join(KEEP_RULES)}")
+        if self.keep == "threshold" and self.keep_threshold is None:
+            raise ConfigError("keep 'threshold' needs keep_threshold (the minimum return of a kept sample), "
+                              "e.g. keep_threshold: 1.0 for an exact-match reward")
+        if self.keep == "best_of_group" and self.group_size < 2:
+            raise ConfigError(f"keep 'best_of_group' needs group_size >= 2 samples per prompt, got {self.group_size}; "
+                              "set budget.group_size")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ConfigError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if not 0.0 <= self.lm_coef < 1.0:
+            raise ConfigError(f"lm_coef (lambda) must be in [0, 1), got {self.lm_coef}; at 1 the kept samples "
+                              "would weigh nothing")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.minibatch_size is not None and self.minibatch_size < 1:
+            raise ConfigError(f"minibatch_size must be >= 1 or null, got {self.minibatch_size}")
+
+
+register_agent(AgentSpec("self_training", SelfTrainingConfig, "rlfb.agents.self_training:SelfTrainingAgent",
+                         preset={"group_size": 4},
+                         description="fine-tuning on its own best samples (ReST-EM, RAFT, expert iteration)"))
+
+AgentConfig = PPOConfig | ReinforceConfig | SelfTrainingConfig
 
 
 def agent_spec(name: str) -> AgentSpec:

@@ -17,6 +17,9 @@ carry no log-prob, KL, value or loss, and GAE steps over them from one model tok
    (Schulman et al. 2017), gradient clipping; optional early stop when the approximate KL between the
    new and the old policy passes ``early_stop_kl``.
 5. The KL coefficient is updated (fixed, or adaptive per Ziegler et al. 2019).
+
+With ``ptx_coef`` gamma > 0 each minibatch's loss also gets gamma * L_LM on a batch of real text, InstructGPT's
+PPO-ptx (Ouyang et al. 2022, eq. 2; rlfb/agents/lm_mix.py); at 0 nothing of it runs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from rlfb.agents.base import Agent, GradientStepper, masked_mean, masked_whiten
 from rlfb.agents.configs import PPOConfig
 from rlfb.agents.kl import make_kl_controller
+from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.agents.trajectory import last_action_index
 from rlfb.errors import ConfigError
@@ -186,6 +190,7 @@ class PPOAgent(Agent):
         )
         self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.generator = torch.Generator().manual_seed(c.seed)
+        self.real_text = real_text_batches(c.ptx_data, policy, c.ptx_batch_size, c.seed) if c.ptx_coef > 0 else None
 
     @property
     def updates(self) -> int:
@@ -302,6 +307,10 @@ class PPOAgent(Agent):
         entropy = masked_mean(forward.entropy, mask)
         # L = L_clip + c_v * L_V - c_H * H   (Schulman et al. 2017, eq. 9, as a loss to minimise)
         loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * entropy
+        ptx_loss = None
+        if self.real_text is not None:  # PPO-ptx: + gamma * L_LM(real text)  (Ouyang et al. 2022, eq. 2)
+            ptx_loss = real_text_loss(self.real_text, self.policy)
+            loss = loss + c.ptx_coef * ptx_loss
         if not (self.stepper.backward(loss) and self.stepper.step()):
             return None
         # One device-to-host copy for all the statistics instead of one sync per scalar.
@@ -310,7 +319,10 @@ class PPOAgent(Agent):
         values = torch.stack(
             [loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction, approx_kl]
         ).tolist()
-        return {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
+        stats = {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
+        if ptx_loss is not None:
+            stats["train/ptx_loss"] = float(ptx_loss.detach())
+        return stats
 
     def _forward(self, batch: Rollout) -> PolicyForward:
         """Log-probs, values and entropies at ``batch``'s completion positions, with gradients (the update
@@ -324,9 +336,12 @@ class PPOAgent(Agent):
             "stepper": self.stepper.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "generator": self.generator.get_state(),
+            "real_text": self.real_text.state_dict() if self.real_text is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.generator.set_state(state["generator"])
+        if self.real_text is not None and state.get("real_text") is not None:
+            self.real_text.load_state_dict(state["real_text"])

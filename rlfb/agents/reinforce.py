@@ -19,7 +19,9 @@ score plus every turn's reward and dense reward. The baselines b:
 KL to the reference (over model tokens) either enters the return, R = score - beta * sum_t (log pi - log pi_ref)_t
 (``kl_penalty="reward"``, as in Ziegler et al. 2019 and Ahmadian et al. 2024), or is a loss term
 beta * mean_t k3_t with k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (``kl_penalty="loss"``,
-Shao et al. 2024; Schulman 2020). One gradient step per rollout: the samples are on-policy.
+Shao et al. 2024; Schulman 2020). One gradient step per rollout: the samples are on-policy. With
+``ptx_coef`` gamma > 0 the step's loss also gets gamma * L_LM on a batch of real text (PPO-ptx, Ouyang et al.
+2022; rlfb/agents/lm_mix.py); at 0 nothing of it runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from rlfb.agents.base import Agent, GradientStepper
 from rlfb.agents.configs import ReinforceConfig
 from rlfb.agents.kl import make_kl_controller
+from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
@@ -104,6 +107,7 @@ class ReinforceAgent(Agent):
         )
         self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.baseline_value = 0.0
+        self.real_text = real_text_batches(c.ptx_data, policy, c.ptx_batch_size, c.seed) if c.ptx_coef > 0 else None
 
     def advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """(B,) sequence advantages A = R - b for the configured baseline (EMA state is not changed)."""
@@ -175,6 +179,10 @@ class ReinforceAgent(Agent):
                 finite = False
                 break
             sums += torch.stack([policy_loss, entropy, kl_loss]).detach().double()
+        ptx_loss = None
+        if finite and self.real_text is not None:  # + gamma * L_LM(real text), its gradient accumulated
+            ptx_loss = real_text_loss(self.real_text, self.policy)
+            finite = self.stepper.backward(c.ptx_coef * ptx_loss)
         if finite:
             self.stepper.step()
 
@@ -203,6 +211,8 @@ class ReinforceAgent(Agent):
         )
         if c.baseline == "ema":
             metrics["train/baseline"] = baseline_used
+        if ptx_loss is not None:
+            metrics["train/ptx_loss"] = float(ptx_loss.detach())
         return metrics
 
     def _forward(self, batch: Rollout) -> PolicyForward:
@@ -219,9 +229,12 @@ class ReinforceAgent(Agent):
             "stepper": self.stepper.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "baseline_value": self.baseline_value,
+            "real_text": self.real_text.state_dict() if self.real_text is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.baseline_value = float(state["baseline_value"])
+        if self.real_text is not None and state.get("real_text") is not None:
+            self.real_text.load_state_dict(state["real_text"])
