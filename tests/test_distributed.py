@@ -1,0 +1,84 @@
+"""rlfb.distributed on 2 gloo ranks: reductions equal the single-process computation over the joined batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlfb import distributed
+from rlfb.distributed import DistributedContext, agree, all_reduce_gradients, global_masked_mean_var, rank_seed
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rank_values(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's share: different values and a different number of masked-in elements per rank."""
+    generator = torch.Generator().manual_seed(rank)
+    values = torch.randn(3, 5, generator=generator)
+    mask = (torch.rand(3, 5, generator=generator) > 0.3 + 0.2 * rank).float()
+    return values, mask
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context = distributed.init_from_environment("cpu", timeout_s=30)
+    values, mask = rank_values(rank)
+    mean, variance = global_masked_mean_var(values, mask)
+    # A gradient that differs by rank; rank 1 leaves one parameter without a gradient (counts as zero).
+    weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))]
+    (weights[0].sum() * (rank + 1) + (weights[1].sum() * 5 if rank == 0 else 0)).backward()
+    all_reduce_gradients(weights)
+    result = {"context": (context.rank, context.world_size, context.backend, context.is_main),
+              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights],
+              "metrics": distributed.mean_across_ranks({"b": float(rank), "a": 10.0 * rank}),
+              "agree_one": agree(rank == 1), "agree_none": agree(False)}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_reduce_like_one_process_over_the_joined_batch(tmp_path: Path) -> None:
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert [result["context"] for result in results] == [(0, 2, "gloo", True), (1, 2, "gloo", False)]
+    joined_values = torch.cat([rank_values(rank)[0] for rank in range(2)])
+    joined_mask = torch.cat([rank_values(rank)[1] for rank in range(2)]).bool()
+    expected = joined_values[joined_mask]
+    for result in results:
+        torch.testing.assert_close(result["mean"], expected.mean(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(result["variance"], expected.var(unbiased=False), atol=1e-6, rtol=1e-6)
+        # d/dw of sum(w) * (r + 1), averaged over r = 0, 1: 1.5; the second parameter: (5 + 0) / 2.
+        torch.testing.assert_close(result["grads"][0], torch.full((2, 2), 1.5))
+        torch.testing.assert_close(result["grads"][1], torch.full((3,), 2.5))
+        assert result["metrics"] == {"a": 5.0, "b": 0.5}
+        assert result["agree_one"] is True and result["agree_none"] is False
+
+
+def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_environment("cpu") == DistributedContext.single()
+    values, mask = rank_values(0)
+    mean, variance = global_masked_mean_var(values, mask)
+    torch.testing.assert_close(mean, values[mask.bool()].mean())
+    torch.testing.assert_close(variance, values[mask.bool()].var(unbiased=False))
+    assert agree(True) and not agree(False)
+    assert [rank_seed(5, rank) for rank in range(3)] == [5, 5 + 1_000_003, 5 + 2_000_006]
+
+
+def test_an_incomplete_launch_says_how_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT is not set; launch with torchrun"):
+        distributed.init_from_environment("cpu")
