@@ -1,5 +1,5 @@
-"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts (single- and
-multi-turn episodes).
+"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, evolution strategies, KL controllers,
+rollouts (single- and multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -9,7 +9,7 @@ Example:
     >>> make_agent("sac", policy=None)
     Traceback (most recent call last):
     ...
-    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo
+    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo, ...
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from rlfb.agents.configs import (
         AGENTS,
         AgentSpec,
+        ESConfig,
         PPOConfig,
         ReinforceConfig,
         agent_config,
         register_agent,
     )
+    from rlfb.agents.es import ESAgent
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 
 _MODULE_OF = {
-    "AGENTS": "configs", "AgentSpec": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs",
+    "AGENTS": "configs", "AgentSpec": "configs", "ESConfig": "configs", "ESAgent": "es", "PPOConfig": "configs", "ReinforceConfig": "configs",
     "agent_config": "configs", "register_agent": "configs",
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
@@ -57,6 +59,8 @@ __all__ = [
     "AdaptiveKLController",
     "Agent",
     "DegenerateUpdateError",
+    "ESAgent",
+    "ESConfig",
     "EpisodeBatch",
     "FixedKLController",
     "GradientStepper",
