@@ -78,6 +78,6 @@ def test_registry_refuses_a_taken_name_and_names_the_known_agents(counting_agent
                                                                    tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="an agent named 'ppo' is already registered"):
         register_agent(AgentSpec("ppo", CountingConfig, f"{__name__}:CountingAgent"))
-    with pytest.raises(ConfigError, match="unknown agent 'countin' in agent.name; known: ppo, reinforce, rloo, "
-                                          "grpo, counting"):
+    with pytest.raises(ConfigError, match="unknown agent .countin. in agent.name; known: ppo, reinforce, rloo, grpo, "
+                                          ".*counting"):
         run_agent(tiny_config(tiny_model_dir, tmp_path, "agent.name=countin"))

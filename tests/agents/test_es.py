@@ -287,6 +287,15 @@ def test_trainer_collects_one_batch_per_member_on_shared_prompts(tiny_model_dir:
         assert all(prompts == members[0] for prompts in members) == expect_shared
 
 
+def test_common_random_numbers_share_the_sampler_noise(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # With a perturbation too small to change a token, members on the same draws write the same completions.
+    trainer = Trainer(tiny_es_config(tiny_model_dir, tmp_path, "agent.sigma=1e-9"))
+    trainer._build()
+    rollout, _ = trainer.agent.collect(trainer._collect)
+    trainer._close_envs()
+    assert all(rollout.completions[first: first + 3] == rollout.completions[:3] for first in range(3, 12, 3))
+
+
 # ------------------------------------------------------------------------------- the hook, other agents
 @pytest.mark.parametrize("name", ["ppo", "reinforce", "grpo"])
 def test_the_default_collect_is_the_trainers_one_batch(name: str) -> None:
