@@ -273,8 +273,8 @@ class ESConfig:
 
     mode: str = "es"
     population_size: int = 30
-    sigma: float = 0.02
-    learning_rate: float = 2e-3
+    sigma: float = 0.05
+    learning_rate: float = 0.02
     optimizer: str = "adam"
     fitness_shaping: str = "centered_ranks"
     antithetic: bool = True
