@@ -3,8 +3,9 @@
     config -> task, policy (base LM + LoRA + value head), rewards, agent, vector env
     evaluate on held-out prompts ("before")
     repeat until the budget is spent:
-        rollout = collect_rollout(venv, policy, sampling, generator)   # the env scores each completion
-                  (env.kind: multi_turn -> collect_episodes: whole conversations, see rlfb/agents/multi_turn.py)
+        rollout = agent.collect(sample)   # sample: collect_rollout(venv, policy, sampling, generator), the
+                  env scoring each completion (env.kind: multi_turn -> collect_episodes: whole conversations,
+                  see rlfb/agents/multi_turn.py); one batch, or one per member of an ES population
         metrics = agent.update(rollout)
         log metrics, samples; evaluate every eval.every updates; checkpoint every checkpoint.every
     save final/, evaluate again ("after"), print the before/after table
@@ -248,13 +249,20 @@ class Trainer:
         return make_multi_turn_venv(self.config, self.policy, self.task,
                                     self.reward_set if self.config.rewards else None, num_envs, split)
 
-    def _collect(self) -> tuple[Any, dict[str, float]]:
-        """One rollout, and the episode metrics of a multi-turn one (none for single-turn completions)."""
+    def _collect(self, *, generator: torch.Generator | None = None,
+                 seed: int | None = None) -> tuple[Any, dict[str, float]]:
+        """One rollout, and the episode metrics of a multi-turn one (none for single-turn completions).
+
+        The agent's ``collect`` calls it (:class:`rlfb.agents.base.Sample`): ``generator`` replaces the
+        sampling generator and ``seed`` reseeds the env's reset for this batch; by default the streams go on.
+        """
+        generator = self.generator if generator is None else generator
         if not self.multi_turn:
-            return self._collect_rollout(self.venv, self.policy, self.sampling, self.generator), {}
+            return self._collect_rollout(self.venv, self.policy, self.sampling, generator, seed=seed), {}
         from rlfb.agents.multi_turn import collect_episodes
 
-        batch = collect_episodes(self.venv, self.policy, self.sampling, self.generator, group_size=self.group_size)
+        batch = collect_episodes(self.venv, self.policy, self.sampling, generator, group_size=self.group_size,
+                                 seed=seed)
         return batch.rollout, batch.metrics()
 
     def _numpy_generators(self) -> dict[str, np.random.Generator]:
@@ -379,7 +387,7 @@ class Trainer:
                 captured = self._capture()
                 self._phase = "rollout"
                 started = time.perf_counter()
-                rollout, episode_metrics = self._collect()
+                rollout, episode_metrics = self.agent.collect(self._collect)
                 rollout_s = time.perf_counter() - started
                 reward_logs = self.reward_set.pop_logged()
                 self._check_scored(rollout)

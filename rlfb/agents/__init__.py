@@ -1,5 +1,5 @@
-"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, self-training, KL controllers, rollouts
-(single- and multi-turn episodes).
+"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, self-training, evolution strategies,
+KL controllers, rollouts (single- and multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -9,7 +9,7 @@ Example:
     >>> make_agent("sac", policy=None)
     Traceback (most recent call last):
     ...
-    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo, self_training
+    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo, ...
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ if TYPE_CHECKING:
     from rlfb.agents.configs import (
         AGENTS,
         AgentSpec,
+        ESConfig,
         PPOConfig,
         ReinforceConfig,
         SelfTrainingConfig,
         agent_config,
         register_agent,
     )
+    from rlfb.agents.es import ESAgent
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
     from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 
 _MODULE_OF = {
-    "AGENTS": "configs", "AgentSpec": "configs", "PPOConfig": "configs", "ReinforceConfig": "configs",
-    "SelfTrainingConfig": "configs",
+    "AGENTS": "configs", "AgentSpec": "configs", "ESConfig": "configs", "ESAgent": "es", "PPOConfig": "configs",
+    "ReinforceConfig": "configs", "SelfTrainingConfig": "configs",
     "agent_config": "configs", "register_agent": "configs",
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
@@ -60,6 +62,8 @@ __all__ = [
     "AdaptiveKLController",
     "Agent",
     "DegenerateUpdateError",
+    "ESAgent",
+    "ESConfig",
     "EpisodeBatch",
     "FixedKLController",
     "GradientStepper",

@@ -1,8 +1,10 @@
 """The agent interface, the gradient-step guard shared by the backprop agents, and masked statistics.
 
-An :class:`Agent` turns a :class:`~rlfb.agents.rollout.Rollout` into an update of its policy and reports
-metrics named ``train/...`` (documented in docs/metrics.md). The interface assumes no backprop, so an
-evolution-strategies agent fits it; PPO and REINFORCE share a :class:`GradientStepper` by composition.
+An :class:`Agent` asks for the batch it learns from (:meth:`Agent.collect`: by default the trainer's one
+rollout of the current policy), turns it into an update of its policy and reports metrics named
+``train/...`` (documented in docs/metrics.md). The interface assumes no backprop, so the
+evolution-strategies agent fits it (its ``collect`` samples one batch per population member); PPO and
+REINFORCE share a :class:`GradientStepper` by composition.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -28,13 +30,40 @@ class DegenerateUpdateError(RlfbError, RuntimeError):
     """Several updates in a row produced a NaN or inf loss or gradient."""
 
 
-class Agent(abc.ABC):
-    """Base class of rlfb agents: ``update(rollout) -> metrics`` plus a resumable state.
+# What one collection gives: the rollout, and the episode metrics of a multi-turn one ({} for completions).
+Collected = tuple[Rollout, dict[str, float]]
 
-    Subclasses set ``name`` and implement :meth:`update`, :meth:`state_dict` and :meth:`load_state_dict`.
+
+class Sample(Protocol):
+    """The trainer's collector: one batch sampled from the policy as its weights are now.
+
+    By default it draws from the training streams (the sampling generator, the env's ``np_random``);
+    ``generator`` samples with another generator and ``seed`` reseeds the env's reset (the same prompts
+    for the same seed), so an agent can evaluate several weights on the same draws.
+    """
+
+    def __call__(self, *, generator: torch.Generator | None = None, seed: int | None = None) -> Collected: ...
+
+
+class Agent(abc.ABC):
+    """Base class of rlfb agents: ``collect(sample) -> batch``, ``update(batch) -> metrics``, a resumable state.
+
+    Subclasses set ``name`` and implement :meth:`update`, :meth:`state_dict` and :meth:`load_state_dict`;
+    one that learns from several batches per update overrides :meth:`collect`.
     """
 
     name: ClassVar[str]
+
+    def collect(self, sample: Sample) -> Collected:
+        """The batch the next :meth:`update` learns from: by default one batch of the current policy.
+
+        Args:
+            sample: Collects one batch with the policy's current weights (see :class:`Sample`).
+
+        Returns:
+            The rollout for :meth:`update` and its episode metrics (``rollout/...``).
+        """
+        return sample()
 
     @abc.abstractmethod
     def update(self, rollout: Rollout) -> dict[str, float]:

@@ -362,7 +362,73 @@ register_agent(AgentSpec("self_training", SelfTrainingConfig, "rlfb.agents.self_
                          preset={"group_size": 4},
                          description="fine-tuning on its own best samples (ReST-EM, RAFT, expert iteration)"))
 
-AgentConfig = PPOConfig | ReinforceConfig | SelfTrainingConfig
+
+# ------------------------------------------------------------------------------- evolution strategies
+ES_MODES = ("es", "genetic")
+ES_OPTIMIZERS = ("adam", "sgd")
+FITNESS_SHAPINGS = ("centered_ranks", "z_score", "none")
+
+
+@dataclasses.dataclass
+class ESConfig:
+    """Evolution-strategies hyper-parameters (rlfb/agents/es.py; docs/algorithms.md, "Evolution strategies").
+
+    Attributes:
+        mode: "es" (a gradient estimate from a population of Gaussian perturbations; Salimans et al. 2017)
+            or "genetic" (truncation selection, crossover and mutation over LoRA vectors; Such et al. 2017).
+        population_size: Members evaluated per update, each on its own batch of ``budget.num_envs``
+            completions (30: Qiu et al. 2025). Even with ``antithetic``.
+        sigma: Standard deviation of the perturbations of the LoRA vector (tuned; Qiu et al. 2025 used 1e-3
+            on full parameters, LoRA on rlfb-tiny needs more: docs/algorithms.md).
+        learning_rate: Step size of the update along the estimated gradient (tuned).
+        optimizer: "adam" (Kingma & Ba 2015, as Salimans et al. 2017) or "sgd" (Qiu et al. 2025).
+        fitness_shaping: "centered_ranks" (ranks mapped to [-0.5, 0.5], ties averaged; Salimans et al.
+            2017), "z_score" (Qiu et al. 2025) or "none" (the mean-centred fitness).
+        antithetic: Members come in pairs theta +- sigma * eps (mirrored sampling; Salimans et al. 2017).
+        common_random_numbers: Every member of an update sees the same prompts and the same sampler noise,
+            so fitness differences come from the perturbations, not from the draws.
+        num_parents: ("genetic") Members kept by truncation selection, the parents of the next generation.
+        crossover_rate: ("genetic") Share of children made by uniform crossover of two parents; the others
+            copy one parent. Every child but the elite is then mutated by sigma * eps.
+        seed: Seed of the perturbations and draws (the run's ``seed``).
+    """
+
+    mode: str = "es"
+    population_size: int = 30
+    sigma: float = 0.05
+    learning_rate: float = 0.02
+    optimizer: str = "adam"
+    fitness_shaping: str = "centered_ranks"
+    antithetic: bool = True
+    common_random_numbers: bool = True
+    num_parents: int = 6
+    crossover_rate: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for option, value, known in (("mode", self.mode, ES_MODES), ("optimizer", self.optimizer, ES_OPTIMIZERS),
+                                     ("fitness_shaping", self.fitness_shaping, FITNESS_SHAPINGS)):
+            if value not in known:
+                raise ConfigError(f"unknown {option} {value!r}; known: {', '.join(known)}")
+        if self.population_size < 2:
+            raise ConfigError(f"population_size must be >= 2, got {self.population_size}")
+        if self.mode == "es" and self.antithetic and self.population_size % 2:
+            raise ConfigError(f"antithetic pairs need an even population_size, got {self.population_size}; "
+                              "make it even or set antithetic: false")
+        if self.sigma <= 0 or self.learning_rate <= 0:
+            raise ConfigError(f"sigma and learning_rate must be > 0, got {self.sigma}, {self.learning_rate}")
+        if self.mode == "genetic" and not 1 <= self.num_parents <= self.population_size:
+            raise ConfigError(f"num_parents must be in [1, population_size={self.population_size}], "
+                              f"got {self.num_parents}")
+        if not 0.0 <= self.crossover_rate <= 1.0:
+            raise ConfigError(f"crossover_rate must be in [0, 1], got {self.crossover_rate}")
+
+
+register_agent(AgentSpec("es", ESConfig, "rlfb.agents.es:ESAgent",
+                         description="evolution strategies on the LoRA vector, no backprop (Salimans et al. 2017)"))
+# ------------------------------------------------------------------------------- end of evolution strategies
+
+AgentConfig = PPOConfig | ReinforceConfig | SelfTrainingConfig | ESConfig
 
 
 def agent_spec(name: str) -> AgentSpec:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class _RolloutFields(NamedTuple):
@@ -321,3 +322,56 @@ def build_rollout(
         turn_ends=right_padded(rows_turn_ends, -1, torch.long),
         turn_rewards=right_padded(rows_turn_rewards, 0.0, torch.float32),
     )  # fmt: skip
+
+
+def concatenate_rollouts(rollouts: Sequence[Rollout], pad_token_id: int = 0) -> Rollout:
+    """The rows of several rollouts in one, in order: prompts left-padded and episodes right-padded to the widest.
+
+    Padding is masked (``pad_token_id`` where ids are padded, 0 in the masks and rewards, -1 in
+    ``turn_ends``); a component missing from a rollout is NaN on its rows, dense rewards missing from one
+    are 0 there (None when no rollout has any). The group size is the first rollout's.
+
+    Example:
+        >>> one = Rollout(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
+        ...               torch.tensor([[5]]), torch.tensor([[1]]), torch.zeros(1, 1), torch.tensor([1.0]),
+        ...               {}, None, ["p"], ["a"])
+        >>> two = one._replace(completion_ids=torch.tensor([[5, 6]]), completion_mask=torch.tensor([[1, 1]]),
+        ...                    action_mask=torch.tensor([[1, 1]]), sampled_logprobs=torch.zeros(1, 2))
+        >>> concatenate_rollouts([one, two]).completion_mask.tolist()
+        [[1, 0], [1, 1]]
+    """
+    prompt_width = max(rollout.prompt_ids.shape[1] for rollout in rollouts)
+    width = max(rollout.completion_ids.shape[1] for rollout in rollouts)
+    turns = max(rollout.turn_ends.shape[1] for rollout in rollouts)
+
+    def cat(field: str, target: int, fill: float, left: bool = False) -> torch.Tensor:
+        parts = [getattr(rollout, field) for rollout in rollouts]
+        padded = [F.pad(part, (target - part.shape[1], 0) if left else (0, target - part.shape[1]), value=fill)
+                  for part in parts]
+        return torch.cat(padded)
+
+    names = list(dict.fromkeys(name for rollout in rollouts for name in rollout.reward_components))
+    components = {name: torch.cat([rollout.reward_components.get(name, torch.full_like(rollout.scores, math.nan))
+                                   for rollout in rollouts]) for name in names}
+    dense = None
+    if any(rollout.per_token_rewards is not None for rollout in rollouts):
+        dense = torch.cat([F.pad(rollout.per_token_rewards, (0, width - rollout.completion_ids.shape[1]))
+                           if rollout.per_token_rewards is not None
+                           else torch.zeros(rollout.batch_size, width, device=rollout.scores.device)
+                           for rollout in rollouts])
+    return Rollout(
+        prompt_ids=cat("prompt_ids", prompt_width, pad_token_id, left=True),
+        prompt_mask=cat("prompt_mask", prompt_width, 0, left=True),
+        completion_ids=cat("completion_ids", width, pad_token_id),
+        completion_mask=cat("completion_mask", width, 0),
+        sampled_logprobs=cat("sampled_logprobs", width, 0.0),
+        scores=torch.cat([rollout.scores for rollout in rollouts]),
+        reward_components=components,
+        per_token_rewards=dense,
+        prompts=[prompt for rollout in rollouts for prompt in rollout.prompts],
+        completions=[completion for rollout in rollouts for completion in rollout.completions],
+        group_size=rollouts[0].group_size,
+        action_mask=cat("action_mask", width, 0),
+        turn_ends=cat("turn_ends", turns, -1),
+        turn_rewards=cat("turn_rewards", turns, 0.0),
+    )

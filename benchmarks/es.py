@@ -1,0 +1,140 @@
+"""Measure the evolution-strategies agent's targets on the built-in model (issue 13, item 1).
+
+    python benchmarks/es.py                       # everything below, seeds 0 and 1
+    python benchmarks/es.py --only train --seeds 0 1 2
+    python benchmarks/es.py --only memory
+    python benchmarks/es.py --only scaling --population-sizes 10 20 40
+
+Targets (2 CPU cores, rlfb-tiny, configs/sentiment_es.yaml):
+    train    held-out VADER (task sentiment) from the base (~ -0.06) to >= 0.5 in <= 10 minutes, each seed
+    memory   peak resident memory of an ES run <= that of PPO on the same task (configs/sentiment_ppo.yaml)
+    scaling  seconds per update linear in the population size (three sizes; the ratio s / member is flat)
+
+Every run is a fresh subprocess (``--one``), so its peak RSS (``ru_maxrss``) is its own; the wall time of a
+run counts loading, the "before" and "after" evaluations and training. Timings depend on the machine's
+load: say what else was running next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ES_CONFIG = "configs/sentiment_es.yaml"
+PPO_CONFIG = "configs/sentiment_ppo.yaml"
+TARGET_AFTER, TARGET_MINUTES = 0.5, 10.0
+MEMORY_UPDATES = 20  # updates of the memory runs: the peak is reached in the first update of either agent
+SCALING_UPDATES = 4  # updates timed per population size (the first is left out: warm-up)
+
+
+def run_one(config_path: str, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """Train in this process; the measures as a dict (held-out sentiment before/after, wall time, peak RSS)."""
+    import tempfile
+
+    from rlfb.cpu_threads import configure_threads
+
+    configure_threads(None)  # as rlfb train does, before torch is imported
+    from rlfb.config import load_config
+    from rlfb.logging import read_metrics
+    from rlfb.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = load_config(ROOT / config_path, [f"seed={seed}", f"output_dir={output_dir}",
+                                                 "logging.progress_bar=false", "logging.tensorboard=false",
+                                                 *overrides])
+        configure_threads(config.threads)
+        started = time.perf_counter()
+        result = Trainer(config).train()
+        wall_s = time.perf_counter() - started
+        rows = read_metrics(result.run_dir)
+    update_s = [row["time/rollout_s"] + row["time/update_s"] for row in rows if "time/rollout_s" in row]
+    measures: dict[str, Any] = {"config": config_path, "seed": seed, "overrides": overrides, "wall_s": wall_s,
+                                "updates": result.step, "update_s": update_s,
+                                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if result.before is not None and result.after is not None:
+        measures["before"] = result.before.metrics()["eval/reward/sentiment"]
+        measures["after"] = result.after.metrics()["eval/reward/sentiment"]
+        measures["kl_after"] = result.after.kl
+    return measures
+
+
+def in_subprocess(config_path: str, seed: int, overrides: list[str]) -> dict[str, Any]:
+    """:func:`run_one` in a fresh interpreter (its own peak memory), same Python and CPU affinity."""
+    command = [sys.executable, __file__, "--one", config_path, "--seed", str(seed), "--", *overrides]
+    output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def train_target(seeds: list[int]) -> bool:
+    runs = [in_subprocess(ES_CONFIG, seed, []) for seed in seeds]
+    for run in runs:
+        print(f"seed {run['seed']}: held-out sentiment {run['before']:+.3f} -> {run['after']:+.3f} "
+              f"(KL {run['kl_after']:.2f} nats), {run['updates']} updates, {run['wall_s'] / 60:.1f} min wall, "
+              f"peak RSS {run['peak_rss_mb']:.0f} MB")
+    after = [run["after"] for run in runs]
+    spread = statistics.stdev(after) if len(after) > 1 else 0.0
+    met = all(run["after"] >= TARGET_AFTER and run["wall_s"] <= TARGET_MINUTES * 60 for run in runs)
+    print(f"after: {statistics.mean(after):.3f} +- {spread:.3f} over {len(runs)} seeds; target >= {TARGET_AFTER} "
+          f"in <= {TARGET_MINUTES:.0f} min on every seed: {'met' if met else 'NOT met'}")
+    return met
+
+
+def memory_target() -> bool:
+    short = [f"budget.updates={MEMORY_UPDATES}", "eval.every=0", "checkpoint.every=0"]
+    es = in_subprocess(ES_CONFIG, 0, short)
+    ppo = in_subprocess(PPO_CONFIG, 0, short)
+    met = es["peak_rss_mb"] <= ppo["peak_rss_mb"]
+    print(f"peak RSS over {MEMORY_UPDATES} updates: ES {es['peak_rss_mb']:.0f} MB, PPO {ppo['peak_rss_mb']:.0f} MB "
+          f"(ES / PPO = {es['peak_rss_mb'] / ppo['peak_rss_mb']:.2f}); target ES <= PPO: {'met' if met else 'NOT met'}")
+    return met
+
+
+def scaling_target(population_sizes: list[int]) -> bool:
+    per_member = []
+    for size in population_sizes:
+        run = in_subprocess(ES_CONFIG, 0, [f"agent.population_size={size}", f"budget.updates={SCALING_UPDATES}",
+                                           "eval.num_prompts=0", "eval.every=0", "checkpoint.every=0"])
+        seconds = statistics.median(run["update_s"][1:])
+        per_member.append(seconds / size)
+        print(f"population {size:3d}: {seconds:.2f} s per update (median of updates 2-{SCALING_UPDATES}), "
+              f"{1000 * seconds / size:.0f} ms per member")
+    spread = max(per_member) / min(per_member)
+    met = spread <= 1.5
+    print(f"largest / smallest time per member: {spread:.2f} (linear: ~1; target <= 1.5): "
+          f"{'met' if met else 'NOT met'}")
+    return met
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["train", "memory", "scaling"], action="append")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--population-sizes", type=int, nargs=3, default=[10, 20, 40])
+    parser.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)  # one run in this process
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.seed, args.overrides)))
+        return 0
+    parts = args.only or ["train", "memory", "scaling"]
+    results = []
+    if "train" in parts:
+        results.append(train_target(args.seeds))
+    if "memory" in parts:
+        results.append(memory_target())
+    if "scaling" in parts:
+        results.append(scaling_target(args.population_sizes))
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
