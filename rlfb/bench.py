@@ -3,7 +3,10 @@
 A bench config names a task, a base model, an agent, a budget, seeds, the held-out evaluation, the
 *gold* rewards (what the user really wants, never trained on unless a design says so) and a list of
 *designs*, each a reward list plus a KL setting (and optionally a ``reward_scale`` section, as in a run
-config: ``{normalize: true}`` puts a reward model's arbitrary scale at unit variance):
+config: ``{normalize: true}`` puts a reward model's arbitrary scale at unit variance). A design may also
+train with its own ``agent`` (a name and options; the shared agent's options apply only to the same agent)
+and change keys of the shared ``budget`` (``group_size``, ``time_limit_s``), so one bench compares agents
+on one reward as well as rewards under one agent (``benchmarks/sentiment_agents.yaml``):
 
     task: sentiment
     model: rlfb-tiny
@@ -113,6 +116,8 @@ class Design:
     agent_kl: dict[str, Any]
     recipes: dict[int, RewardModelRecipe] = field(default_factory=dict)  # reward index -> recipe
     reward_scale: dict[str, Any] = field(default_factory=dict)  # the run config's reward_scale section
+    agent: dict[str, Any] = field(default_factory=dict)  # the design's own agent section (another agent, options)
+    budget: dict[str, Any] = field(default_factory=dict)  # keys of the shared budget this design changes
 
 
 @dataclass
@@ -141,9 +146,13 @@ class BenchConfig:
         data: dict[str, Any] = {key: _plain(value) for key, value in self.shared.items()}
         agent = data.get("agent", {"name": "ppo"})
         agent = {"name": agent} if isinstance(agent, str) else dict(agent)
+        if design.agent.get("name", agent.get("name", "ppo")) != agent.get("name", "ppo"):
+            agent = {}  # another agent: the shared agent's options are not its options
+        agent.update(design.agent)
         agent.update(design.agent_kl)
+        budget = {**data.get("budget", {}), **design.budget}
         data.update(
-            agent=agent, seed=seed, output_dir=str(runs_dir),
+            agent=agent, budget=budget, seed=seed, output_dir=str(runs_dir),
             rewards=[dataclasses.asdict(reward) for reward in design.rewards], reward_scale=dict(design.reward_scale),
             # Held-out evaluation is the bench's (gold + design rewards on the same samples), not the trainer's.
             eval={"num_prompts": 0, "seed": self.eval.seed},
@@ -152,6 +161,9 @@ class BenchConfig:
         return config_from_dict(data)
 
 
+# A design's keys: its rewards and KL, and optionally its own agent (to compare agents on one reward) and
+# the budget keys it changes (a group size, a time limit).
+DESIGN_KEYS = ("name", "rewards", "kl", "reward_scale", "agent", "budget")
 TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir", "threads", "verdict")
 
 
@@ -243,10 +255,9 @@ def _verdict_bounds(section: dict[str, Any], config: BenchConfig) -> tuple[Verdi
 
 def _design(entry: Any, where: str) -> Design:
     entry = _mapping(entry, where)
-    unknown = sorted(set(entry) - {"name", "rewards", "kl", "reward_scale"})
+    unknown = sorted(set(entry) - set(DESIGN_KEYS))
     if unknown:
-        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys in a design: name, rewards, kl, "
-                          "reward_scale")
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys in a design: {', '.join(DESIGN_KEYS)}")
     name = entry.get("name")
     _require(isinstance(name, str) and bool(name) and name.replace("_", "").replace("-", "").isalnum(),
              f"{where}.name", name, "a name of letters, digits, '_' or '-'")
@@ -264,8 +275,10 @@ def _design(entry: Any, where: str) -> Design:
                                      needs_path=recipe is None))
     reward_scale = check_section(RewardScaleConfig, _mapping(entry.get("reward_scale", {}), f"{where}.reward_scale"),
                                  f"{where}.reward_scale")
+    agent = entry.get("agent", {})
+    agent = {"name": agent} if isinstance(agent, str) else _mapping(agent, f"{where}.agent")
     return Design(name=name, rewards=rewards, agent_kl=_kl(entry.get("kl"), f"{where}.kl"), recipes=recipes,
-                  reward_scale=reward_scale)
+                  reward_scale=reward_scale, agent=agent, budget=_mapping(entry.get("budget", {}), f"{where}.budget"))
 
 
 def _kl(value: Any, where: str) -> dict[str, Any]:

@@ -96,6 +96,32 @@ def test_shipped_sentiment_bench_config_is_valid() -> None:
     assert sizes == {"rm_2000": 2000, "rm_200": 200}
 
 
+def test_a_design_may_train_its_own_agent_with_its_own_budget_keys() -> None:
+    designs = [{"name": "shared", "rewards": ["sentiment"]},
+               {"name": "tuned", "rewards": ["sentiment"], "agent": {"learning_rate": 3e-3}},
+               {"name": "ppo", "rewards": ["sentiment"], "agent": {"name": "ppo", "epochs": 2},
+                "budget": {"group_size": None, "num_envs": 6}, "kl": {"target": 2.0}}]
+    config = bench_config_from_dict(bench_data(designs=designs))
+    shared, tuned, ppo = (config.run_config(design, seed=0) for design in config.designs)
+    assert (shared.agent.name, shared.agent.params) == ("grpo", {"learning_rate": 1e-2})
+    assert tuned.agent.params == {"learning_rate": 3e-3}  # the same agent: its options over the shared ones
+    # Another agent: the shared (GRPO) options do not apply, the design's and its KL setting do.
+    assert (ppo.agent.name, ppo.agent.params) == ("ppo", {"epochs": 2, "kl_target": 2.0})
+    assert (ppo.budget.num_envs, ppo.budget.group_size, ppo.budget.updates) == (6, None, 2)
+    assert (shared.budget.num_envs, shared.budget.group_size) == (4, 2)
+    with pytest.raises(ConfigError, match=r"design 'ppo':.*agent.epoch"):
+        bench_config_from_dict(bench_data(designs=[{**designs[2], "agent": {"name": "ppo", "epoch": 2}}]))
+    with pytest.raises(ConfigError, match=r"valid keys in a design: name, rewards, kl, reward_scale, agent, budget"):
+        bench_config_from_dict(bench_data(designs=[{"name": "a", "rewards": ["sentiment"], "agents": "ppo"}]))
+
+
+def test_shipped_agents_bench_config_compares_agents_on_one_reward() -> None:
+    config = load_bench_config(REPO / "benchmarks" / "sentiment_agents.yaml")
+    agents = {design.name: config.run_config(design, seed=0).agent.name for design in config.designs}
+    assert agents == {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "self_training": "self_training", "es": "es"}
+    assert all([reward.name for reward in design.rewards] == ["sentiment"] for design in config.designs)
+
+
 # --------------------------------------------------------------------------------------------- summary
 def test_summary_averages_seeds_before_judging() -> None:
     def run(seed: int, design: list[float], gold: list[float]) -> RunRecord:
