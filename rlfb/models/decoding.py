@@ -14,9 +14,10 @@ the same weights with plain tensor operations:
 * rows that finish leave the batch (:meth:`GPT2Decoder.select_rows`), as with the transformers cache.
 
 :class:`GPT2Decoder` applies to ``model_type == "gpt2"`` models (rlfb-tiny, GPT-2 and its fine-tunes);
-:class:`LlamaDecoder` to the Llama family, whose blocks are the same up to names (``llama``, ``mistral``,
-``qwen2``, ``qwen3``: RMSNorm, rotary positions from the model's own rotary module, grouped-query
-attention, a gated MLP; Qwen3's per-head query and key norms), without sliding-window layers. Both need
+:class:`LlamaDecoder` to the Llama family, whose blocks are the same up to names and small variants
+(``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``olmo2``, ``phi3``, ``smollm3``: RMSNorm, rotary
+positions from the model's own rotary module, grouped-query attention, a gated MLP), without
+sliding-window layers. Both need
 eval mode and the model bare or with plain LoRA adapters on the projections of its blocks (``supports``);
 anything else goes through the model's own forward, which :func:`lean_decoder_for` reports once per
 model type. Their logits agree with transformers' to float rounding (tests/models/test_decoding.py). Merged and unmerged LoRA weights round differently in the last bits, which
@@ -299,29 +300,46 @@ class GPT2Decoder(LeanDecoder):
 
 
 class _LlamaBlockWeights(NamedTuple):
-    input_norm: nn.Module  # RMSNorm modules are called as they are (Llama's, Qwen's: the same numerics)
-    query: _Linear
-    key: _Linear
-    value: _Linear
-    output: _Linear
-    query_norm: nn.Module | None  # Qwen3: RMSNorm over each head's query and key
+    """One layer of the Llama family, with the variants of its members (None where a member has no such part).
+
+    Norms are the model's own RMSNorm modules, called as they are (Llama's, Gemma's ``1 + w``, OLMo2's: their
+    own numerics).
+    """
+
+    attention_input_norm: nn.Module | None  # Llama's input_layernorm (OLMo2 has none)
+    attention_output_norm: nn.Module | None  # OLMo2's post_attention_layernorm, on the attention's output
+    mlp_input_norm: nn.Module | None  # Llama's post_attention_layernorm (OLMo2 has none)
+    mlp_output_norm: nn.Module | None  # OLMo2's post_feedforward_layernorm
+    query: _Linear | None  # separate projections, or ...
+    key: _Linear | None
+    value: _Linear | None
+    qkv: _Linear | None  # ... Phi-3's fused one, split as (heads, kv_heads, kv_heads) x head_dim
+    query_norm: nn.Module | None  # Qwen3: per head; OLMo2: over the whole projection
     key_norm: nn.Module | None
-    post_norm: nn.Module
-    gate: _Linear
-    up: _Linear
+    output: _Linear
+    gate: _Linear | None  # separate gate and up projections, or ...
+    up: _Linear | None
+    gate_up: _Linear | None  # ... Phi-3's fused one (gate first)
     down: _Linear
     activation: nn.Module
     scaling: float
-    rotate: Any  # the family's apply_rotary_pos_emb
+    rotate: Any  # the family's apply_rotary_pos_emb, or None for a layer without RoPE (SmolLM3's NoPE layers)
+
+
+def _optional_projection(module: Any, name: str) -> _Linear | None:
+    return _projection(getattr(module, name)) if hasattr(module, name) else None
 
 
 class LlamaDecoder(LeanDecoder):
     """KV-cached prefill and decode steps of a Llama-family model (see the module docstring).
 
-    Per block, with x the residual stream: ``x += o(attention(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))``,
+    Per layer, with x the residual stream: ``x += o(attention(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))``,
     then ``x += down(act(gate(n2(x))) * up(n2(x)))``; rotary cos/sin come from the model's own
     ``rotary_emb`` (so every RoPE scaling it implements is honoured) and grouped-query attention shares each
-    key/value head between ``heads / kv_heads`` query heads.
+    key/value head between ``heads / kv_heads`` query heads. The members' variants: Qwen2's q/k/v biases,
+    Qwen3's per-head query and key norms, Gemma's scaled embeddings (its embedding module scales them) and
+    ``1 + w`` norms, OLMo2's norms after attention and MLP instead of before, and over whole projections,
+    Phi-3's fused qkv and gate-up projections, SmolLM3's layers without RoPE.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -338,7 +356,9 @@ class LlamaDecoder(LeanDecoder):
         True
     """
 
-    MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+    MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "phi3", "smollm3"})
+    _PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")),
+                    ("mlp", ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -350,18 +370,20 @@ class LlamaDecoder(LeanDecoder):
             return False
         if not hasattr(inner, "model") or not hasattr(inner, "lm_head") or not hasattr(inner.model, "rotary_emb"):
             return False
-        layer_types = getattr(config, "layer_types", None) or ()
-        if any(kind != "full_attention" for kind in layer_types):
-            return False  # sliding-window layers (Qwen2 / Qwen3 with use_sliding_window)
-        if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
-            return False
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            if any(kind != "full_attention" for kind in layer_types):
+                return False  # sliding-window layers (Qwen2 / Qwen3 with use_sliding_window)
+        elif getattr(config, "sliding_window", None) is not None:
+            return False  # Mistral, Phi-3 with a sliding window
         if getattr(config, "pretraining_tp", 1) != 1:
             return False
         projections = {
-            module
+            getattr(getattr(layer, part), name)
             for layer in inner.model.layers
-            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            for part, names in LlamaDecoder._PROJECTIONS
+            for name in names
+            if hasattr(getattr(layer, part), name)
         }
         return _supports_lora(model, projections, nn.Linear)
 
@@ -390,43 +412,76 @@ class LlamaDecoder(LeanDecoder):
         cos, sin = self.model.model.rotary_emb(hidden, position_ids)  # (A, T, D) each
         for block, keys, values in zip(self._blocks, self._keys, self._values, strict=True):
             kv_heads, head_dim = keys.shape[1], keys.shape[3]
-            x = block.input_norm(hidden)
-            query = block.query(x).view(rows, new, -1, head_dim)
-            key = block.key(x).view(rows, new, kv_heads, head_dim)
-            if block.query_norm is not None and block.key_norm is not None:
-                query, key = block.query_norm(query), block.key_norm(key)
-            query, key = block.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+            x = hidden if block.attention_input_norm is None else block.attention_input_norm(hidden)
+            query, key, value = self._query_key_value(block, x, kv_heads, head_dim)
+            query = query.transpose(1, 2)
+            key = key.transpose(1, 2)
+            if block.rotate is not None:
+                query, key = block.rotate(query, key, cos, sin)
             keys[:, :, start:end] = key
-            values[:, :, start:end] = block.value(x).view(rows, new, kv_heads, head_dim).transpose(1, 2)
+            values[:, :, start:end] = value.transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 query, keys[:, :, :end], values[:, :, :end], attn_mask=allowed, scale=block.scaling,
                 enable_gqa=query.shape[1] != kv_heads,
             )  # (A, H, T, D)
-            hidden = hidden + block.output(attended.transpose(1, 2).reshape(rows, new, -1))
-            x = block.post_norm(hidden)
-            hidden = hidden + block.down(block.activation(block.gate(x)) * block.up(x))
+            attended = block.output(attended.transpose(1, 2).reshape(rows, new, -1))
+            hidden = hidden + (attended if block.attention_output_norm is None else block.attention_output_norm(attended))
+            x = hidden if block.mlp_input_norm is None else block.mlp_input_norm(hidden)
+            if block.gate_up is not None:
+                gate, up = block.gate_up(x).chunk(2, dim=-1)
+            else:
+                assert block.gate is not None and block.up is not None
+                gate, up = block.gate(x), block.up(x)
+            mlp = block.down(block.activation(gate) * up)
+            hidden = hidden + (mlp if block.mlp_output_norm is None else block.mlp_output_norm(mlp))
         self._length = end
         return self.model.lm_head(self.model.model.norm(hidden[:, -1]))
+
+    @staticmethod
+    def _query_key_value(block: _LlamaBlockWeights, x: torch.Tensor, kv_heads: int,
+                         head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, T, heads, D) queries and (A, T, kv_heads, D) keys and values, normed as the family norms them."""
+        rows, new, _ = x.shape
+        if block.qkv is not None:
+            fused = block.qkv(x)
+            query, key, value = fused.split([fused.shape[-1] - 2 * kv_heads * head_dim, kv_heads * head_dim,
+                                             kv_heads * head_dim], dim=-1)
+        else:
+            assert block.query is not None and block.key is not None and block.value is not None
+            query, key, value = block.query(x), block.key(x), block.value(x)
+        per_head = block.query_norm is not None and block.query_norm.weight.numel() == head_dim
+        if block.query_norm is not None and block.key_norm is not None and not per_head:
+            query, key = block.query_norm(query), block.key_norm(key)  # OLMo2: over the whole projection
+        query = query.view(rows, new, -1, head_dim)
+        key = key.view(rows, new, kv_heads, head_dim)
+        if per_head and block.query_norm is not None and block.key_norm is not None:
+            query, key = block.query_norm(query), block.key_norm(key)  # Qwen3: over each head
+        return query, key, value.view(rows, new, kv_heads, head_dim)
 
     @staticmethod
     def _block_weights(layer: Any) -> _LlamaBlockWeights:
         attention, mlp = layer.self_attn, layer.mlp
         family = sys.modules[type(attention).__module__]
+        post_norms = not hasattr(layer, "input_layernorm")  # OLMo2: norms after attention and MLP
         return _LlamaBlockWeights(
-            input_norm=layer.input_layernorm,
-            query=_projection(attention.q_proj),
-            key=_projection(attention.k_proj),
-            value=_projection(attention.v_proj),
-            output=_projection(attention.o_proj),
+            attention_input_norm=None if post_norms else layer.input_layernorm,
+            attention_output_norm=layer.post_attention_layernorm if post_norms else None,
+            mlp_input_norm=None if post_norms else layer.post_attention_layernorm,
+            mlp_output_norm=layer.post_feedforward_layernorm if post_norms else None,
+            query=_optional_projection(attention, "q_proj"),
+            key=_optional_projection(attention, "k_proj"),
+            value=_optional_projection(attention, "v_proj"),
+            qkv=_optional_projection(attention, "qkv_proj"),
             query_norm=getattr(attention, "q_norm", None),
             key_norm=getattr(attention, "k_norm", None),
-            post_norm=layer.post_attention_layernorm,
-            gate=_projection(mlp.gate_proj),
-            up=_projection(mlp.up_proj),
+            output=_projection(attention.o_proj),
+            gate=_optional_projection(mlp, "gate_proj"),
+            up=_optional_projection(mlp, "up_proj"),
+            gate_up=_optional_projection(mlp, "gate_up_proj"),
             down=_projection(mlp.down_proj),
-            activation=mlp.act_fn,
+            activation=getattr(mlp, "act_fn", None) or mlp.activation_fn,
             scaling=float(attention.scaling),
-            rotate=family.apply_rotary_pos_emb,
+            rotate=family.apply_rotary_pos_emb if getattr(attention, "use_rope", True) else None,
         )
 
 

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from rlfb.models import decoding
 from rlfb.models.decoding import GPT2Decoder, LlamaDecoder, lean_decoder_for
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj"]
 
 
 def family(model_type: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
@@ -30,8 +30,12 @@ def family(model_type: str, seed: int = 0, **overrides: object) -> torch.nn.Modu
     settings: dict[str, object] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)  # fmt: skip
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         settings["sliding_window"] = None
+    if model_type == "gemma":
+        settings["head_dim"] = 8
+    if model_type == "smollm3":
+        settings["no_rope_layers"] = [1, 0]  # the second layer without RoPE
     if model_type == "llama":
         settings["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}  # the model's own rotary module applies it
     config = AutoConfig.for_model(model_type, **{**settings, **overrides})
@@ -42,7 +46,7 @@ def with_trained_lora(model: torch.nn.Module) -> torch.nn.Module:
     return lora_on_gpt2_projections(model, target_modules=PROJECTIONS, fan_in_fan_out=False)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "phi3", "smollm3"]
 
 
 @torch.no_grad()
