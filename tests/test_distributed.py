@@ -12,7 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlfb import distributed
-from rlfb.distributed import DistributedContext, agree, all_reduce_gradients, global_masked_mean_var, rank_seed
+from rlfb.distributed import (
+    DistributedContext,
+    agree,
+    all_reduce_gradients,
+    global_masked_mean_var,
+    rank_seed,
+)
 
 
 def free_port() -> int:

@@ -34,13 +34,13 @@ if TYPE_CHECKING:
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
     from rlfb.agents.reinforce import ReinforceAgent
-    from rlfb.agents.self_training import SelfTrainingAgent
     from rlfb.agents.rollout import (
         RolloutEvaluation,
         collect_rollout,
         evaluate_rollout,
         rollout_reference_logprobs,
     )
+    from rlfb.agents.self_training import SelfTrainingAgent
     from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 
 _MODULE_OF = {
