@@ -47,6 +47,8 @@ FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
              "tie_word_embeddings": True},
     "smollm3": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4, "num_attention_heads": 4,
                 "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True},
+    "gpt_neox": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "max_position_embeddings": 64, "rotary_pct": 0.25, "partial_rotary_factor": 0.25},
     "opt": {"hidden_size": 128, "ffn_dim": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
             "word_embed_proj_dim": 128, "max_position_embeddings": 64},
 }

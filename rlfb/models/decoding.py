@@ -13,7 +13,8 @@ the same weights with plain tensor operations:
   copying the cache;
 * rows that finish leave the batch (:meth:`GPT2Decoder.select_rows`), as with the transformers cache.
 
-:class:`GPT2Decoder` applies to ``model_type == "gpt2"`` models (rlfb-tiny, GPT-2 and its fine-tunes);
+:class:`GPT2Decoder` applies to ``model_type == "gpt2"`` models (rlfb-tiny, GPT-2 and its fine-tunes),
+:class:`NeoXDecoder` to GPT-NeoX (Pythia);
 :class:`LlamaDecoder` to the Llama family, whose blocks are the same up to names and small variants
 (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``olmo2``, ``phi3``, ``smollm3``: RMSNorm, rotary
 positions from the model's own rotary module, grouped-query attention, a gated MLP), without
@@ -485,7 +486,77 @@ class LlamaDecoder(LeanDecoder):
         )
 
 
-LEAN_DECODERS: tuple[type[LeanDecoder], ...] = (GPT2Decoder, LlamaDecoder)
+class NeoXDecoder(LeanDecoder):
+    """KV-cached prefill and decode steps of a GPT-NeoX model (Pythia; see the module docstring).
+
+    Per layer: ``q, k, v`` from one fused projection laid out per head as ``[q | k | v]``, RoPE on the first
+    ``rotary_pct`` of each head (the model's own rotary module and ``apply_rotary_pos_emb``), and either the
+    parallel residual ``x += attention(ln1(x)) + mlp(ln2(x))`` or the sequential one, as the config says.
+    """
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """True for a ``gpt_neox`` causal LM in eval mode, bare or with plain LoRA adapters on its layers'
+        attention and MLP projections."""
+        inner = _unwrap(model)
+        if getattr(getattr(inner, "config", None), "model_type", None) != "gpt_neox":
+            return False
+        if not hasattr(inner, "gpt_neox") or inner.get_output_embeddings() is None:
+            return False
+        projections = {
+            module
+            for layer in inner.gpt_neox.layers
+            for module in (layer.attention.query_key_value, layer.attention.dense, layer.mlp.dense_h_to_4h,
+                           layer.mlp.dense_4h_to_h)
+        }
+        return _supports_lora(model, projections, nn.Linear)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`GPT2Decoder.prefill`."""
+        body = self.model.gpt_neox
+        self._blocks = [(layer, _projection(layer.attention.query_key_value), _projection(layer.attention.dense),
+                         _projection(layer.mlp.dense_h_to_4h), _projection(layer.mlp.dense_4h_to_h))
+                        for layer in body.layers]
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = body.embed_in(input_ids)
+        attention = body.layers[0].attention
+        self._new_cache(hidden, self.model.config.num_attention_heads, input_ids.shape[1] + max_new_tokens,
+                        attention.head_size)
+        return self._forward(hidden, position_ids, _attention_masks(attention_mask))
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`GPT2Decoder.step`."""
+        hidden = self.model.gpt_neox.embed_in(tokens[:, None])  # (A, 1, C)
+        return self._forward(hidden, position_ids[:, None], attention_mask.bool()[:, None, None, :])
+
+    def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        rows, new, channels = hidden.shape
+        start, end = self._length, self._length + new
+        body = self.model.gpt_neox
+        cos, sin = body.rotary_emb(hidden, position_ids)
+        rotate = sys.modules[type(body.layers[0].attention).__module__].apply_rotary_pos_emb
+        for (layer, qkv, dense, up, down), keys, values in zip(self._blocks, self._keys, self._values, strict=True):
+            heads, head_dim = keys.shape[1], keys.shape[3]
+            fused = qkv(layer.input_layernorm(hidden)).view(rows, new, heads, 3 * head_dim).transpose(1, 2)
+            query, key, value = fused.chunk(3, dim=-1)
+            query, key = rotate(query, key, cos, sin)
+            keys[:, :, start:end] = key
+            values[:, :, start:end] = value
+            attended = F.scaled_dot_product_attention(query, keys[:, :, :end], values[:, :, :end], attn_mask=allowed,
+                                                      scale=layer.attention.scaling)
+            attention_output = dense(attended.transpose(1, 2).reshape(rows, new, channels))
+            if layer.use_parallel_residual:
+                hidden = hidden + attention_output + down(layer.mlp.act(up(layer.post_attention_layernorm(hidden))))
+            else:
+                hidden = hidden + attention_output
+                hidden = hidden + down(layer.mlp.act(up(layer.post_attention_layernorm(hidden))))
+        self._length = end
+        return self.model.get_output_embeddings()(body.final_layer_norm(hidden[:, -1]))
+
+
+LEAN_DECODERS: tuple[type[LeanDecoder], ...] = (GPT2Decoder, LlamaDecoder, NeoXDecoder)
 _REPORTED: set[str] = set()
 
 
@@ -502,9 +573,10 @@ def lean_decoder_for(model: nn.Module) -> LeanDecoder | None:
     model_type = str(getattr(getattr(_unwrap(model), "config", None), "model_type", type(model).__name__))
     if model_type not in _REPORTED and not model.training:
         _REPORTED.add(model_type)
-        known = model_type == "gpt2" or model_type in LlamaDecoder.MODEL_TYPES
+        covered = {"gpt2", "gpt_neox", *LlamaDecoder.MODEL_TYPES}
+        known = model_type in covered
         logger.log(logging.INFO if known else logging.WARNING,
                    "sampling %s with the generic path (the model's own forward, slower for small models): %s",
                    model_type, "its adapter or settings are not ones the lean decoder computes exactly" if known
-                   else f"lean decoders cover {', '.join(sorted({'gpt2', *LlamaDecoder.MODEL_TYPES}))}")
+                   else f"lean decoders cover {', '.join(sorted(covered))}")
     return None

@@ -107,3 +107,23 @@ def test_a_model_without_a_lean_decoder_is_reported_once(caplog: pytest.LogCaptu
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 1 and messages[0].startswith("sampling opt with the generic path")
     assert caplog.records[0].levelno == logging.WARNING
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox_prefill_and_steps_match_its_forward(parallel: bool) -> None:
+    from rlfb.models.decoding import NeoXDecoder
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt_neox", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                  rotary_pct=0.5, partial_rotary_factor=0.5, use_parallel_residual=parallel,
+                                  bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    model = lora_on_gpt2_projections(base, target_modules=["query_key_value", "dense", "dense_h_to_4h",
+                                                           "dense_4h_to_h"], fan_in_fan_out=False)
+    assert NeoXDecoder.supports(model) and not LlamaDecoder.supports(model)
+    assert isinstance(lean_decoder_for(model), NeoXDecoder)
+    ids = torch.tensor([[EOS, EOS, 5, 6], [3, 4, 5, 6], [EOS, EOS, EOS, 9]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    assert_decodes_like_the_forward(NeoXDecoder(model), model, ids, mask)
