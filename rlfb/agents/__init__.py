@@ -1,5 +1,5 @@
-"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, KL controllers, rollouts (single- and
-multi-turn episodes).
+"""rlfb.agents: PPO, REINFORCE with moving-average or group baselines, on-policy distillation, KL controllers,
+rollouts (single- and multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -9,7 +9,7 @@ Example:
     >>> make_agent("sac", policy=None)
     Traceback (most recent call last):
     ...
-    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo
+    rlfb.errors.ConfigError: unknown agent 'sac'; known: ppo, reinforce, rloo, grpo, distillation
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from rlfb.agents.configs import (
         AGENTS,
         AgentSpec,
+        DistillationConfig,
         PPOConfig,
         ReinforceConfig,
         agent_config,
         register_agent,
     )
+    from rlfb.agents.distillation import DistillationAgent
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
@@ -45,6 +47,7 @@ _MODULE_OF = {
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
     "PPOAgent": "ppo", "ReinforceAgent": "reinforce",
+    "DistillationAgent": "distillation", "DistillationConfig": "configs",
     "EpisodeBatch": "multi_turn", "collect_episodes": "multi_turn",
     "RolloutEvaluation": "rollout", "collect_rollout": "rollout", "evaluate_rollout": "rollout",
     "rollout_reference_logprobs": "rollout",
@@ -57,6 +60,8 @@ __all__ = [
     "AdaptiveKLController",
     "Agent",
     "DegenerateUpdateError",
+    "DistillationAgent",
+    "DistillationConfig",
     "EpisodeBatch",
     "FixedKLController",
     "GradientStepper",
