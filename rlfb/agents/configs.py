@@ -256,7 +256,7 @@ class DistillationConfig:
         divergence: Per-token divergence between the student's next-token distribution p_s and the
             teacher's p_t at every model token the student sampled: "reverse_kl" KL(p_s || p_t) (Gu et al.
             2024, MiniLLM; Agarwal et al. 2024, GKD), "forward_kl" KL(p_t || p_s), or "jsd", GKD's
-            generalized Jensen-Shannon divergence JSD(beta) (Agarwal et al. 2024, Eq. 2).
+            generalized Jensen-Shannon divergence JSD(beta) (Agarwal et al. 2024).
         jsd_beta: beta of JSD(beta) in [0, 1]; 0 is forward KL and 1 reverse KL (the limits of
             JSD(beta) / beta and JSD(beta) / (1 - beta), as TRL's GKDTrainer); 0.5 is the symmetric JSD.
         token_estimate: "full" sums the divergence over the whole vocabulary at each position (exact);

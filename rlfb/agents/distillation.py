@@ -8,12 +8,12 @@ distribution p_s = pi_s(. | s_t) with the teacher's p_t = pi_t(. | s_t) over the
     reverse KL  D(s_t) = sum_v p_s(v) (log p_s(v) - log p_t(v))                 (Gu et al. 2024, MiniLLM)
     forward KL  D(s_t) = sum_v p_t(v) (log p_t(v) - log p_s(v))
     JSD(beta)   D(s_t) = beta KL(p_t || m) + (1 - beta) KL(p_s || m),  m = beta p_t + (1 - beta) p_s
-                                                                            (Agarwal et al. 2024, GKD, Eq. 2)
+                                                                            (Agarwal et al. 2024, GKD)
 
 and minimises  L = sum_{i,t} mask_it D(s_it) / sum_{i,t} mask_it,  the mean over the batch's model
 tokens. This is GKD's on-policy objective (student-generated sequences, lambda = 1): the gradient flows
-through p_s at each visited state but not through the sampling of the states (Agarwal et al. 2024,
-Sec. 3.1). JSD(beta) / beta -> KL(p_t || p_s) as beta -> 0 and JSD(beta) / (1 - beta) -> KL(p_s || p_t) as
+through p_s at each visited state but not through the sampling of the states (Agarwal et al.
+2024). JSD(beta) / beta -> KL(p_t || p_s) as beta -> 0 and JSD(beta) / (1 - beta) -> KL(p_s || p_t) as
 beta -> 1, so beta = 0 and beta = 1 use those two KLs, as TRL's GKDTrainer does.
 
 ``token_estimate: sampled`` replaces the sum over the vocabulary with the one sample the student drew,
