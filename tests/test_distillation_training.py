@@ -85,3 +85,24 @@ def test_a_teacher_of_another_tokenizer_is_refused_in_one_line(tiny_model_dir: P
     text = " the plot was good"
     with pytest.raises(RewardError, match="it has another tokenizer"):
         reward(["The film was"], [text], completion_ids=[student_tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def test_multi_turn_episodes_are_distilled(tiny_model_dir: Path, teacher_run: Path, tmp_path: Path) -> None:
+    from test_multi_turn_training import guess_config
+
+    config = guess_config(tiny_model_dir, tmp_path, f"agent.teacher={teacher_run}", "budget.updates=2",
+                          "budget.group_size=1", "eval.num_prompts=0", agent="distillation")
+    result = Trainer(config).train()
+    rows = [row for row in read_metrics(result.run_dir) if "train/divergence" in row]
+    assert len(rows) == 2 and all(row["train/divergence"] > 0 and row["rollout/turns"] > 1 for row in rows)
+
+
+def test_a_run_directory_says_which_teacher_it_will_load(tiny_model_dir: Path, teacher_run: Path,
+                                                         tmp_path: Path) -> None:
+    from rlfb.run_directory import describe_inputs
+
+    config = distillation_config(tiny_model_dir, tmp_path, teacher_run, "rewards=[{name: teacher_logprob, "
+                                 "kwargs: {teacher: rlfb-tiny}}]")
+    lines = describe_inputs(config, None)
+    assert f"teacher (agent.teacher): {str(teacher_run)!r} (local directory {teacher_run})" in lines
+    assert "reward 'teacher_logprob' (rewards.0.kwargs.teacher): 'rlfb-tiny' (built-in)" in lines

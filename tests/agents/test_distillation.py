@@ -272,3 +272,24 @@ def test_distillation_config_mistakes_fail_in_one_line_before_torch_is_imported(
     }
     assert_one_line_errors_before_torch({case: (["train", str(CONFIG), *args], message)
                                          for case, (args, message) in cases.items()}, tmp_path)
+
+
+def test_minibatches_accumulate_to_the_whole_batch_step_and_epochs_take_more_steps() -> None:
+    rollout = sample_rollout(tiny_policy(seed=5, value_head=False), lambda ids, mask: torch.zeros(len(ids)), 8,
+                             torch.Generator().manual_seed(4))
+    teacher = tiny_policy(seed=1, value_head=False).model.merge_and_unload()
+
+    def update(**options) -> tuple[dict, torch.Tensor]:
+        student = tiny_policy(seed=0, value_head=False)
+        metrics = DistillationAgent(student, DistillationConfig(teacher="in-memory", learning_rate=1e-2, **options),
+                                    teacher=(teacher, None)).update(rollout)
+        return metrics, torch.cat([p.detach().flatten() for p in student.trainable_parameters()])
+
+    whole, whole_weights = update()
+    chunked, chunked_weights = update(minibatch_size=3)
+    assert chunked["train/divergence"] == pytest.approx(whole["train/divergence"], rel=1e-5)
+    assert torch.allclose(chunked_weights, whole_weights, atol=1e-6)
+    twice, twice_weights = update(epochs=2)
+    assert twice["train/divergence"] == whole["train/divergence"]  # measured before the first step
+    start = torch.cat([p.detach().flatten() for p in tiny_policy(seed=0, value_head=False).trainable_parameters()])
+    assert (twice_weights - start).norm() > 1.5 * (whole_weights - start).norm()
