@@ -5,7 +5,7 @@ checked before anything is written or run (docs/run_directory.md lists every fil
 
 * code: the reward names of its config are resolved under an :class:`~rlfb.rewards.registry.ImportTrust`
   (:func:`reward_specs`); a ``module:attr`` name imports only modules the user allowed;
-* models and data: what its config will load (base model, adapter, dataset, reward models) is said
+* models and data: what its config will load (base model, adapter, teacher, dataset, reward models) is said
   before it is loaded (:func:`describe_inputs`);
 * config changes on resume: a change to a key that shapes the saved weights is refused, any other
   change is listed and recorded in the run's ``config.yaml`` (:func:`config_changes`);
@@ -90,25 +90,32 @@ def open_run(target: str | Path, command: str) -> tuple[Path, RunConfig] | None:
 
 def describe_inputs(config: RunConfig, checkpoint: Path | None) -> list[str]:
     """One line per thing a run's config makes rlfb load, with where it will be loaded from."""
-    from rlfb.models.loading import BUILTIN_MODELS
-
     lines = []
     if checkpoint is not None:
         lines.append(f"checkpoint: {checkpoint}")
-    model = config.model.name
-    if model in BUILTIN_MODELS:
-        lines.append(f"base model: {model!r} (built-in)")
-    elif Path(model).expanduser().is_dir():
-        lines.append(f"base model: {model!r} (local directory {Path(model).expanduser().resolve()})")
-    else:
-        lines.append(f"base model: {model!r} (Hugging Face hub id: the local cache, or the network)")
+    lines.append(f"base model: {_model_where(config.model.name)}")
+    if isinstance(teacher := config.agent.params.get("teacher"), str):
+        lines.append(f"teacher (agent.teacher): {_model_where(teacher)}")
     for key in ("path", "eval_path"):
         if isinstance(value := config.task.kwargs.get(key), str):
             lines.append(f"dataset ({'task.kwargs.' + key}): {_where(value)}")
     for index, reward in enumerate(config.rewards):
-        if isinstance(value := reward.kwargs.get("path"), str):
+        if isinstance(value := reward.kwargs.get("path"), str):  # a reward model's directory
             lines.append(f"reward {reward.name!r} (rewards.{index}.kwargs.path): {_where(value)}")
+        if isinstance(value := reward.kwargs.get("teacher"), str):  # teacher_logprob's teacher
+            lines.append(f"reward {reward.name!r} (rewards.{index}.kwargs.teacher): {_model_where(value)}")
     return lines
+
+
+def _model_where(model: str) -> str:
+    """A model name, and whether it is built in, a local directory (a model or a run) or a hub id."""
+    from rlfb.models.loading import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        return f"{model!r} (built-in)"
+    if Path(model).expanduser().is_dir():
+        return f"{model!r} (local directory {Path(model).expanduser().resolve()})"
+    return f"{model!r} (Hugging Face hub id: the local cache, or the network)"
 
 
 def _where(path: str) -> str:

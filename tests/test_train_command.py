@@ -18,10 +18,15 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("reward_model"))
 
 
+# Options an agent cannot do without, given on the command line of the switch.
+REQUIRED_OPTIONS = {"distillation": ["agent.teacher=rlfb-tiny"]}
+
+
 @pytest.mark.parametrize("agent", list(AGENTS))
 @pytest.mark.parametrize("config_path", RUN_CONFIGS, ids=lambda path: path.stem)
 def test_every_shipped_config_switches_to_every_agent(config_path: Path, agent: str, tmp_path: Path) -> None:
-    config = prepare_config(str(config_path), [f"agent.name={agent}", f"output_dir={tmp_path}"], None)
+    config = prepare_config(str(config_path), [f"agent.name={agent}", *REQUIRED_OPTIONS.get(agent, []),
+                                               f"output_dir={tmp_path}"], None)
     trainer = Trainer(config)  # checks the agent's options; loads no model
     assert trainer.config.agent.name == agent
     assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,5 @@
 """rlfb.agents: PPO, REINFORCE with moving-average or group baselines, self-training, evolution strategies,
-KL controllers, rollouts (single- and multi-turn episodes).
+on-policy distillation, KL controllers, rollouts (single- and multi-turn episodes).
 
 The names below are imported on first use, so ``rlfb.agents.configs`` (the agents' options, checked
 before a run loads anything) is importable without torch.
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         AGENTS,
         AgentSpec,
         ESConfig,
+        DistillationConfig,
         PPOConfig,
         ReinforceConfig,
         SelfTrainingConfig,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
         register_agent,
     )
     from rlfb.agents.es import ESAgent
+    from rlfb.agents.distillation import DistillationAgent
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent
@@ -50,6 +52,7 @@ _MODULE_OF = {
     "Agent": "base", "DegenerateUpdateError": "base", "GradientStepper": "base", "make_agent": "base",
     "AdaptiveKLController": "kl", "FixedKLController": "kl", "make_kl_controller": "kl",
     "PPOAgent": "ppo", "ReinforceAgent": "reinforce", "SelfTrainingAgent": "self_training",
+    "DistillationAgent": "distillation", "DistillationConfig": "configs",
     "EpisodeBatch": "multi_turn", "collect_episodes": "multi_turn",
     "RolloutEvaluation": "rollout", "collect_rollout": "rollout", "evaluate_rollout": "rollout",
     "rollout_reference_logprobs": "rollout",
@@ -64,6 +67,8 @@ __all__ = [
     "DegenerateUpdateError",
     "ESAgent",
     "ESConfig",
+    "DistillationAgent",
+    "DistillationConfig",
     "EpisodeBatch",
     "FixedKLController",
     "GradientStepper",

@@ -428,7 +428,89 @@ register_agent(AgentSpec("es", ESConfig, "rlfb.agents.es:ESAgent",
                          description="evolution strategies on the LoRA vector, no backprop (Salimans et al. 2017)"))
 # ------------------------------------------------------------------------------- end of evolution strategies
 
-AgentConfig = PPOConfig | ReinforceConfig | SelfTrainingConfig | ESConfig
+# ------------------------------------------------------------------------------- on-policy distillation
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+TOKEN_ESTIMATES = ("full", "sampled")
+
+
+@dataclasses.dataclass
+class DistillationConfig:
+    """On-policy distillation hyper-parameters (rlfb/agents/distillation.py; docs/algorithms.md).
+
+    Attributes:
+        teacher: The teacher: a causal LM (built-in name, local directory or hub id) or a finished rlfb run
+            directory (its adapter on its base model). It must share the student's tokenizer.
+        divergence: Per-token divergence between the student's next-token distribution p_s and the
+            teacher's p_t at every model token the student sampled: "reverse_kl" KL(p_s || p_t) (Gu et al.
+            2024, MiniLLM; Agarwal et al. 2024, GKD), "forward_kl" KL(p_t || p_s), or "jsd", GKD's
+            generalized Jensen-Shannon divergence JSD(beta) (Agarwal et al. 2024).
+        jsd_beta: beta of JSD(beta) in [0, 1]; 0 is forward KL and 1 reverse KL (the limits of
+            JSD(beta) / beta and JSD(beta) / (1 - beta), as TRL's GKDTrainer); 0.5 is the symmetric JSD.
+        token_estimate: "full" sums the divergence over the whole vocabulary at each position (exact);
+            "sampled" uses the one-sample estimate log p_s(y_t) - log p_t(y_t) at the sampled token as a
+            per-token reward of a policy gradient (the k1 estimator; reverse KL only).
+        learning_rate: AdamW learning rate of the LoRA parameters.
+        lr_schedule: "constant" or "linear" decay to 0 over ``total_updates``.
+        total_updates: Number of updates of the run (for the linear schedule).
+        epochs: Gradient steps per rollout (the teacher is run once per rollout); 1 is strictly on-policy.
+        temperature: Sampling temperature; student and teacher logits are both divided by it.
+        minibatch_size: Rows per forward/backward chunk (gradients accumulate); None = the whole batch.
+        max_grad_norm: Global gradient-norm clip.
+        max_consecutive_skips: Degenerate (NaN/inf) updates in a row before the run stops.
+    """
+
+    teacher: str = ""
+    divergence: str = "reverse_kl"
+    jsd_beta: float = 0.5
+    token_estimate: str = "full"
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    total_updates: int | None = None
+    epochs: int = 1
+    temperature: float = 1.0
+    minibatch_size: int | None = None
+    max_grad_norm: float | None = 1.0
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ConfigError("agent 'distillation' needs 'teacher': a causal LM (name or directory) or a finished "
+                              "rlfb run directory, e.g. --set agent.teacher=runs/my_teacher_run")
+        check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(f"unknown divergence {self.divergence!r}; known: {', '.join(DIVERGENCES)}")
+        if self.token_estimate not in TOKEN_ESTIMATES:
+            raise ConfigError(f"unknown token_estimate {self.token_estimate!r}; known: {', '.join(TOKEN_ESTIMATES)}")
+        if self.token_estimate == "sampled" and self.divergence != "reverse_kl":
+            raise ConfigError(f"token_estimate 'sampled' estimates the reverse KL only; got divergence "
+                              f"{self.divergence!r}: use token_estimate 'full' or divergence 'reverse_kl'")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ConfigError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.minibatch_size is not None and self.minibatch_size < 1:
+            raise ConfigError(f"minibatch_size must be >= 1 or null, got {self.minibatch_size}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_teacher_path(self.teacher)
+
+
+def check_teacher_path(teacher: str) -> None:
+    """Raise ConfigError when ``teacher`` is written as a file system path that does not exist."""
+    from pathlib import Path
+
+    from rlfb.models.loading import BUILTIN_MODELS, looks_like_path
+
+    if teacher not in BUILTIN_MODELS and looks_like_path(teacher) and not Path(teacher).expanduser().exists():
+        raise ConfigError(f"teacher {teacher!r} does not exist; give a causal LM directory, a model name or a "
+                          "finished rlfb run directory (benchmarks/distillation.py builds one)")
+
+
+register_agent(AgentSpec("distillation", DistillationConfig, "rlfb.agents.distillation:DistillationAgent",
+                         description="on-policy distillation: per-token reverse KL or JSD to a teacher "
+                                     "(Agarwal et al. 2024; Gu et al. 2024)"))
+
+AgentConfig = PPOConfig | ReinforceConfig | SelfTrainingConfig | ESConfig | DistillationConfig
 
 
 def agent_spec(name: str) -> AgentSpec:

@@ -86,7 +86,7 @@ def resolve_model_path(name_or_path: str, *, progress: bool = True) -> str:
     if path.is_dir():
         _check_model_directory(name_or_path, path)
         return str(path)
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise ModelNotFoundError(
             f"model path {name_or_path!r} does not exist (looked for {path.absolute()}); name an existing "
             f"model directory, a hub id (org/name) or a built-in model ({_builtin_listing()})")
@@ -97,7 +97,7 @@ def resolve_model_path(name_or_path: str, *, progress: bool = True) -> str:
         f"(org/name); built-in models: {_builtin_listing()}")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     """A name that can only mean a file system path: it starts like one, or has a '/' no hub id has."""
     return name.startswith(("./", "../", "/", "~")) or name in (".", "..") or (
         "/" in name and not _HUB_ID.match(name))

@@ -1,4 +1,4 @@
-"""The ``likelihood`` reward: the model's own feedback.
+"""The ``likelihood`` reward (the model's own feedback) and ``teacher_logprob`` (a teacher's).
 
 r(x, y) = (1/|y|) * sum_t log p(y_t | x, y_<t)   (``reduction="mean"``; ``"sum"`` drops the 1/|y|)
 
@@ -74,3 +74,44 @@ def _load_frozen_scorer(model_name: str, device: str) -> Any:
     model, tokenizer = load_model(model_name, device=device)
     model.requires_grad_(False)
     return ModelScorer(model, tokenizer)
+
+
+@register("teacher_logprob")
+class TeacherLogprobReward(LikelihoodReward):
+    """Mean (or summed) log-probability of the completion under a teacher: a model or a finished rlfb run.
+
+    r(x, y) = (1/|y|) sum_t log p_teacher(y_t | x, y_<t), the same score the ``likelihood`` reward computes
+    (one scoring path, :class:`rlfb.rewards.scoring.ModelScorer`), under a frozen teacher opened as the
+    distillation agent opens it (rlfb/models/teacher.py). The completion's token ids are the policy's, so
+    the teacher must share the policy's tokenizer: the first call checks that the teacher decodes them to
+    the completions' text.
+    """
+
+    def __init__(self, teacher: str, reduction: Literal["mean", "sum"] = "mean", per_token: bool = False,
+                 device: str = "auto") -> None:
+        from rlfb.models.teacher import load_teacher
+        from rlfb.rewards.scoring import ModelScorer
+
+        super().__init__(under="self", reduction=reduction, per_token=per_token)
+        model, tokenizer = load_teacher(teacher, device)
+        self.teacher = teacher
+        self.scorer = ModelScorer(model, tokenizer)
+        self.needs_scorer = False  # the policy's scorer is not the teacher
+        self.tokenizer_checked = False
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 completion_ids: Sequence[Sequence[int]] | None = None,
+                 prompt_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[Any]:
+        if completion_ids is not None and not self.tokenizer_checked:
+            self._check_tokenizer(completions, completion_ids)
+        return super().__call__(prompts, completions, completion_ids=completion_ids, prompt_ids=prompt_ids, **kwargs)
+
+    def _check_tokenizer(self, completions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> None:
+        tokenizer = self.scorer.tokenizer
+        for text, ids in zip(completions, completion_ids, strict=True):
+            decoded = tokenizer.decode(list(ids), skip_special_tokens=True)
+            if decoded.strip() != text.strip():
+                raise RewardError(f"teacher_logprob: the teacher {self.teacher!r} reads the policy's tokens "
+                                  f"{list(ids)[:8]} as {decoded[:40]!r}, not {text[:40]!r}: it has another tokenizer; "
+                                  "use a teacher trained from the policy's base model family")
+        self.tokenizer_checked = True

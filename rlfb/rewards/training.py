@@ -1,7 +1,9 @@
 """Training reward models from feedback: ``rlfb reward-model train CONFIG``.
 
-* ``pairwise`` preferences train a scalar head with TRL's ``RewardTrainer`` (Bradley-Terry loss,
-  -log sigmoid(r(x, y_chosen) - r(x, y_rejected)); Ouyang et al. 2022, Eq. 1).
+* ``pairwise`` preferences train a scalar head with TRL's ``RewardTrainer``: the Bradley-Terry loss
+  -log sigmoid(r(x, y_chosen) - r(x, y_rejected)) (Ouyang et al. 2022, Eq. 1), or with
+  ``pairwise_loss: margin_ranking`` the hinge max(0, m + r(x, y_rejected) - r(x, y_chosen)), which stops
+  pushing a pair apart once the chosen completion leads by the margin m (:func:`pairwise_loss`).
 * ``pointwise`` binary labels train the scalar head with binary cross-entropy on its logit.
 * ``rating`` scalar ratings train the scalar head with mean squared error.
 * ``token`` labels train a per-token head (``AutoModelForTokenClassification``, one logit per token) with
@@ -39,6 +41,7 @@ from rlfb.rewards import feedback
 from rlfb.rewards.reward_model import RewardModelReward
 
 METADATA_FILE = "rlfb_reward_model.json"
+PAIRWISE_LOSSES = ("bradley_terry", "margin_ranking")
 
 
 @dataclass
@@ -54,6 +57,9 @@ class RewardModelConfig:
         eval_fraction: Share of ``data`` held out when there is no ``eval_data``.
         gold: A built-in task ("sentiment" or "arithmetic") whose gold reward the held-out metrics compare
             with, or empty for none.
+        pairwise_loss: "bradley_terry" (-log sigmoid(r_chosen - r_rejected)) or "margin_ranking"
+            (max(0, margin + r_rejected - r_chosen)); pairwise feedback only.
+        margin: The margin m of "margin_ranking", in reward units (> 0).
         epochs: Passes over the training rows.
         learning_rate: Peak AdamW learning rate (linear decay to 0 after ``warmup_ratio`` of the steps).
         warmup_ratio: Share of the steps with linear warm-up.
@@ -72,6 +78,8 @@ class RewardModelConfig:
     eval_data: str = ""
     eval_fraction: float = 0.1
     gold: str = ""
+    pairwise_loss: str = "bradley_terry"
+    margin: float = 1.0
     epochs: float = 2.0
     learning_rate: float = 1e-3
     warmup_ratio: float = 0.05
@@ -87,6 +95,13 @@ class RewardModelConfig:
             raise ConfigError(f"reward-model kind {self.kind!r} is not one of {list(feedback.KINDS)}")
         if self.gold and self.gold not in feedback.TASKS:
             raise ConfigError(f"reward-model gold {self.gold!r} is not one of {list(feedback.TASKS)} (or empty)")
+        if self.pairwise_loss not in PAIRWISE_LOSSES:
+            raise ConfigError(f"reward-model pairwise_loss {self.pairwise_loss!r} is not one of {list(PAIRWISE_LOSSES)}")
+        if self.pairwise_loss != "bradley_terry" and self.kind != "pairwise":
+            raise ConfigError(f"reward-model pairwise_loss {self.pairwise_loss!r} needs kind 'pairwise', got "
+                              f"{self.kind!r}; remove pairwise_loss")
+        if not self.margin > 0:
+            raise ConfigError(f"reward-model margin must be > 0, got {self.margin!r}")
         if not self.eval_data and not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in (0, 1) when there is no eval_data, got {self.eval_fraction}")
         for name in ("epochs", "learning_rate", "batch_size", "max_length"):
@@ -201,8 +216,34 @@ def _load_base(config: RewardModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def pairwise_loss(chosen: Any, rejected: Any, loss: str = "bradley_terry", margin: float = 1.0) -> Any:
+    """Mean pairwise loss of a batch of reward pairs s_c = r(x, y_chosen), s_r = r(x, y_rejected).
+
+    * ``bradley_terry``: -log sigmoid(s_c - s_r), the negative log-likelihood of the preference under the
+      Bradley-Terry model (Ouyang et al. 2022, Eq. 1); it keeps pushing the pair apart at any distance.
+    * ``margin_ranking``: max(0, m + s_r - s_c), the hinge of a ranking SVM (Herbrich et al. 1999;
+      ``torch.nn.MarginRankingLoss``): 0 once the chosen reward leads by the margin m.
+
+    Args:
+        chosen, rejected: (N,) tensors of rewards.
+        loss: ``"bradley_terry"`` or ``"margin_ranking"``.
+        margin: m of the margin ranking loss.
+
+    Example:
+        >>> import torch
+        >>> float(pairwise_loss(torch.tensor([2.0, 0.5]), torch.tensor([0.5, 1.0]), "margin_ranking", 1.0))
+        0.75
+    """
+    import torch
+
+    if loss == "margin_ranking":
+        return torch.clamp(margin + rejected - chosen, min=0.0).mean()
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
 def _train_pairwise(model: Any, tokenizer: Any, rows: list[dict[str, Any]], config: RewardModelConfig) -> None:
-    """Bradley-Terry training with TRL's RewardTrainer on pre-tokenized pairs.
+    """Pairwise training with TRL's RewardTrainer on pre-tokenized pairs (its own Bradley-Terry loss, or
+    :func:`pairwise_loss` for ``margin_ranking``).
 
     The pairs are tokenized here exactly as the ``reward_model`` reward tokenizes what it scores
     (prompt + completion, no special tokens), so training and scoring see the same inputs.
@@ -210,11 +251,23 @@ def _train_pairwise(model: Any, tokenizer: Any, rows: list[dict[str, Any]], conf
     import datasets
     from trl import RewardConfig, RewardTrainer
 
+    class MarginRankingTrainer(RewardTrainer):
+        """RewardTrainer whose loss is the margin ranking hinge (TRL's collator stacks chosen, then rejected)."""
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            chosen, rejected = outputs.logits.squeeze(-1).chunk(2)
+            loss = pairwise_loss(chosen, rejected, "margin_ranking", config.margin)
+            return (loss, outputs) if return_outputs else loss
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     pairs = [{"chosen_ids": ids(row["prompt"] + row["chosen"]), "rejected_ids": ids(row["prompt"] + row["rejected"])}
              for row in rows]
+    trainer_class = MarginRankingTrainer if config.pairwise_loss == "margin_ranking" else RewardTrainer
     with tempfile.TemporaryDirectory(prefix="rlfb-reward-trainer-") as scratch:
         arguments = RewardConfig(
             output_dir=scratch, num_train_epochs=config.epochs, learning_rate=config.learning_rate,
@@ -224,7 +277,7 @@ def _train_pairwise(model: Any, tokenizer: Any, rows: list[dict[str, Any]], conf
             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0, use_cpu=config.device == "cpu",
         )
-        trainer = RewardTrainer(model=model, args=arguments, train_dataset=datasets.Dataset.from_list(pairs),
+        trainer = trainer_class(model=model, args=arguments, train_dataset=datasets.Dataset.from_list(pairs),
                                 processing_class=tokenizer)
         trainer.train()
 
