@@ -25,10 +25,9 @@ if CHROMIUM is None or DRIVER is None:
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from tests.feedback.test_server import _free_port, _start_server  # noqa: E402
 
 from rlfb.feedback.store import FeedbackStore  # noqa: E402
-
+from tests.feedback.test_server import _free_port, _start_server  # noqa: E402
 
 
 def browser() -> object:
