@@ -77,12 +77,13 @@ def test_a_rater_judges_every_kind_with_the_keyboard_and_the_store_has_each(tmp_
             else:
                 body.send_keys("e")
                 editor = wait.until(lambda d: d.find_element(By.ID, "edit-text"))
-                wait.until(lambda d: editor.is_displayed())
+                wait.until(lambda d, editor=editor: editor.is_displayed())
                 editor.clear()
                 editor.send_keys(edit_text)
                 editor.send_keys(Keys.CONTROL, Keys.ENTER)
             judged.append(kind)
-            wait.until(lambda d: d.execute_script("return state.item && state.item.item_id") != item_id_before)
+            wait.until(lambda d, before=item_id_before: d.execute_script("return state.item && state.item.item_id")
+                       != before)
         assert not wanted, f"never got an item for {wanted} in 40 items"
         progress = driver.find_element(By.ID, "progress-text").text
         assert progress.startswith(f"{len(judged)} judged"), progress
