@@ -81,6 +81,8 @@ class BenchEvalConfig:
     num_prompts: int = 64
     every: int = 10
     seed: int = 1234
+    perturb: list[str] | None = None  # also evaluate on perturbed held-out prompts (rlfb/envs/perturbations.py)
+    perturb_rate: float = 0.1
 
 
 @dataclass
@@ -204,6 +206,13 @@ def bench_config_from_dict(data: Any, overrides: Sequence[str] = ()) -> BenchCon
     eval_config = BenchEvalConfig(**check_section(BenchEvalConfig, _mapping(data.get("eval", {}), "eval"), "eval"))
     _require(eval_config.num_prompts >= 1, "eval.num_prompts", eval_config.num_prompts, ">= 1")
     _require(eval_config.every >= 0, "eval.every", eval_config.every, ">= 0 (0: only before and after)")
+    if eval_config.perturb is not None:
+        from rlfb.envs.perturbations import check_perturbation
+
+        try:
+            check_perturbation(eval_config.perturb, eval_config.perturb_rate)
+        except ConfigError as error:
+            raise ConfigError(f"eval.perturb: {error}") from None
     seeds = data.get("seeds", [0])
     _require(isinstance(seeds, list) and bool(seeds) and all(type(s) is int for s in seeds)
              and len(set(seeds)) == len(seeds), "seeds", seeds, "a non-empty list of distinct integers")
@@ -513,18 +522,35 @@ def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy
     if rewards.needs_scorer:
         rewards.bind_scorer(policy.scorer)
     sampling = run_config.sampling
-    result = evaluate_policy(policy, rows, rewards, SamplingConfig(
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        max_new_tokens=sampling.max_new_tokens), seed=config.eval.seed, num_samples=0)
+    eval_sampling = SamplingConfig(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                   max_new_tokens=sampling.max_new_tokens)
+    result = evaluate_policy(policy, rows, rewards, eval_sampling, seed=config.eval.seed, num_samples=0)
     values = {gold_key(r): result.rewards[gold_key(r)] for r in config.gold}
     # The design's reward is its weighted sum; the evaluation's "total" mixes in the gold rewards.
     values[PROXY_KEY] = sum((spec.weight * result.rewards[str(spec.label)] for spec in design_specs), 0.0)
     values.update(kl=result.kl, fluency=result.fluency, distinct_1=result.distinct_1, distinct_2=result.distinct_2,
                   completion_length=result.completion_length)
+    if config.eval.perturb:  # the same prompts perturbed, the same sampling seed: the robustness gap
+        perturbed_rows = _perturbed(rows, config.eval.perturb, config.eval.perturb_rate, config.eval.seed)
+        perturbed = evaluate_policy(policy, perturbed_rows, rewards, eval_sampling, seed=config.eval.seed,
+                                    num_samples=0)
+        first_gold = gold_key(config.gold[0])
+        values["gold_perturbed"] = perturbed.rewards[first_gold]
+        values["robustness_gap"] = result.rewards[first_gold] - perturbed.rewards[first_gold]
     prompt_values = {gold_key(r): result.prompt_rewards[gold_key(r)] for r in config.gold}
     prompt_values[PROXY_KEY] = [sum(spec.weight * result.prompt_rewards[str(spec.label)][row] for spec in design_specs)
                                 for row in range(len(rows))]
     return EvalPoint(step, {key: float(value) for key, value in values.items()}, prompt_values)
+
+
+def _perturbed(rows: Sequence[Mapping[str, Any]], kinds: Sequence[str], rate: float, seed: int) -> list[dict[str, Any]]:
+    """``rows`` with perturbed prompts, each drawn from its own generator (the same at every evaluation)."""
+    import numpy as np
+
+    from rlfb.envs.perturbations import perturb_prompt
+
+    return [{**row, "prompt": perturb_prompt(str(row["prompt"]), kinds, rate, np.random.default_rng([seed, index]))}
+            for index, row in enumerate(rows)]
 
 
 def _as_metrics(values: Mapping[str, float]) -> dict[str, float]:

@@ -37,6 +37,9 @@ MEASURES: tuple[tuple[str, str], ...] = (
     ("distinct_2", "distinct-2"),
     ("completion_length", "length"),
 )
+# Shown when a bench measures them (eval.perturb): the first gold reward on perturbed held-out prompts
+# subtracted from the clean one.
+OPTIONAL_MEASURES: tuple[tuple[str, str], ...] = (("robustness_gap", "robustness gap"),)
 
 
 @dataclass
@@ -118,7 +121,9 @@ def results_markdown(summaries: Sequence[DesignSummary], gold_keys: Sequence[str
                      base: dict[str, float] | None = None, notes: Sequence[str] = (),
                      bounds: VerdictBounds | None = None) -> str:
     """``results.md``: one row per design, ``mean ± std`` over seeds of the final evaluation, and its verdict."""
-    headings = [_gold_heading(key) for key in gold_keys] + [heading for _, heading in MEASURES]
+    measures = list(MEASURES) + [measure for measure in OPTIONAL_MEASURES
+                                 if any(measure[0] in summary.final_mean for summary in summaries)]
+    headings = [_gold_heading(key) for key in gold_keys] + [heading for _, heading in measures]
     lines = [f"# {title}", "", "Final held-out evaluation of every design, mean ± std over seeds "
              f"({', '.join(str(s) for s in summaries[0].seeds) if summaries else ''}). Gold columns are the "
              "metrics the designs were judged by, not trained on. 'gold peak drop' is how far the final gold "
@@ -127,11 +132,11 @@ def results_markdown(summaries: Sequence[DesignSummary], gold_keys: Sequence[str
     lines.append("|" + "---|" * (len(headings) + 4))
     if base:
         cells = [_fmt(base.get(key, math.nan)) for key in gold_keys] + [_fmt(base.get(key, math.nan))
-                                                                        for key, _ in MEASURES]
+                                                                        for key, _ in measures]
         lines.append("| *base model (before training)* | " + " | ".join(cells) + " | | | |")
     for summary in summaries:
         cells = [_fmt(summary.final_mean.get(key, math.nan), summary.final_std.get(key, math.nan))
-                 for key in list(gold_keys) + [key for key, _ in MEASURES]]
+                 for key in list(gold_keys) + [key for key, _ in measures]]
         verdict = summary.verdict.reason
         if summary.verdict.flagged:
             verdict = f"**{verdict}**"

@@ -366,7 +366,8 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
     data = _normalize(RunConfig, _with_defaults(RunConfig().to_dict(), given), "")
     if "rewards" not in given:  # the task's own rewards; a multi-turn episode is scored by its protocol
         single_turn = data.get("env", {}).get("kind", "single_turn") == "single_turn"
-        data["rewards"] = [{"name": name} for name in task_default_rewards(data["task"]["name"])] if single_turn else []
+        defaults = task_default_rewards(data["task"]["name"], data["task"].get("kwargs") or {})
+        data["rewards"] = [{"name": name} for name in defaults] if single_turn else []
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator or not key.strip():

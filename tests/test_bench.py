@@ -201,3 +201,30 @@ def test_cli_check_lists_the_runs_and_reports_errors_with_exit_code_1(capsys: py
     assert "7 designs x 1 seeds" in out and "vader_no_kl: 1*sentiment; KL kl_coef=0.0, kl_target=None" in out
     assert main(["bench", config, "--check", "--set", "budget.num_envs=0"]) == 1
     assert "'budget.num_envs' is 0" in capsys.readouterr().err
+
+
+def test_eval_perturb_adds_the_robustness_gap_on_perturbed_held_out_prompts(tiny_model_dir: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlfb.evaluation
+    from rlfb.bench import _evaluate
+    from rlfb.models.policy import LoraSettings, Policy
+
+    data = bench_data(model=str(tiny_model_dir), eval={"num_prompts": 4, "every": 1, "perturb": ["distractor"]})
+    config = bench_config_from_dict(data)
+    calls: list[tuple[list[str], float]] = []
+    original = rlfb.evaluation.evaluate_policy
+
+    def recording(policy: Any, rows: Any, reward_set: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(policy, rows, reward_set, *args, **kwargs)
+        calls.append(([row["prompt"] for row in rows], result.rewards["gold/sentiment"]))
+        return result
+
+    monkeypatch.setattr(rlfb.evaluation, "evaluate_policy", recording)
+    policy = Policy.from_pretrained(str(tiny_model_dir), lora=LoraSettings(r=2), value_head=False, device="cpu")
+    point = _evaluate(config, config.run_config(config.designs[0], 0), config.designs[0], policy, step=0)
+    (clean, clean_gold), (perturbed, perturbed_gold) = calls
+    assert all(noisy.endswith(" " + prompt) and noisy != prompt for noisy, prompt in zip(perturbed, clean, strict=True))
+    assert point.values["gold_perturbed"] == perturbed_gold
+    assert point.values["robustness_gap"] == pytest.approx(clean_gold - perturbed_gold)
+    with pytest.raises(ConfigError, match="eval.perturb: unknown perturbation 'typo'"):
+        bench_config_from_dict(bench_data(eval={"num_prompts": 4, "perturb": ["typo"]}))

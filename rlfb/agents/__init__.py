@@ -22,16 +22,16 @@ if TYPE_CHECKING:
     from rlfb.agents.configs import (
         AGENTS,
         AgentSpec,
-        ESConfig,
         DistillationConfig,
+        ESConfig,
         PPOConfig,
         ReinforceConfig,
         SelfTrainingConfig,
         agent_config,
         register_agent,
     )
-    from rlfb.agents.es import ESAgent
     from rlfb.agents.distillation import DistillationAgent
+    from rlfb.agents.es import ESAgent
     from rlfb.agents.kl import AdaptiveKLController, FixedKLController, make_kl_controller
     from rlfb.agents.multi_turn import EpisodeBatch, collect_episodes
     from rlfb.agents.ppo import PPOAgent

@@ -48,7 +48,7 @@ SPLITS: tuple[Split, ...] = ("train", "eval")
 TaskBuilder = Callable[..., "Task"]
 
 _BUILDERS: dict[str, TaskBuilder] = {}
-_DEFAULT_REWARDS: dict[str, tuple[str, ...]] = {}
+_DEFAULT_REWARDS: dict[str, tuple[str, ...] | Callable[[Mapping[str, Any]], tuple[str, ...]]] = {}
 
 # Openings of a split are drawn without repetition until the split is used up, so deduplicating a draw
 # this long recovers every opening of the split (the grammar has a few hundred).
@@ -117,11 +117,13 @@ class Task:
         return [row["prompt"] for row in self.eval]
 
 
-def register_task(name: str, default_rewards: Sequence[str] = ()) -> Callable[[TaskBuilder], TaskBuilder]:
+def register_task(name: str, default_rewards: Sequence[str] | Callable[[Mapping[str, Any]], tuple[str, ...]] = (),
+                  ) -> Callable[[TaskBuilder], TaskBuilder]:
     """Register a task builder under ``name``: a function of keyword options returning a :class:`Task`.
 
     ``default_rewards`` are the rewards a run config of this task uses when it lists none (single-turn
-    runs); declare them here, where a config can read them without building the task.
+    runs); declare them here, where a config can read them without building the task (or give a function
+    of the task's options that returns them, as the ``perturbed`` task does for the task it wraps).
 
     Example:
         >>> @register_task("greetings")
@@ -134,15 +136,23 @@ def register_task(name: str, default_rewards: Sequence[str] = ()) -> Callable[[T
 
     def decorator(builder: TaskBuilder) -> TaskBuilder:
         _BUILDERS[name] = builder
-        _DEFAULT_REWARDS[name] = tuple(default_rewards)
+        _DEFAULT_REWARDS[name] = default_rewards if callable(default_rewards) else tuple(default_rewards)
         return builder
 
     return decorator
 
 
-def task_default_rewards(name: str) -> tuple[str, ...]:
-    """The rewards registered task ``name`` declared as its defaults (none for an unknown name)."""
-    return _DEFAULT_REWARDS.get(name, ())
+def task_default_rewards(name: str, options: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The rewards registered task ``name`` (with ``options``) declared as its defaults (none if unknown)."""
+    declared = _DEFAULT_REWARDS.get(name, ())
+    return tuple(declared(dict(options or {}))) if callable(declared) else declared
+
+
+def _wrapped_task_rewards(options: Mapping[str, Any]) -> tuple[str, ...]:
+    inner = options.get("task", "sentiment")
+    if isinstance(inner, Mapping):
+        return task_default_rewards(str(inner.get("name", "")), {k: v for k, v in inner.items() if k != "name"})
+    return task_default_rewards(str(inner))
 
 
 def list_tasks() -> dict[str, str]:
@@ -434,6 +444,45 @@ def _is_blank(path: Path) -> bool:
 def _preview(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@register_task("perturbed", default_rewards=_wrapped_task_rewards)
+def perturbed_task(task: str | Mapping[str, Any] = "sentiment", kinds: Sequence[str] = ("typos", "distractor"),
+                   rate: float = 0.1, seed: int = 0, splits: Sequence[str] = ("train",)) -> Task:
+    """Another task's rows with perturbed prompts (typos, distractor prefixes, case noise): adversarial training.
+
+    Each row of the perturbed ``splits`` (default: train only, so held-out evaluation stays clean) gets its
+    prompt perturbed once, deterministically from ``seed`` and its index (:mod:`rlfb.envs.perturbations`);
+    the other columns are unchanged. The task's default rewards are the wrapped task's; a run config of
+    this task that lists none uses them.
+
+    Args:
+        task: The wrapped task: a name or ``{name, kwargs}``-style mapping, as ``make_task`` takes.
+        kinds: Perturbations to apply, in order.
+        rate: Per-character probability of typos and case flips.
+        seed: Seeds the perturbations.
+        splits: Which splits to perturb.
+    """
+    from rlfb.envs.perturbations import check_perturbation, perturb_prompt
+
+    check_perturbation(kinds, rate)
+    bad = [split for split in splits if split not in SPLITS]
+    if bad or not splits:
+        raise ConfigError(f"perturbed: splits {list(splits)} must be some of {', '.join(SPLITS)}")
+    inner = make_task(task if isinstance(task, str) else dict(task))
+
+    def perturbed(split: Split) -> tuple[dict[str, Any], ...]:
+        rows = inner.rows(split)
+        if split not in splits:
+            return tuple(rows)
+        offset = SPLITS.index(split) * 1_000_003
+        return tuple({**row, "prompt": perturb_prompt(row["prompt"], kinds, rate,
+                                                      np.random.default_rng([seed, offset + index]))}
+                     for index, row in enumerate(rows))
+
+    return Task(f"perturbed_{inner.name}", train=perturbed("train"), eval=perturbed("eval"),
+                default_rewards=inner.default_rewards,
+                description=f"{inner.name} with {', '.join(kinds)} in its {', '.join(splits)} prompts")
 
 
 # Tasks of optional libraries (the library is imported when the task is made).

@@ -17,7 +17,6 @@ from rlfb.agents.distillation import (
     DistillationAgent,
     completion_log_distributions,
     generalized_jsd,
-    kl_divergence,
     token_divergence,
 )
 from rlfb.agents.trajectory import build_rollout
