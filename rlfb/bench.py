@@ -120,6 +120,7 @@ class Design:
     reward_scale: dict[str, Any] = field(default_factory=dict)  # the run config's reward_scale section
     agent: dict[str, Any] = field(default_factory=dict)  # the design's own agent section (another agent, options)
     budget: dict[str, Any] = field(default_factory=dict)  # keys of the shared budget this design changes
+    task: Any = None  # the design's own training task (e.g. perturbed prompts); None: the shared one
 
 
 @dataclass
@@ -153,6 +154,8 @@ class BenchConfig:
         agent.update(design.agent)
         agent.update(design.agent_kl)
         budget = {**data.get("budget", {}), **design.budget}
+        if design.task is not None:
+            data["task"] = design.task
         data.update(
             agent=agent, budget=budget, seed=seed, output_dir=str(runs_dir),
             rewards=[dataclasses.asdict(reward) for reward in design.rewards], reward_scale=dict(design.reward_scale),
@@ -163,9 +166,10 @@ class BenchConfig:
         return config_from_dict(data)
 
 
-# A design's keys: its rewards and KL, and optionally its own agent (to compare agents on one reward) and
-# the budget keys it changes (a group size, a time limit).
-DESIGN_KEYS = ("name", "rewards", "kl", "reward_scale", "agent", "budget")
+# A design's keys: its rewards and KL, and optionally its own agent (to compare agents on one reward), the
+# budget keys it changes (a group size, a time limit) and its own training task (perturbed prompts); every
+# design is evaluated on the held-out prompts of its own task's eval split.
+DESIGN_KEYS = ("name", "rewards", "kl", "reward_scale", "agent", "budget", "task")
 TOP_LEVEL_KEYS = (*SHARED_SECTIONS, "eval", "gold", "designs", "seeds", "output_dir", "threads", "verdict")
 
 
@@ -287,7 +291,8 @@ def _design(entry: Any, where: str) -> Design:
     agent = entry.get("agent", {})
     agent = {"name": agent} if isinstance(agent, str) else _mapping(agent, f"{where}.agent")
     return Design(name=name, rewards=rewards, agent_kl=_kl(entry.get("kl"), f"{where}.kl"), recipes=recipes,
-                  reward_scale=reward_scale, agent=agent, budget=_mapping(entry.get("budget", {}), f"{where}.budget"))
+                  reward_scale=reward_scale, agent=agent, budget=_mapping(entry.get("budget", {}), f"{where}.budget"),
+                  task=entry.get("task"))
 
 
 def _kl(value: Any, where: str) -> dict[str, Any]:

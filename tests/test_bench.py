@@ -111,8 +111,16 @@ def test_a_design_may_train_its_own_agent_with_its_own_budget_keys() -> None:
     assert (shared.budget.num_envs, shared.budget.group_size) == (4, 2)
     with pytest.raises(ConfigError, match=r"design 'ppo':.*agent.epoch"):
         bench_config_from_dict(bench_data(designs=[{**designs[2], "agent": {"name": "ppo", "epoch": 2}}]))
-    with pytest.raises(ConfigError, match=r"valid keys in a design: name, rewards, kl, reward_scale, agent, budget"):
+    with pytest.raises(ConfigError, match=r"valid keys in a design: name, rewards, kl, reward_scale, agent, budget, task"):
         bench_config_from_dict(bench_data(designs=[{"name": "a", "rewards": ["sentiment"], "agents": "ppo"}]))
+
+
+def test_shipped_adversarial_bench_config_trains_one_design_on_perturbed_prompts() -> None:
+    config = load_bench_config(REPO / "benchmarks" / "sentiment_adversarial.yaml")
+    clean, perturbed = (config.run_config(design, seed=0) for design in config.designs)
+    assert (clean.task.name, perturbed.task.name) == ("sentiment", "perturbed")
+    assert perturbed.task.kwargs["task"] == "sentiment" and config.eval.perturb == ["typos", "distractor"]
+    assert clean.agent == perturbed.agent and clean.budget == perturbed.budget
 
 
 def test_shipped_agents_bench_config_compares_agents_on_one_reward() -> None:
