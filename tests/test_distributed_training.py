@@ -57,7 +57,8 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, output_dir: st
         runs = [Trainer(config)]
     elif plan == "rank1_callback_stops_at_2":
         runs = [Trainer(config, callbacks=[lambda step, metrics: False if rank == 1 and step == 2 else None])]
-    elif plan == "rank0_ctrl_c_at_2_then_resume":
+    elif plan == "straight_then_rank0_ctrl_c_at_2_then_resume":
+        straight = tiny_config(Path(model_dir), Path(output_dir) / "straight", *overrides, agent=agent)
         trainer = Trainer(config)
 
         def ctrl_c_on_rank0(step: int, metrics: dict) -> None:
@@ -65,14 +66,14 @@ def worker(rank: int, world_size: int, port: int, model_dir: str, output_dir: st
                 trainer._stop_requested = True  # what the SIGINT handler sets
 
         trainer.callbacks.append(ctrl_c_on_rank0)
-        runs = [trainer]
+        runs = [Trainer(straight), trainer]
     else:
         raise ValueError(plan)
     for trainer in runs:
         result = trainer.train()
         results.append({"run_dir": str(result.run_dir), "step": result.step, "interrupted": result.interrupted})
-    if plan == "rank0_ctrl_c_at_2_then_resume":
-        result = Trainer(config, resume_from=results[0]["run_dir"]).train()
+    if plan == "straight_then_rank0_ctrl_c_at_2_then_resume":
+        result = Trainer(config, resume_from=results[1]["run_dir"]).train()
         results.append({"run_dir": str(result.run_dir), "step": result.step, "interrupted": result.interrupted})
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -134,17 +135,17 @@ def test_a_callback_stopping_one_rank_stops_both_after_the_same_update(tiny_mode
 
 
 def test_ctrl_c_on_one_rank_saves_and_a_two_rank_resume_continues_like_an_uninterrupted_run(
-        ppo_two_ranks: tuple[Path, list], tiny_model_dir: Path, tmp_path: Path) -> None:
-    _, straight = ppo_two_ranks
-    results = two_ranks(tmp_path, tiny_model_dir, "ppo", (*PPO, "checkpoint.every=0"),
-                        plan="rank0_ctrl_c_at_2_then_resume")
-    for interrupted, resumed in results:
-        assert interrupted["interrupted"] and interrupted["step"] == 2
-        assert resumed["step"] == 5 and resumed["run_dir"] == interrupted["run_dir"]
-    run_dir = Path(results[0][1]["run_dir"])
-    assert reproducible(read_metrics(run_dir)) == reproducible(read_metrics(Path(straight[0][0]["run_dir"])))
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Sampled (not greedy): the ranks' own sampling streams must come back from the checkpoint.
+    overrides = ("budget.updates=4", "budget.num_envs=8", "agent.num_minibatches=1", "checkpoint.every=0")
+    results = two_ranks(tmp_path, tiny_model_dir, "ppo", overrides, plan="straight_then_rank0_ctrl_c_at_2_then_resume")
+    for straight, interrupted, resumed in results:
+        assert straight["step"] == 4 and interrupted["interrupted"] and interrupted["step"] == 2
+        assert resumed["step"] == 4 and resumed["run_dir"] == interrupted["run_dir"]
+    run_dir = Path(results[0][2]["run_dir"])
+    assert reproducible(read_metrics(run_dir)) == reproducible(read_metrics(Path(results[0][0]["run_dir"])))
     # One process cannot continue what two ranks saved (each rank's streams are in the checkpoint).
-    config = tiny_config(tiny_model_dir, tmp_path / "runs", *PPO, agent="ppo")
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", *overrides, agent="ppo")
     with pytest.raises(ConfigError, match=r"saved by 2 rank\(s\) and this run has 1; resume with the same number"):
         Trainer(config, resume_from=run_dir).train()
 
