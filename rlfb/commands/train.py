@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
         trainer.callbacks.append(OnlineFeedback(trainer))
     result = trainer.train()
-    print(f"run directory: {result.run_dir}")
+    if trainer.is_main_process:  # one line per run, not per rank
+        print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
 
 
