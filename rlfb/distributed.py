@@ -279,6 +279,13 @@ def token_share(mask: torch.Tensor) -> torch.Tensor | None:
     return (local * dist.get_world_size() / total.clamp(min=1)).to(torch.float32)
 
 
+def _collective_device() -> torch.device:
+    """Where a tensor created for a collective must live: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); nothing with one process."""
     if world_size() > 1:
@@ -289,6 +296,6 @@ def agree(wish: bool) -> bool:
     """True on every rank when any rank wishes it (a stop decision every rank takes together)."""
     if not active() or dist.get_world_size() == 1:
         return wish
-    flag = torch.tensor([1.0 if wish else 0.0])
+    flag = torch.tensor([1.0 if wish else 0.0], device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
