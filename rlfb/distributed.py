@@ -35,6 +35,7 @@ import datetime
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,10 +45,19 @@ __all__ = [
     "DistributedContext",
     "agree",
     "all_reduce_gradients",
+    "average_across_ranks",
+    "barrier",
+    "broadcast_object",
+    "broadcast_parameters",
+    "gather_objects",
+    "gather_rows",
+    "global_masked_mean",
     "global_masked_mean_var",
     "init_from_environment",
     "mean_across_ranks",
     "rank_seed",
+    "token_share",
+    "world_size",
 ]
 
 # A collective that waits longer than this for a rank raises: a dead rank ends the job within a minute.
@@ -87,6 +97,16 @@ class DistributedContext:
 def active() -> bool:
     """Whether a ``torch.distributed`` process group is initialized (with more than one rank or not)."""
     return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """The number of ranks of the initialized process group (1 without one)."""
+    return dist.get_world_size() if active() else 1
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher asked for (``WORLD_SIZE``; 1 when not launched by one), torch-free to read."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launched_distributed() -> bool:
@@ -167,20 +187,115 @@ def global_masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[to
 
 
 def mean_across_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Each scalar averaged over the ranks (the same keys on every rank, in any order)."""
-    if not active() or dist.get_world_size() == 1 or not metrics:
+    """Each scalar averaged over the ranks that report it (key sets may differ between ranks).
+
+    Keys come back in the order rank 0 reports them, then any only other ranks report. A value equal on
+    every rank comes back unchanged (``(a + a) / 2 == a`` in floating point).
+    """
+    if world_size() == 1:
         return dict(metrics)
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist(), strict=True))
+    reported = gather_objects({key: float(value) for key, value in metrics.items()})
+    keys = list(dict.fromkeys(key for rank_metrics in reported for key in rank_metrics))
+    averaged = {}
+    for key in keys:
+        values = [rank_metrics[key] for rank_metrics in reported if key in rank_metrics]
+        averaged[key] = sum(values) / len(values)
+    return averaged
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` with one process."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def gather_rows(rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row tensors (first dimension: this rank's rows) joined over the ranks in rank order, as the
+    batch of one process would hold them; ``rows`` itself with one process."""
+    if world_size() == 1:
+        return dict(rows)
+    gathered = gather_objects({key: value.detach().cpu() for key, value in rows.items()})
+    return {key: torch.cat([rank_rows[key] for rank_rows in gathered]).to(value.device)
+            for key, value in rows.items()}
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. the run directory rank 0 created)."""
+    if world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Copy rank 0's values of ``parameters`` to every rank (the trainable weights start identical)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for parameter in parameters:
+            dist.broadcast(parameter.data, src=0)
+
+
+def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` averaged element-wise over the ranks (a new tensor); ``tensor`` itself with one process."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
+def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` where ``mask`` is 1 over every rank's elements (no gradient across ranks).
+
+    With one process exactly ``(values * mask).sum() / mask.sum().clamp(min=1)``, the masked mean of
+    rlfb/agents/base.py; with several, the numerator and the count are all-reduced first.
+    """
+    total, count = (values * mask).sum(), mask.sum()
+    if world_size() > 1:
+        sums = torch.stack([total.detach(), count.to(total.dtype)])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        total, count = sums[0], sums[1]
+    return total / count.clamp(min=1)
+
+
+def token_share(mask: torch.Tensor) -> torch.Tensor | None:
+    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N.
+
+    A loss that is a masked mean over this rank's tokens, multiplied by it, has gradients whose average
+    over the ranks (what :func:`all_reduce_gradients` computes) is the gradient of the masked mean over
+    every rank's tokens: (1/W) sum_r (N_r W / N) (g_r / N_r) = sum_r g_r / N, whatever the ranks' token
+    counts. None with one process (nothing to scale).
+    """
+    if world_size() == 1:
+        return None
+    local = mask.sum().to(torch.float64)
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (local * dist.get_world_size() / total.clamp(min=1)).to(torch.float32)
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor created for a collective must live: the rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); nothing with one process."""
+    if world_size() > 1:
+        dist.barrier()
 
 
 def agree(wish: bool) -> bool:
     """True on every rank when any rank wishes it (a stop decision every rank takes together)."""
     if not active() or dist.get_world_size() == 1:
         return wish
-    flag = torch.tensor([1.0 if wish else 0.0])
+    flag = torch.tensor([1.0 if wish else 0.0], device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)

@@ -24,8 +24,13 @@ and the "before" evaluation (the first call of the rewards) has run. An error af
 ``FAILED`` file in the run directory (the update reached and the error); ``--resume`` says so, continues
 from the last checkpoint and removes it.
 
-Rank-awareness: only the main process logs, writes checkpoints and evaluates, so a multi-process
-trainer (each rank rolling out its share) can reuse this loop.
+Several ranks (``torchrun --nproc-per-node N -m rlfb train CONFIG``; docs/distributed.md): the trainer
+joins the process group the launcher describes. ``budget.num_envs`` is the global batch; each rank
+collects its share (whole groups) of the prompts one process would draw, with its own sampling stream
+(:func:`rlfb.distributed.rank_seed`); the agents average gradients and reduce batch-wide statistics over
+the ranks. Rank 0 alone creates the run directory, logs, writes checkpoints (holding every rank's RNG
+state) and evaluates; stop decisions (budget time, callbacks, Ctrl-C, unscored rollouts) are agreed, so
+every rank stops after the same update.
 """
 
 from __future__ import annotations
@@ -45,11 +50,11 @@ import numpy as np
 import torch
 
 from rlfb import checkpoint as checkpointing
-from rlfb import run_directory
-from rlfb.agents.configs import agent_spec, run_agent
+from rlfb import distributed, run_directory
+from rlfb.agents.configs import agent_spec, check_world_size, run_agent
 from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
-from rlfb.errors import RewardError
+from rlfb.errors import ConfigError, RewardError
 from rlfb.evaluation import EvalResult, comparison_table, evaluate_episodes, evaluate_policy
 from rlfb.files import write_text_atomically
 from rlfb.logging import ConsoleWriter, JsonlWriter, Logger, TensorBoardWriter, make_run_dir
@@ -148,9 +153,13 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), import_trust: ImportTrust = TRUST_ALL) -> None:
         self.config = config
         self.callbacks = list(callbacks)
-        self.is_main_process = is_main_process()
         # Everything checkable without loading a model is checked here, before a run directory exists.
+        check_world_size(config, distributed.world_size() if distributed.active()
+                         else distributed.launched_world_size())
         self.run_agent = run_agent(config)
+        self.context = distributed.init_from_environment(config.device)  # single without a launcher
+        self.is_main_process = self.context.is_main and is_main_process()
+        self.world_size = self.context.world_size
         self.group_size = self.run_agent.group_size
         self.import_trust = import_trust
         for reward in config.rewards:
@@ -218,6 +227,7 @@ class Trainer:
                               target_modules=lora.target_modules),
             value_head=agent_spec(agent_name).needs_value_head, device=self.device,
             dtype=DTYPES.get(config.model.dtype or ""))
+        distributed.broadcast_parameters(self.policy.trainable_parameters())  # identical on every rank
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)
         self.agent = make_agent(agent_name, self.policy, self.run_agent.options)
@@ -230,7 +240,8 @@ class Trainer:
                 self.eval_venv = self._multi_turn_venv(min(config.eval.num_prompts, EVAL_BATCH), "eval")
         else:
             self.venv = gymnasium.make_vec(
-                "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs, vectorization_mode="vector_entry_point",
+                "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs // self.world_size,
+                vectorization_mode="vector_entry_point",
                 task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
                 group_size=self.group_size,
                 max_new_tokens=config.sampling.max_new_tokens, max_prompt_tokens=config.sampling.max_prompt_tokens,
@@ -238,7 +249,15 @@ class Trainer:
         # Seeds the env's np_random; rollouts then reset without a seed (a multi-turn rollout draws its
         # groups' seeds from it).
         self.venv.reset(seed=config.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Rank r samples from its own stream; rank 0's is a single-process run's.
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            distributed.rank_seed(config.seed, self.context.rank))
+        # Several ranks: every rank draws the global batch's prompts as one process's env would (same seed,
+        # same call) and takes its slice; see :meth:`_prompt_indices`.
+        self.prompt_rng = None
+        if self.world_size > 1:
+            self.prompt_rng = gymnasium.utils.seeding.np_random(config.seed)[0]
+            self._prompt_indices()  # the draw of the seeding reset above, as one process's env makes it
         self.eval_rows = [row for row in list(self.task.eval_rows())[: config.eval.num_prompts]
                           for _ in range(config.eval.completions_per_prompt)]  # a prompt's copies side by side
 
@@ -258,24 +277,54 @@ class Trainer:
         """
         generator = self.generator if generator is None else generator
         if not self.multi_turn:
-            return self._collect_rollout(self.venv, self.policy, self.sampling, generator, seed=seed), {}
+            options = {"indices": self._prompt_indices()} if self.prompt_rng is not None and seed is None else None
+            return self._collect_rollout(self.venv, self.policy, self.sampling, generator, seed=seed,
+                                         options=options), {}
         from rlfb.agents.multi_turn import collect_episodes
 
         batch = collect_episodes(self.venv, self.policy, self.sampling, generator, group_size=self.group_size,
                                  seed=seed)
         return batch.rollout, batch.metrics()
 
+    def _prompt_indices(self) -> np.ndarray:
+        """This rank's slice of the global batch's prompt indices (train split), one per group."""
+        assert self.prompt_rng is not None
+        return rank_prompt_indices(self.prompt_rng, len(self.task.train), self.config.budget.num_envs // self.group_size,
+                                   self.context.rank, self.world_size)
+
     def _numpy_generators(self) -> dict[str, np.random.Generator]:
-        return {"env": self.venv.unwrapped.np_random}
+        generators = {"env": self.venv.unwrapped.np_random}
+        if self.prompt_rng is not None:
+            generators["prompts"] = self.prompt_rng
+        return generators
 
     def _capture(self) -> dict[str, Any]:
-        """Everything that changes during one iteration besides the weights: RNG streams, reward stats."""
+        """Everything that changes during one iteration besides the weights: RNG streams, reward stats
+        (this rank's)."""
         return {"rng": checkpointing.capture_rng_state({"sampling": self.generator}, self._numpy_generators()),
                 "rewards": self.reward_set.state_dict()}
 
-    # ------------------------------------------------------------------------------------- checkpoints
-    def _write_checkpoint(self, directory: Path, captured: dict[str, Any] | None = None) -> None:
+    def _checkpoint_state(self, captured: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a checkpoint saves besides the weights, with every rank's RNG state (a collective: every
+        rank calls it). One process saves its state as it is; W ranks save ``{"world_size": W, "ranks":
+        [state of rank 0, ...]}``."""
         captured = captured or self._capture()
+        if self.world_size == 1:
+            return captured
+        return {**captured, "rng": {"world_size": self.world_size, "ranks": distributed.gather_objects(captured["rng"])}}
+
+    def _restore_rng(self, saved: dict[str, Any]) -> None:
+        """This rank's RNG state from a checkpoint's; one-line error when it was saved with another world size."""
+        saved_world = int(saved["world_size"]) if "ranks" in saved else 1
+        if saved_world != self.world_size:
+            raise ConfigError(f"the checkpoint was saved by {saved_world} rank(s) and this run has {self.world_size}; "
+                              f"resume with the same number of ranks (torchrun --nproc-per-node {saved_world})")
+        state = saved["ranks"][self.context.rank] if "ranks" in saved else saved
+        checkpointing.restore_rng_state(state, {"sampling": self.generator}, self._numpy_generators())
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _write_checkpoint(self, directory: Path, captured: dict[str, Any]) -> None:
+        """Write one checkpoint's files (rank 0); ``captured`` is :meth:`_checkpoint_state`'s."""
         self.policy.save(directory / "adapter")  # peft adapter files + value_head.safetensors
         checkpointing.save_torch_state(directory / checkpointing.AGENT_STATE_FILE,
                               {"agent": self.agent.state_dict(), "rewards": captured["rewards"]})
@@ -284,7 +333,8 @@ class Trainer:
         checkpointing.write_trainer_state(directory, {"step": self.step, "elapsed_s": self.elapsed_s})
 
     def save_checkpoint(self, captured: dict[str, Any] | None = None) -> Path:
-        """Write ``checkpoints/step_N`` atomically (the state of the last completed update)."""
+        """Write ``checkpoints/step_N`` atomically (the state of the last completed update); every rank calls it."""
+        captured = self._checkpoint_state(captured)
         manager = checkpointing.CheckpointManager(self.run_dir, self.config.checkpoint.keep_last,
                                                   self.is_main_process)
         return manager.save(self.step, lambda directory: self._write_checkpoint(directory, captured))
@@ -294,8 +344,7 @@ class Trainer:
         state = checkpointing.load_torch_state(checkpoint / checkpointing.AGENT_STATE_FILE)
         self.agent.load_state_dict(state["agent"])
         self.reward_set.load_state_dict(state["rewards"])
-        checkpointing.restore_rng_state(checkpointing.load_torch_state(checkpoint / checkpointing.RNG_STATE_FILE),
-                               {"sampling": self.generator}, self._numpy_generators())
+        self._restore_rng(checkpointing.load_torch_state(checkpoint / checkpointing.RNG_STATE_FILE))
         trainer_state = checkpointing.read_trainer_state(checkpoint)
         self.step, self.elapsed_s = int(trainer_state["step"]), float(trainer_state["elapsed_s"])
 
@@ -319,9 +368,10 @@ class Trainer:
         except BaseException:
             self._close_envs()
             raise
-        if self._run_dir is None:
-            self._run_dir = make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
-                                         config.logging.run_name)
+        if self._run_dir is None:  # rank 0 creates it, every rank learns its path
+            self._run_dir = distributed.broadcast_object(
+                make_run_dir(config.output_dir, config.task.name, config.agent.name, config.seed,
+                             config.logging.run_name) if self.is_main_process else None)
         self.logger = self._make_logger(truncate_after=self.step if resumed else None)  # reads, then truncates
         try:
             if resumed:
@@ -338,12 +388,16 @@ class Trainer:
                 interruption = self._loop()
             if interruption is not None:
                 saved = self.save_checkpoint(interruption.state) if interruption.consistent else None
+                distributed.barrier()  # every rank returns once rank 0's checkpoint is on disk
                 self._say(f"interrupted at update {self.step}; "
                           + (f"saved {saved}. " if saved else "the update in progress was lost. ")
                           + f"Continue with: rlfb train CONFIG --resume {self.run_dir}")
                 return TrainResult(self.run_dir, self.step, before, None, interrupted=True, checkpoint=saved)
-            final = checkpointing.save_atomically(self.run_dir / checkpointing.FINAL_DIR, self._write_checkpoint) \
+            final_state = self._checkpoint_state()  # every rank's part, gathered before rank 0 writes
+            final = checkpointing.save_atomically(self.run_dir / checkpointing.FINAL_DIR,
+                                                  lambda directory: self._write_checkpoint(directory, final_state)) \
                 if self.is_main_process else None
+            distributed.barrier()  # final/ is on disk before any rank returns (rank 0 then evaluates alone)
             after = self._evaluate(step=self.step, label="after")
             if before is not None and after is not None:
                 table = comparison_table(before, after)
@@ -390,14 +444,15 @@ class Trainer:
                 rollout, episode_metrics = self.agent.collect(self._collect)
                 rollout_s = time.perf_counter() - started
                 reward_logs = self.reward_set.pop_logged()
-                self._check_scored(rollout)
+                self._check_scored(rollout)  # agreed: every rank raises together
                 self._phase = "update"
                 metrics = self.agent.update(rollout)
                 update_s = time.perf_counter() - started - rollout_s
                 self.step += 1
                 self.elapsed_s += rollout_s + update_s
                 self._phase = "log"
-                metrics.update(rollout_metrics(rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id))
+                metrics.update(metrics_of_rows(distributed.gather_rows(rollout_rows(
+                    rollout, self.reward_set.names, self.policy.tokenizer.eos_token_id)), self.reward_set.names))
                 metrics.update(episode_metrics)
                 metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
                                 for name, value in reward_logs.metrics.items()})
@@ -405,6 +460,9 @@ class Trainer:
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
+                # Several ranks: the agent's and the rollout's metrics are already the batch's; the rest
+                # (reward-logged means, times) are averaged over the ranks.
+                metrics = distributed.mean_across_ranks(metrics)
                 self._log(metrics, rollout, reward_logs.extra)
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
@@ -417,9 +475,9 @@ class Trainer:
                     self.save_checkpoint()
                     self.logger.record("time/checkpoint_s", time.perf_counter() - started)
                 keep_going = [callback(self.step, metrics) for callback in self.callbacks]
-                if any(result is False for result in keep_going):
+                if distributed.agree(any(result is False for result in keep_going)):  # one rank's stop stops all
                     break
-                if self._stop_requested:
+                if distributed.agree(self._stop_requested):
                     return _Interruption(consistent=True, state=None)
         except KeyboardInterrupt:
             # Mid-rollout, the weights are those of the last update but the RNG streams have moved on:
@@ -437,7 +495,8 @@ class Trainer:
         Raises:
             RewardError: naming the rewards, how many rollouts, and what their None meant.
         """
-        self._unscored_rollouts = 0 if bool(rollout.scored.any()) else self._unscored_rollouts + 1
+        scored_somewhere = distributed.agree(bool(rollout.scored.any()))  # a row of any rank
+        self._unscored_rollouts = 0 if scored_somewhere else self._unscored_rollouts + 1
         if self._unscored_rollouts < UNSCORED_ROLLOUTS_LIMIT:
             return
         count, first = self._unscored_rollouts, self.step + 2 - self._unscored_rollouts
@@ -450,9 +509,13 @@ class Trainer:
             "reward that scores every sample")
 
     def _budget_spent(self) -> bool:
+        """Whether the budget is spent; agreed over the ranks (each measures its own time; any rank past
+        ``time_limit_s`` stops every rank)."""
         budget = self.config.budget
-        return ((budget.updates is not None and self.step >= budget.updates)
-                or (budget.time_limit_s is not None and self.elapsed_s >= budget.time_limit_s))
+        spent = budget.updates is not None and self.step >= budget.updates
+        if budget.time_limit_s is not None:
+            spent = distributed.agree(spent or self.elapsed_s >= budget.time_limit_s)
+        return spent
 
     def _log(self, metrics: dict[str, float], rollout: Any, reward_extra: list[dict[str, Any]]) -> None:
         logging_config = self.config.logging
@@ -514,6 +577,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- user-facing
     def _make_logger(self, truncate_after: int | None) -> Logger:
+        if not self.is_main_process:  # other ranks neither open nor truncate rank 0's files
+            return Logger([], is_main_process=False)
         writers: list[Any] = [JsonlWriter(self.run_dir, truncate_after=truncate_after)]
         if self.config.logging.tensorboard:
             purge_step = truncate_after + 1 if truncate_after is not None else None
@@ -554,30 +619,57 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
 
+def rank_prompt_indices(rng: np.random.Generator, table_size: int, groups: int, rank: int,
+                        world_size: int) -> np.ndarray:
+    """Rank ``rank``'s prompt indices of a global batch of ``groups`` groups, drawn from ``rng``.
+
+    Every rank draws the whole batch's prompts from the same generator, seeded and called as one
+    process's env draws them (``rng.choice(table_size, size=groups, replace=groups > table_size)`` in
+    :meth:`rlfb.envs.core.PromptSource.choose`, with the env's ``np_random(seed)``), and rank r keeps groups
+    r * G / W .. (r + 1) * G / W - 1: the ranks' batches, joined in rank order, are the batch one process
+    collects. A group never spans ranks.
+    """
+    chosen = rng.choice(table_size, size=groups, replace=groups > table_size).astype(np.int64)
+    share = groups // world_size
+    return chosen[rank * share:(rank + 1) * share]
+
+
 def rollout_metrics(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, float]:
     """``rollout/...`` metrics of one batch: total reward, each component, length, turns, truncations.
 
     The total reward of an episode is its final score plus its turn rewards (a multi-turn episode's return;
-    a single-turn completion has no turn reward). The reward statistics are over the rows some reward scored (NaN when none was): a row every reward
-    returned None for is not a reward of 0, whatever the agents are given for it. Lengths count the
-    model's tokens (all its turns; environment replies left out); an episode is truncated when its last
-    model token is not EOS (a single-turn completion that hit ``max_new_tokens``).
+    a single-turn completion has no turn reward). The reward statistics are over the rows some reward scored
+    (NaN when none was): a row every reward returned None for is not a reward of 0, whatever the agents
+    are given for it. Lengths count the model's tokens (all its turns; environment replies left out); an
+    episode is truncated when its last model token is not EOS (a single-turn completion that hit
+    ``max_new_tokens``). With several ranks the trainer joins every rank's :func:`rollout_rows` first.
     """
-    scored = rollout.scored
-    # The episode's total reward: its final score plus its turn rewards (all 0 in a single-turn rollout).
-    scores = (rollout.scores.double() + rollout.turn_rewards.double().sum(1))[scored]
+    return metrics_of_rows(rollout_rows(rollout, reward_names, eos_token_id), reward_names)
+
+
+def rollout_rows(rollout: Any, reward_names: Sequence[str], eos_token_id: int) -> dict[str, torch.Tensor]:
+    """The per-row values :func:`metrics_of_rows` summarises (each (B,)), so ranks can join their rows."""
     mask = rollout.action_mask.bool()
     last = last_action_index(mask).unsqueeze(1)  # (B, 1) each episode's last model token
     ended = ((rollout.completion_ids.gather(1, last) == eos_token_id) & mask.gather(1, last)).squeeze(1)
+    rows = {"score": rollout.scores.double() + rollout.turn_rewards.double().sum(1),  # final score + turn rewards
+            "scored": rollout.scored, "length": mask.sum(1), "ended": ended, "turns": rollout.num_turns}
+    rows.update({f"reward/{name}": rollout.reward_components[name] for name in reward_names})
+    return rows
+
+
+def metrics_of_rows(rows: dict[str, torch.Tensor], reward_names: Sequence[str]) -> dict[str, float]:
+    """The ``rollout/...`` metrics (see :func:`rollout_metrics`) of :func:`rollout_rows`' values."""
+    scores = rows["score"][rows["scored"]]
     nan = float("nan")
     metrics = {"rollout/reward_mean": float(scores.mean()) if scores.numel() else nan,
                "rollout/reward_std": float(scores.std(unbiased=False)) if scores.numel() else nan,
-               "rollout/scored_fraction": float(scored.double().mean()),
-               "rollout/completion_length": float(mask.sum(1).double().mean()),
-               "rollout/truncated_fraction": float((~ended).double().mean()),
-               "rollout/turns": float(rollout.num_turns.double().mean())}
+               "rollout/scored_fraction": float(rows["scored"].double().mean()),
+               "rollout/completion_length": float(rows["length"].double().mean()),
+               "rollout/truncated_fraction": float((~rows["ended"]).double().mean()),
+               "rollout/turns": float(rows["turns"].double().mean())}
     for name in reward_names:
-        values = rollout.reward_components[name].double()
+        values = rows[f"reward/{name}"].double()
         finite = values[~torch.isnan(values)]
         metrics[f"rollout/reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
     return metrics

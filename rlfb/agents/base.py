@@ -22,6 +22,7 @@ from torch import nn
 
 from rlfb.agents.configs import agent_config, agent_spec, check_learning_rate
 from rlfb.agents.rollout import Rollout
+from rlfb.distributed import agree, all_reduce_gradients, global_masked_mean, world_size
 from rlfb.errors import RlfbError
 
 logger = logging.getLogger(__name__)
@@ -94,9 +95,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; masked-out entries become 0."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    """(x - mean) / std over the masked entries; masked-out entries become 0.
+
+    The mean and the (biased) variance are the batch's: over every rank's masked entries when several
+    ranks train together (two passes, each all-reduced, as one process computes them), so N ranks whiten
+    as one process whitening the joined batch.
+    """
+    mean = global_masked_mean(values, mask)
+    variance = global_masked_mean((values - mean) ** 2, mask)
     return (values - mean) * torch.rsqrt(variance + eps) * mask
 
 
@@ -158,15 +164,25 @@ class GradientStepper:
             group["lr"] = self.peak_learning_rate * factor
 
     def backward(self, loss: torch.Tensor) -> bool:
-        """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite."""
-        if not torch.isfinite(loss).all():
-            self._mark_degenerate(f"loss is {loss.item()}")
+        """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite.
+
+        With several ranks the decision is agreed: a non-finite loss on any rank makes every rank skip
+        (each rank calls :meth:`backward` as often as the others, so they stay in step).
+        """
+        if agree(not bool(torch.isfinite(loss).all())):
+            self._mark_degenerate(f"loss is {loss.item()}" + (" here or on another rank" if world_size() > 1 else ""))
             return False
         loss.backward()
         return True
 
     def step(self) -> bool:
-        """Clip and apply the accumulated gradients; False (and skipped) when their norm is not finite."""
+        """Clip and apply the accumulated gradients; False (and skipped) when their norm is not finite.
+
+        With several ranks the gradients are first averaged over the ranks (``all_reduce_gradients``), so
+        the norm, the clipping and the finite check see the same gradient on every rank: a NaN on one rank
+        makes every rank skip the step together.
+        """
+        all_reduce_gradients(self.parameters)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
         if not math.isfinite(grad_norm):

@@ -605,3 +605,38 @@ def run_agent(config: RunConfig) -> RunAgent:
     except ConfigError as error:
         raise ConfigError(f"agent ({name}): {error}") from None
     return RunAgent(name, options, group_size)
+
+
+# Agents whose update reduces what is batch-wide over the ranks (rlfb/distributed.py): the others refuse
+# several ranks. REINFORCE's presets rloo and grpo are REINFORCE.
+DISTRIBUTED_AGENTS = ("ppo", "reinforce", "rloo", "grpo")
+
+
+def check_world_size(config: RunConfig, world_size: int) -> None:
+    """Check that a run can train data-parallel on ``world_size`` ranks (nothing to check for one), torch-free.
+
+    ``budget.num_envs`` is the global batch B: each rank collects B / world_size rows, whole groups of the
+    group size (a group never spans ranks).
+
+    Raises:
+        ConfigError: an agent, a multi-turn env or reward normalization that does not support several
+            ranks yet, or a batch that does not split into whole groups per rank.
+    """
+    if world_size <= 1:
+        return
+    name = config.agent.name
+    if name not in DISTRIBUTED_AGENTS:
+        raise ConfigError(f"agent {name} does not support several ranks yet (WORLD_SIZE={world_size}); "
+                          f"train it in one process, or use one of {', '.join(DISTRIBUTED_AGENTS)}")
+    if config.env.kind == "multi_turn":
+        raise ConfigError(f"env.kind multi_turn does not support several ranks yet (WORLD_SIZE={world_size}); "
+                          "train multi-turn runs in one process")
+    if config.reward_scale.normalize:
+        raise ConfigError(f"reward_scale.normalize does not support several ranks yet (WORLD_SIZE={world_size}: "
+                          "its running statistics would differ per rank); set reward_scale.normalize: false")
+    group_size = config.budget.group_size or AGENTS[name].default_group_size
+    batch = config.budget.num_envs
+    if batch % (world_size * group_size):
+        raise ConfigError(f"'budget.num_envs' is {batch}, the global batch; with WORLD_SIZE={world_size} ranks and "
+                          f"group size {group_size} it must be a multiple of {world_size * group_size} (each rank "
+                          "collects whole groups)")

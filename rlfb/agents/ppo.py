@@ -36,6 +36,7 @@ from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.agents.trajectory import last_action_index
+from rlfb.distributed import average_across_ranks, global_masked_mean, token_share, world_size
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -156,10 +157,11 @@ def clipped_value_loss(
 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target) over masked entries (1 is perfect, <= 0 is useless)."""
-    target_variance = masked_mean((target - masked_mean(target, mask)) ** 2, mask)
+    """1 - Var(target - predicted) / Var(target) over masked entries (1 is perfect, <= 0 is useless);
+    over every rank's entries when several ranks train together."""
+    target_variance = global_masked_mean((target - global_masked_mean(target, mask)) ** 2, mask)
     residual = target - predicted
-    residual_variance = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    residual_variance = global_masked_mean((residual - global_masked_mean(residual, mask)) ** 2, mask)
     return float(1.0 - residual_variance / target_variance.clamp(min=1e-8))
 
 
@@ -226,7 +228,7 @@ class PPOAgent(Agent):
 
         # 3. GAE over the model tokens, then whitening of the advantages over the whole batch's model tokens.
         advantages, returns = generalized_advantages(rewards, old_values, mask, c.gamma, c.gae_lambda)
-        raw_advantage_mean = float(masked_mean(advantages, mask))  # before whitening, which zeroes it
+        raw_advantage_mean = float(global_masked_mean(advantages, mask))  # before whitening, which zeroes it
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
 
@@ -259,10 +261,11 @@ class PPOAgent(Agent):
             if stop:
                 break
 
-        # 5. The KL coefficient follows the observed KL (mean over episodes of sum_t kl_t, t model tokens).
-        sequence_kl_tensor = kl.sum(1).mean()
+        # 5. The KL coefficient follows the observed KL (mean over episodes of sum_t kl_t, t model tokens;
+        #    over every rank's episodes: each rank holds as many, so the mean of the ranks' means).
+        sequence_kl_tensor = average_across_ranks(kl.sum(1).mean())
         sequence_kl = float(sequence_kl_tensor)
-        self.kl_controller.update(sequence_kl, batch_size)
+        self.kl_controller.update(sequence_kl, batch_size * world_size())
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
 
@@ -273,8 +276,8 @@ class PPOAgent(Agent):
                 "train/kl_coef": kl_coef,
                 "train/kl_penalty": float(-kl_coef * sequence_kl_tensor),
                 "train/advantage_mean": raw_advantage_mean,
-                "train/return_mean": float(masked_mean(returns, mask)),
-                "train/value_mean": float(masked_mean(old_values, mask)),
+                "train/return_mean": float(global_masked_mean(returns, mask)),
+                "train/value_mean": float(global_masked_mean(old_values, mask)),
                 "train/explained_variance": explained_variance(old_values, returns, mask),
                 "train/learning_rate": learning_rate,
                 "train/epochs": float(epochs_done),
@@ -307,6 +310,13 @@ class PPOAgent(Agent):
         entropy = masked_mean(forward.entropy, mask)
         # L = L_clip + c_v * L_V - c_H * H   (Schulman et al. 2017, eq. 9, as a loss to minimise)
         loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * entropy
+        # Several ranks: every term is a mean over this rank's tokens; scaled by N_r * W / N, the ranks'
+        # averaged gradient (and the ranks' mean of each statistic) is that of the mean over all N tokens.
+        share = token_share(mask)
+        if share is not None:
+            loss, policy_loss, value_loss, entropy = (term * share for term in (loss, policy_loss, value_loss, entropy))
+            clip_fraction, value_clip_fraction, approx_kl = (
+                term * share for term in (clip_fraction, value_clip_fraction, approx_kl))
         ptx_loss = None
         if self.real_text is not None:  # PPO-ptx: + gamma * L_LM(real text)  (Ouyang et al. 2022, eq. 2)
             ptx_loss = real_text_loss(self.real_text, self.policy)
@@ -316,9 +326,11 @@ class PPOAgent(Agent):
         # One device-to-host copy for all the statistics instead of one sync per scalar.
         names = ("train/loss", "train/policy_loss", "train/value_loss", "train/entropy",
                  "train/clip_fraction", "train/value_clip_fraction", "train/approx_kl")  # fmt: skip
-        values = torch.stack(
+        # Averaged over the ranks: the batch's statistics, the same on every rank (so is the early stop on
+        # approx_kl, a decision every rank must take together).
+        values = average_across_ranks(torch.stack(
             [loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction, approx_kl]
-        ).tolist()
+        ).detach()).tolist()
         stats = {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
         if ptx_loss is not None:
             stats["train/ptx_loss"] = float(ptx_loss.detach())

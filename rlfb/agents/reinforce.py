@@ -37,6 +37,7 @@ from rlfb.agents.configs import ReinforceConfig
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
+from rlfb.distributed import average_across_ranks, global_masked_mean_var, token_share, world_size
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -79,6 +80,17 @@ def check_groups(rollout: Rollout, group_size: int) -> None:
                 f"rows {first}..{first + group_size - 1} of the rollout do not share one prompt; create the "
                 f"vector env with group_size={group_size} so each group of {group_size} rows repeats a prompt"
             )
+
+
+def advantage_statistics(advantages: torch.Tensor) -> dict[str, float]:
+    """``train/advantage_mean`` and ``train/advantage_std`` (sample std, n - 1) of the batch's advantages,
+    over every rank's rows when several ranks train together."""
+    if world_size() == 1:
+        return {"train/advantage_mean": float(advantages.mean()),
+                "train/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
+    mean, variance = global_masked_mean_var(advantages, torch.ones_like(advantages))
+    count = advantages.numel() * world_size()
+    return {"train/advantage_mean": float(mean), "train/advantage_std": float((variance * count / (count - 1)).sqrt())}
 
 
 # ------------------------------------------------------------------------------- the agent
@@ -153,8 +165,13 @@ class ReinforceAgent(Agent):
 
         # One step: loss = -sum_{i,t} A_i log pi(y_it) / N_tokens  [+ beta * k3 mean]  [- c_H * entropy],
         # normalised by the batch's token count (a constant within the batch, so no per-sequence length
-        # bias; Liu et al. 2025 "Understanding R1-Zero-Like Training"). Chunks accumulate gradients.
+        # bias; Liu et al. 2025 "Understanding R1-Zero-Like Training"). Chunks accumulate gradients. With W
+        # ranks, N is every rank's tokens and each rank divides by N / W: the ranks' averaged gradient is
+        # that of one process over the joined batch (and so are the ranks' mean loss terms).
         total_tokens = mask.sum().clamp(min=1)
+        share = token_share(mask)
+        if share is not None:  # N_r / (N_r W / N) = N / W
+            total_tokens = total_tokens / share
         # (policy_loss, entropy, kl_loss) summed over chunks on the device, in float64 as Python floats would;
         # read back once after the loop rather than synchronising on every chunk.
         sums = torch.zeros(3, dtype=torch.float64, device=mask.device)
@@ -186,13 +203,14 @@ class ReinforceAgent(Agent):
         if finite:
             self.stepper.step()
 
-        mean_return = float(returns.mean())
+        sums = average_across_ranks(sums)
+        mean_return = float(average_across_ranks(returns.mean()))  # ranks hold as many rows each
         baseline_used = self.baseline_value
         if c.baseline == "ema":
             # Updated after use: b_{n+1} = d * b_n + (1 - d) * mean(R_n)
             self.baseline_value = c.baseline_decay * self.baseline_value + (1 - c.baseline_decay) * mean_return
-        mean_sequence_kl = float(sequence_kl.mean())
-        self.kl_controller.update(mean_sequence_kl, rollout.batch_size)
+        mean_sequence_kl = float(average_across_ranks(sequence_kl.mean()))
+        self.kl_controller.update(mean_sequence_kl, rollout.batch_size * world_size())
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
 
@@ -202,8 +220,7 @@ class ReinforceAgent(Agent):
                 "train/kl": mean_sequence_kl,
                 "train/kl_coef": kl_coef,
                 "train/return_mean": mean_return,
-                "train/advantage_mean": float(advantages.mean()),
-                "train/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0,
+                **advantage_statistics(advantages),
                 "train/grad_norm": self.stepper.last_grad_norm,
                 "train/learning_rate": learning_rate,
                 "train/skipped_updates": float(self.stepper.skipped_updates),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
         trainer.callbacks.append(OnlineFeedback(trainer))
     result = trainer.train()
-    print(f"run directory: {result.run_dir}")
+    if trainer.is_main_process:  # one line per run, not per rank
+        print(f"run directory: {result.run_dir}")
     return 130 if result.interrupted else 0
 
 
@@ -75,6 +77,7 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
     Raises:
         ConfigError: the first problem found, as one line naming the key, the value and the fix.
     """
+    from rlfb.agents.configs import check_world_size
     from rlfb.config import load_config
     from rlfb.cpu_threads import configure_threads
     from rlfb.preflight import check_device, check_run_inputs
@@ -95,6 +98,7 @@ def prepare_config(config_path: str | None, overrides: Sequence[str], resume: st
     config = _without_options_of_the_replaced_agent(load_config(path, overrides), load_config(path).agent.name,
                                                     overrides)
     check_run_inputs(config, trust)
+    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun / accelerate launch set it
     configure_threads(config.threads)  # before torch is imported: OpenMP reads its wait policy once
     check_device(config.device)
     return config

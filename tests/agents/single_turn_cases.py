@@ -49,8 +49,11 @@ def _with_padded_prompts_and_dense_rewards(rollout: Rollout, generator: torch.Ge
     return rollout._replace(prompt_ids=prompt_ids, prompt_mask=prompt_mask, per_token_rewards=dense)
 
 
-def run_case(name: str) -> dict[str, Any]:
-    """Two updates of the case's agent on rollouts it samples itself; their metrics and a parameter digest."""
+def run_case(name: str, rows: list[int] | None = None) -> dict[str, Any]:
+    """Two updates of the case's agent on rollouts it samples itself; their metrics and a parameter digest.
+
+    ``rows``: update on these rows of each rollout only (a rank's share, in tests/agents/test_distributed_updates.py).
+    """
     agent_name, options, group_size = CASES[name]
     policy = tiny_policy(seed=3, value_head=agent_name == "ppo")
     generator = torch.Generator().manual_seed(11)
@@ -62,6 +65,8 @@ def run_case(name: str) -> dict[str, Any]:
     for _ in range(2):
         rollout = sample_rollout(policy, contains_token(5), 8, generator, max_new_tokens=6, group_size=group_size)
         rollout = _with_padded_prompts_and_dense_rewards(rollout, generator)
+        if rows is not None:
+            rollout = rollout.select(torch.tensor(rows))
         updates.append(agent.update(rollout))
     digest = [float(p.detach().double().sum()) for p in policy.trainable_parameters()]
     return {"updates": updates, "parameter_sums": digest}
