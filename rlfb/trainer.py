@@ -230,6 +230,8 @@ class Trainer:
         distributed.broadcast_parameters(self.policy.trainable_parameters())  # identical on every rank
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)
+        if self.resume_checkpoint is None:
+            self._say(self.policy.describe())  # the adapted modules and the sampling path, once per run
         self.agent = make_agent(agent_name, self.policy, self.run_agent.options)
         self.sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
                                        top_p=config.sampling.top_p, max_new_tokens=config.sampling.max_new_tokens)

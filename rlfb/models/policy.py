@@ -221,6 +221,20 @@ class Policy:
         return policy
 
     # ---------------------------------------------------------------- properties
+    def describe(self) -> str:
+        """One line: the LoRA rank and the modules it adapts (leaf names), its trainable parameters, and
+        whether sampling runs on a lean decoder or the model's own forward."""
+        from rlfb.models.decoding import lean_decoder_for
+
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in self.lora_target_modules})
+        config = self.model.peft_config[self.model.active_adapter]
+        trainable = sum(parameter.numel() for parameter in self.trainable_parameters())
+        decoder = lean_decoder_for(self.model)
+        model_type = getattr(self.model.get_base_model().config, "model_type", "?")
+        path = f"the lean {type(decoder).__name__}" if decoder is not None else "the model's own forward (slower)"
+        return (f"LoRA r={config.r} on {', '.join(leaves)} of {model_type} ({trainable:,} trainable parameters); "
+                f"sampling with {path}")
+
     @property
     def lora_target_modules(self) -> list[str]:
         """The module names the adapter is attached to, sorted."""

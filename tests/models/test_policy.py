@@ -211,3 +211,17 @@ def test_tanh_gelu_runs_as_one_kernel_with_the_same_outputs() -> None:
     assert fuse_tanh_gelu(model) == 0  # idempotent
     # A model handed to Policy is the caller's: it is wrapped, not altered (load_model is where rlfb fuses).
     assert fuse_tanh_gelu(Policy(gpt2(), tokenizer=None, device="cpu").model) == model.config.n_layer
+
+
+def test_describe_names_the_adapted_modules_and_the_sampling_path() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    policy = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=2), value_head=False, device="cpu")
+    trainable = sum(parameter.numel() for parameter in policy.trainable_parameters())
+    assert policy.describe() == (f"LoRA r=2 on c_attn of gpt2 ({trainable:,} trainable parameters); "
+                                 "sampling with the lean GPT2Decoder")
+    opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "opt", vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+        word_embed_proj_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    described = Policy(opt, tokenizer=None, lora=LoraSettings(r=2), value_head=False, device="cpu").describe()
+    assert described.startswith("LoRA r=2 on k_proj, q_proj, v_proj of opt") and described.endswith("own forward (slower)")
