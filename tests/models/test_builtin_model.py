@@ -165,10 +165,8 @@ def no_build(*args: object, **kwargs: object) -> None:
 def test_rlfb_tiny_loads_the_shipped_copy_with_no_build(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rlfb.models.loading import load_model, resolve_model_path
 
-    monkeypatch.setattr(builtin, "build_model", no_build)
-    started = time.perf_counter()
+    monkeypatch.setattr(builtin, "build_model", no_build)  # the load time itself: benchmarks/base_model.py
     model, tokenizer = load_model("rlfb-tiny", device="cpu")
-    assert time.perf_counter() - started < 2.0
     assert resolve_model_path("rlfb-tiny") == str(builtin.shipped_path("rlfb-tiny"))
     assert model.config.n_embd == builtin.BUILTIN_RECIPES["rlfb-tiny"].n_embd and len(tokenizer) == 512
     assert not rlfb_home.exists()  # nothing was written to the cache
