@@ -131,7 +131,7 @@ def init_from_environment(device: str | torch.device, timeout_s: float = DEFAULT
     if missing:
         raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} is not set; launch "
                            "with torchrun --nproc-per-node N -m rlfb train CONFIG (or accelerate launch)")
-    cuda = torch.device(device).type == "cuda"
+    cuda = torch.cuda.is_available() if str(device) == "auto" else torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))

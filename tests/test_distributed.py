@@ -39,7 +39,7 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    context = distributed.init_from_environment("cpu", timeout_s=30)
+    context = distributed.init_from_environment("auto", timeout_s=30)  # a config's default device: gloo on CPU
     values, mask = rank_values(rank)
     mean, variance = global_masked_mean_var(values, mask)
     # A gradient that differs by rank; rank 1 leaves one parameter without a gradient (counts as zero).
