@@ -117,8 +117,8 @@ def test_a_design_may_train_its_own_agent_with_its_own_budget_keys() -> None:
 
 def test_shipped_adversarial_bench_config_trains_one_design_on_perturbed_prompts() -> None:
     config = load_bench_config(REPO / "benchmarks" / "sentiment_adversarial.yaml")
-    clean, perturbed = (config.run_config(design, seed=0) for design in config.designs)
-    assert (clean.task.name, perturbed.task.name) == ("sentiment", "perturbed")
+    clean, perturbed, half = (config.run_config(design, seed=0) for design in config.designs)
+    assert (clean.task.name, perturbed.task.name, half.task.kwargs["fraction"]) == ("sentiment", "perturbed", 0.5)
     assert perturbed.task.kwargs["task"] == "sentiment" and config.eval.perturb == ["typos", "distractor"]
     assert clean.agent == perturbed.agent and clean.budget == perturbed.budget
 

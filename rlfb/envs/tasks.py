@@ -448,7 +448,7 @@ def _preview(value: Any, limit: int = 60) -> str:
 
 @register_task("perturbed", default_rewards=_wrapped_task_rewards)
 def perturbed_task(task: str | Mapping[str, Any] = "sentiment", kinds: Sequence[str] = ("typos", "distractor"),
-                   rate: float = 0.1, seed: int = 0, splits: Sequence[str] = ("train",)) -> Task:
+                   rate: float = 0.1, seed: int = 0, splits: Sequence[str] = ("train",), fraction: float = 1.0) -> Task:
     """Another task's rows with perturbed prompts (typos, distractor prefixes, case noise): adversarial training.
 
     Each row of the perturbed ``splits`` (default: train only, so held-out evaluation stays clean) gets its
@@ -462,10 +462,14 @@ def perturbed_task(task: str | Mapping[str, Any] = "sentiment", kinds: Sequence[
         rate: Per-character probability of typos and case flips.
         seed: Seeds the perturbations.
         splits: Which splits to perturb.
+        fraction: The share of each perturbed split's rows that are perturbed (chosen at random from
+            ``seed``); the others keep their clean prompt, so training sees both.
     """
     from rlfb.envs.perturbations import check_perturbation, perturb_prompt
 
     check_perturbation(kinds, rate)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"perturbed: fraction must be in (0, 1], got {fraction}")
     bad = [split for split in splits if split not in SPLITS]
     if bad or not splits:
         raise ConfigError(f"perturbed: splits {list(splits)} must be some of {', '.join(SPLITS)}")
@@ -476,9 +480,10 @@ def perturbed_task(task: str | Mapping[str, Any] = "sentiment", kinds: Sequence[
         if split not in splits:
             return tuple(rows)
         offset = SPLITS.index(split) * 1_000_003
+        chosen = np.random.default_rng([seed, offset, 7]).random(len(rows)) < fraction
         return tuple({**row, "prompt": perturb_prompt(row["prompt"], kinds, rate,
                                                       np.random.default_rng([seed, offset + index]))}
-                     for index, row in enumerate(rows))
+                     if chosen[index] else row for index, row in enumerate(rows))
 
     return Task(f"perturbed_{inner.name}", train=perturbed("train"), eval=perturbed("eval"),
                 default_rewards=inner.default_rewards,

@@ -40,6 +40,10 @@ def test_the_perturbed_task_perturbs_train_prompts_only_by_default_and_keeps_col
                       "splits": ["train", "eval"]})
     assert [row["prompt"] for row in both.eval_rows()] == [p.swapcase() for p in make_task("sentiment").eval_prompts()]
     assert make_task({"name": "perturbed", "seed": 1}).train_prompts() != make_task({"name": "perturbed"}).train_prompts()
+    half = make_task({"name": "perturbed", "kinds": ["distractor"], "fraction": 0.5}).train_prompts()
+    clean_prompts = make_task("sentiment").train_prompts()
+    kept = sum(prompt == original for prompt, original in zip(half, clean_prompts, strict=True))
+    assert 0.3 * len(half) < kept < 0.7 * len(half)  # about half keep their clean prompt
 
 
 def test_bad_options_and_default_rewards() -> None:
@@ -47,6 +51,8 @@ def test_bad_options_and_default_rewards() -> None:
         make_task({"name": "perturbed", "kinds": ["typo"]})
     with pytest.raises(ConfigError, match=r"rate must be in \[0, 1\]"):
         make_task({"name": "perturbed", "rate": 2.0})
+    with pytest.raises(ConfigError, match=r"fraction must be in \(0, 1\]"):
+        make_task({"name": "perturbed", "fraction": 0.0})
     with pytest.raises(ConfigError, match="splits"):
         make_task({"name": "perturbed", "splits": ["test"]})
     arithmetic = config_from_dict({"task": {"name": "perturbed", "kwargs": {"task": "arithmetic"}}})
