@@ -27,7 +27,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from rlfb.feedback.store import FeedbackStore  # noqa: E402
-from tests.feedback.test_server import _free_port, _start_server  # noqa: E402
+
+from .test_server import _free_port, _start_server  # noqa: E402
 
 
 def browser() -> object:
