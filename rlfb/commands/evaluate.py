@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             return evaluate_episodes(policy, venv, sampling, seed=seed, num_episodes=n,
                                      num_samples=config.eval.num_samples)
     else:
-        rows = task.eval_rows()[:n]
+        rows = [row for row in task.eval_rows()[:n] for _ in range(config.eval.completions_per_prompt)]  # as training's
 
         def measure():
             return evaluate_policy(policy, rows, rewards, sampling, seed=seed, num_samples=config.eval.num_samples,
