@@ -140,3 +140,19 @@ def test_completions_per_prompt_samples_each_held_out_prompt_that_many_times(tin
     assert prompts[:3] == [prompts[0]] * 3 and prompts[3:6] == [prompts[3]] * 3 and prompts[0] != prompts[3]
     assert len({sample["completion"] for sample in thrice["samples"][:3]}) > 1  # independent samples
     assert thrice["kl"] == 0.0 and thrice["rewards"] != once["rewards"]  # the base model, a larger sample
+
+
+def test_rlfb_eval_of_a_run_samples_as_many_completions_per_prompt_as_its_evaluation(
+        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlfb.cli import main
+
+    config = run_config(tiny_model_dir, tmp_path, "eval.num_prompts=2", "eval.completions_per_prompt=3")
+    result = Trainer(config).train()
+    assert result.after is not None and result.after.num_prompts == 6
+    capsys.readouterr()
+    assert main(["eval", str(result.run_dir), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    # The same rows, seed and adapter as the trainer's final evaluation: the same measures.
+    assert evaluated["after"]["num_prompts"] == 6
+    assert evaluated["after"]["rewards"] == pytest.approx(result.after.rewards)
+    assert evaluated["after"]["kl"] == pytest.approx(result.after.kl, abs=1e-6)
