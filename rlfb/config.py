@@ -364,16 +364,25 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"a run config must be a mapping of sections, got {type(data).__name__}")
     given = _normalize(RunConfig, dict(data), "")
     data = _normalize(RunConfig, _with_defaults(RunConfig().to_dict(), given), "")
-    if "rewards" not in given:  # the task's own rewards; a multi-turn episode is scored by its protocol
-        single_turn = data.get("env", {}).get("kind", "single_turn") == "single_turn"
-        defaults = task_default_rewards(data["task"]["name"], data["task"].get("kwargs") or {})
-        data["rewards"] = [{"name": name} for name in defaults] if single_turn else []
+    if "rewards" not in given:
+        data["rewards"] = _default_rewards(data)
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator or not key.strip():
             raise ConfigError(f"override '{override}' is not of the form key=value, e.g. budget.updates=10")
         _set_dotted(data, key.strip(), parse_yaml(value) if value.strip() else None)
+    if "rewards" not in given and not any(override.strip().startswith("rewards") for override in overrides):
+        data["rewards"] = _default_rewards(data)  # the task or env.kind an override chose
     return validate(_build(RunConfig, _normalize(RunConfig, data, ""), ""))
+
+
+def _default_rewards(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rewards of a config that lists none: its task's declared defaults; none for a multi-turn run,
+    whose episodes its protocol scores."""
+    if data.get("env", {}).get("kind", "single_turn") != "single_turn":
+        return []
+    task = _normalize(TaskConfig, data.get("task", {}), "task")
+    return [{"name": name} for name in task_default_rewards(task["name"], task.get("kwargs") or {})]
 
 
 def check_section(cls: type, values: Mapping[str, Any], section: str) -> dict[str, Any]:

@@ -147,3 +147,7 @@ def test_a_config_without_rewards_uses_its_tasks_declared_defaults() -> None:
     assert [reward.name for reward in listed.rewards] == ["numeric_match"]
     with pytest.raises(ConfigError, match="task 'dataset' declares no default reward; list at least one"):
         config_from_dict({"task": {"name": "dataset", "kwargs": {"path": "p.jsonl"}}})
+    # An override that chooses the task or the env kind chooses the defaults too; one that sets rewards wins.
+    assert [reward.name for reward in config_from_dict({}, ["task=arithmetic"]).rewards] == ["exact_match"]
+    assert config_from_dict({"task": "arithmetic"}, ["env={kind: multi_turn, protocol: calculator}"]).rewards == []
+    assert [reward.name for reward in config_from_dict({}, ["rewards=[length]"]).rewards] == ["length"]
