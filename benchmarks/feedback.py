@@ -14,35 +14,15 @@ Requires ``pip install 'rlfb[feedback]'``.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
-
-from rlfb.feedback.simulated import RaterReport, SimulatedRater
+from rlfb.feedback.simulated import RaterReport, SimulatedRater, free_port, start_grammar_server
 from rlfb.feedback.store import FeedbackStore
-
-
-def start_server(store: Path, port: int) -> subprocess.Popen[bytes]:
-    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    process = subprocess.Popen([sys.executable, "-m", "rlfb", "feedback", "serve", "--grammar", "--store", str(store),
-                                "--port", str(port)], env=environment, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1.0).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise SystemExit("the server did not start within 60 s")
 
 
 def main() -> None:
@@ -54,10 +34,8 @@ def main() -> None:
     store_path = Path(tempfile.mkdtemp()) / "store.sqlite"
     store = FeedbackStore(store_path)
     tokens = [store.add_rater(f"sim{index}") for index in range(args.raters)]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = start_server(store_path, port)
+    port = free_port()
+    server = start_grammar_server(store_path, port)
     reports: list[RaterReport] = [RaterReport() for _ in tokens]
     failures: list[BaseException] = []
 
@@ -78,7 +56,7 @@ def main() -> None:
         server.wait()
         print(f"killed the server (SIGKILL) after {args.kill_after:g} s with {FeedbackStore(store_path).count()} "
               "judgments stored; restarting it")
-        server = start_server(store_path, port)
+        server = start_grammar_server(store_path, port)
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started

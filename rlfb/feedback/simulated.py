@@ -21,12 +21,17 @@ Example (with a server running and a token from ``rlfb feedback add-rater``)::
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rlfb.feedback.judgments import RATER_KINDS
@@ -164,3 +169,40 @@ def _positive_words() -> list[str]:
     from rlfb.models import corpus
 
     return list(corpus.ADJECTIVES["positive"])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_grammar_server(store_path: str | Path, port: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    """``rlfb feedback serve --grammar`` on ``store_path`` in a subprocess, returned once ``/api/health``
+    answers (for tests, benchmarks and demos of the simulated rater).
+
+    The server's output goes to ``STORE.server.log`` (a pipe nobody reads would block a long run).
+
+    Raises:
+        RuntimeError: The server exited, or did not answer within ``timeout_s`` (then it is killed).
+    """
+    import httpx
+
+    log_path = Path(f"{store_path}.server.log")
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this rlfb
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "rlfb", "feedback", "serve", "--grammar", "--store",
+                                    str(store_path), "--port", str(port)], env=environment,
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1.0).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+        if process.poll() is not None:
+            raise RuntimeError(f"the feedback server exited: {log_path.read_text(errors='replace')[-2000:]}")
+    process.kill()
+    raise RuntimeError(f"the feedback server did not answer within {timeout_s:g} s")

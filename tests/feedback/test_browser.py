@@ -26,9 +26,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from rlfb.feedback.simulated import free_port, start_grammar_server  # noqa: E402
 from rlfb.feedback.store import FeedbackStore  # noqa: E402
-
-from .test_server import _free_port, _start_server  # noqa: E402
 
 
 def browser() -> object:
@@ -42,8 +41,8 @@ def browser() -> object:
 def test_a_rater_judges_every_kind_with_the_keyboard_and_the_store_has_each(tmp_path: Path) -> None:
     store_path = tmp_path / "store.sqlite"
     token = FeedbackStore(store_path).add_rater("ada")
-    port = _free_port()
-    server = _start_server(store_path, port)
+    port = free_port()
+    server = start_grammar_server(store_path, port)
     driver = browser()
     try:
         driver.get(f"http://127.0.0.1:{port}/#token={token}")

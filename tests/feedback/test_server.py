@@ -3,12 +3,7 @@ simulated rater end to end. Skipped without FastAPI (pip install 'rlfb[feedback]
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from rlfb.feedback.items import ItemPool  # noqa: E402
 from rlfb.feedback.judgments import MAX_BODY_BYTES, MAX_TEXT_CHARS  # noqa: E402
 from rlfb.feedback.server import ServerSettings, create_app  # noqa: E402
-from rlfb.feedback.simulated import SimulatedRater  # noqa: E402
+from rlfb.feedback.simulated import SimulatedRater, free_port, start_grammar_server  # noqa: E402
 from rlfb.feedback.store import FeedbackStore, Item  # noqa: E402
 
 URL = "http://127.0.0.1"
@@ -151,37 +146,11 @@ def test_a_rater_keeps_their_item_until_they_judge_it_and_progress_counts(server
     assert client.get("/api/next").json()["item_id"] != first["item_id"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start_server(store_path: Path, port: int) -> subprocess.Popen[bytes]:
-    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    process = subprocess.Popen([sys.executable, "-m", "rlfb", "feedback", "serve", "--grammar", "--store",
-                                str(store_path), "--port", str(port)], env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1.0).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.1)
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stderr.read().decode() if process.stderr else ''}")
-    process.kill()
-    raise AssertionError("the server did not start within 60 s")
-
-
 def test_an_acknowledged_judgment_survives_kill_9_of_the_server(tmp_path: Path) -> None:
     store_path = tmp_path / "store.sqlite"
     token = FeedbackStore(store_path).add_rater("ada")
-    port = _free_port()
-    process = _start_server(store_path, port)
+    port = free_port()
+    process = start_grammar_server(store_path, port)
     try:
         report = SimulatedRater(f"http://127.0.0.1:{port}", token, seed=1).run(30)
     finally:
