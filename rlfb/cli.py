@@ -25,11 +25,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "models": ("rlfb.commands.models", "build and list the built-in offline models"),
     "rewards": ("rlfb.commands.rewards", "list the registered reward functions"),
     "reward-model": ("rlfb.commands.reward_model", "train a reward model from feedback data"),
+    "pipeline": ("rlfb.commands.pipeline", "run a multi-stage pipeline (sft, reward model, rl, feedback, eval)"),
     "feedback": ("rlfb.commands.feedback", "people in the loop: a rating page, a feedback store, synthetic feedback"),
 }
 
 # Commands whose config has a `threads` key; they set torch's threads themselves once it is read.
-THREADS_FROM_CONFIG = frozenset({"train", "bench"})
+THREADS_FROM_CONFIG = frozenset({"train", "bench", "pipeline"})
 
 
 def _top_level_parser() -> argparse.ArgumentParser:

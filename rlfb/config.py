@@ -76,6 +76,10 @@ class LoraConfig:
     target_modules: list[str] | None = field(default=None, metadata=_help(
         "module names to adapt, e.g. [c_attn, c_proj, c_fc] for GPT-2 attention + MLP; default: the "
         "attention projections peft knows for the model family (GPT-2: c_attn)"))
+    init_from: str | None = field(default=None, metadata=_help(
+        "start from this trained LoRA adapter instead of a fresh one: a peft adapter directory (an SFT result) "
+        "or a run directory (its newest checkpoint's adapter); r, alpha and target_modules must match it; the "
+        "KL reference stays the base model (docs/pipelines.md). A relative path is read like a dataset path"))
 
 
 @dataclass
@@ -327,10 +331,21 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         data = _normalize(RunConfig, dict(data), "")
         if isinstance(data.get("task"), Mapping):
             data["task"] = {**data["task"], "kwargs": _dataset_paths_from(data["task"], path.parent)}
+        lora = data.get("lora")
+        if isinstance(lora, Mapping) and isinstance(lora.get("init_from"), str):
+            data["lora"] = {**lora, "init_from": str(_absolute(lora["init_from"], path.parent))}
     config = config_from_dict(data if data is not None else {}, overrides)
     # Paths given with --set are the working directory's; made absolute, a saved config works from anywhere.
     kwargs = _dataset_paths_from({"name": config.task.name, "kwargs": config.task.kwargs}, Path.cwd())
-    return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs))
+    init_from = config.lora.init_from
+    lora = dataclasses.replace(config.lora, init_from=None if init_from is None else str(_absolute(init_from, Path.cwd())))
+    return dataclasses.replace(config, task=TaskConfig(name=config.task.name, kwargs=kwargs), lora=lora)
+
+
+def _absolute(path: str, directory: Path) -> Path:
+    """``path`` read from ``directory`` when relative (``~`` expanded)."""
+    expanded = Path(path).expanduser()
+    return expanded if expanded.is_absolute() else (directory / expanded).absolute()
 
 
 def _one_line(error: yaml.YAMLError) -> str:

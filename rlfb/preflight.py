@@ -4,7 +4,8 @@
 here, in two steps, so that every mistake a user can make in a config fails in seconds with one line:
 
 * :func:`check_run_inputs` (no torch): the model names a built-in model, a model directory or a hub id;
-  the output directory can hold run directories; the task and its local dataset files exist; every
+  ``lora.init_from`` holds an adapter whose shape matches the ``lora`` section; the output directory can
+  hold run directories; the task and its local dataset files exist; every
   reward is registered or importable and accepts its kwargs; the agent and its options are valid; a
   multi-turn protocol accepts its options;
 * :func:`check_device` (imports torch, loads no model): the requested device exists.
@@ -19,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from rlfb.agents.configs import run_agent
 from rlfb.config import RunConfig
@@ -51,6 +54,8 @@ def check_run_inputs(config: RunConfig, trust: ImportTrust = TRUST_ALL) -> None:
         except ConfigError as error:
             raise ConfigError(f"env.protocol_options: {error}") from None
     check_model(config.model.name)
+    if config.lora.init_from is not None:
+        check_init_adapter(config)
     check_output_dir(config.output_dir)
     check_task({"name": config.task.name, **config.task.kwargs})
     for index, reward in enumerate(config.rewards):
@@ -79,6 +84,58 @@ def check_model(name: str) -> None:
 
     if name not in BUILTIN_MODELS:  # a built-in name is always valid (and resolving it may build it)
         resolve_model_path(name)
+
+
+def init_adapter_directory(init_from: str | Path) -> Path:
+    """The adapter directory ``lora.init_from`` names: itself, or a run directory's newest checkpoint's.
+
+    A run directory's checkpoints are verified when the trainer loads one (:func:`rlfb.checkpoint.find_checkpoint`);
+    here only the shape is read, without torch.
+
+    Raises:
+        ConfigError: the path does not exist or holds no adapter, naming what to pass instead.
+    """
+    path = Path(init_from)
+    if not path.exists():
+        raise ConfigError(f"lora.init_from '{init_from}' does not exist; pass a peft adapter directory (with "
+                          "adapter_config.json) or a run directory written by rlfb train")
+    if (path / "adapter_config.json").is_file():
+        return path
+    candidates = [path / "adapter", path / "final" / "adapter",
+                  *sorted((path / "checkpoints").glob("step_*/adapter"), reverse=True)]
+    for candidate in candidates:
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"lora.init_from '{init_from}' holds no LoRA adapter (no adapter_config.json there, nor in "
+                      "a checkpoint of a run directory); pass an adapter directory or a finished run")
+
+
+def check_init_adapter(config: RunConfig) -> None:
+    """Check that the adapter ``lora.init_from`` names has the rank, alpha and target modules of ``lora``.
+
+    Raises:
+        ConfigError: naming the differing setting and the value that matches the adapter.
+    """
+    assert config.lora.init_from is not None
+    directory = init_adapter_directory(config.lora.init_from)
+    try:
+        saved: dict[str, Any] = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"lora.init_from: {directory / 'adapter_config.json'} is not readable JSON ({error}); "
+                          "pass an adapter written by peft or rlfb") from None
+    lora = config.lora
+    wanted = {"r": (lora.r, saved.get("r")), "alpha": (lora.alpha, saved.get("lora_alpha"))}
+    for key, (value, adapter_value) in wanted.items():
+        if adapter_value is not None and float(value) != float(adapter_value):
+            raise ConfigError(f"lora.{key} is {value} but the adapter in lora.init_from ({directory}) has "
+                              f"{adapter_value}; set lora.{key}: {adapter_value} to continue training it")
+    targets = saved.get("target_modules")
+    if lora.target_modules not in (None, ["all-linear"]) and targets is not None:  # peft resolves all-linear
+        given = sorted(lora.target_modules or [])
+        have = sorted(targets) if isinstance(targets, list) else [targets]
+        if given != have:
+            raise ConfigError(f"lora.target_modules is {given} but the adapter in lora.init_from ({directory}) "
+                              f"adapts {have}; set lora.target_modules to {have}, or remove it")
 
 
 def check_output_dir(output_dir: str | Path) -> None:

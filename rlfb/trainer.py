@@ -227,6 +227,8 @@ class Trainer:
                               target_modules=lora.target_modules),
             value_head=agent_spec(agent_name).needs_value_head, device=self.device,
             dtype=DTYPES.get(config.model.dtype or ""))
+        if lora.init_from is not None and self.resume_checkpoint is None:  # a resume loads its checkpoint's adapter
+            self.policy.load_adapter(init_adapter(lora.init_from), require_value_head=False)
         distributed.broadcast_parameters(self.policy.trainable_parameters())  # identical on every rank
         if self.reward_set.needs_scorer:
             self.reward_set.bind_scorer(self.policy.scorer)
@@ -619,6 +621,16 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+def init_adapter(init_from: str | Path) -> Path:
+    """The adapter ``lora.init_from`` names; a run directory's newest *intact* checkpoint's (verified)."""
+    from rlfb.preflight import init_adapter_directory
+
+    path = Path(init_from)
+    if (path / run_directory.CONFIG_FILE).is_file() and not (path / "adapter_config.json").is_file():
+        return checkpointing.find_checkpoint(path) / "adapter"
+    return init_adapter_directory(path)
 
 
 def rank_prompt_indices(rng: np.random.Generator, table_size: int, groups: int, rank: int,

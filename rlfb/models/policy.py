@@ -373,12 +373,17 @@ class Policy:
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.value_head.state_dict().items()}
             save_file(state, str(directory / VALUE_HEAD_FILE))
 
-    def load_adapter(self, directory: str | Path) -> None:
+    def load_adapter(self, directory: str | Path, require_value_head: bool = True) -> None:
         """Load adapter (and value head) weights written by :meth:`save` into this policy.
+
+        Args:
+            directory: an adapter directory (peft format).
+            require_value_head: with a value head, fail when ``directory`` has none; False keeps the
+                current head then (an SFT adapter continued by PPO starts from a zero value head).
 
         Raises:
             ModelNotFoundError: When ``directory`` holds no adapter, or the policy has a value head and
-                the directory none.
+                the directory none (with ``require_value_head``).
         """
         directory = Path(directory)
         if not (directory / "adapter_config.json").is_file():
@@ -396,6 +401,8 @@ class Policy:
             )
         if self.value_head is not None:
             head_path = directory / VALUE_HEAD_FILE
+            if not head_path.is_file() and not require_value_head:
+                return
             if not head_path.is_file():
                 raise ModelNotFoundError(f"{head_path.name} missing in {directory}; the policy has a value head")
             self.value_head.load_state_dict(load_file(str(head_path), device=str(self.device)))

@@ -1,0 +1,398 @@
+"""What each stage kind does: read its inputs, write its artefact into its work directory, return it.
+
+Every function takes a :class:`StageContext` and returns ``(outputs, metrics)``: ``outputs`` maps the
+artefact's role (``adapter``, ``reward_model``, ...) to a path inside the work directory (the runner
+records it relative to the pipeline directory), ``metrics`` are numbers for the summary. A stage is
+deterministic given its key on CPU (everything is seeded from the run's seed), so a stage killed half
+way and run again from the start writes the same artefact; an ``rl`` stage resumes from its newest
+checkpoint instead, which the trainer makes exact (docs/run_directory.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlfb.errors import ConfigError
+from rlfb.pipeline.config import PipelineConfig
+from rlfb.pipeline.plan import StageRun
+
+Outputs = tuple[dict[str, Path], dict[str, float]]
+
+
+@dataclass
+class StageContext:
+    """A stage run with its resolved inputs: role -> artefact paths (oldest first), as recorded upstream."""
+
+    config: PipelineConfig
+    run: StageRun
+    work: Path
+    inputs: dict[str, list[Path]]
+    say: Callable[[str], None]
+
+    @property
+    def model_name(self) -> str:
+        """The base model: a base stage's artefact, else ``run.model``."""
+        if "model" in self.inputs:
+            return str(self.inputs["model"][0])
+        model = self.config.run.get("model", "rlfb-tiny")
+        return model if isinstance(model, str) else str(model.get("name", "rlfb-tiny"))
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.inputs["adapter"][0] if "adapter" in self.inputs else None
+
+    @property
+    def task_name(self) -> str:
+        task = self.config.run.get("task", "sentiment")
+        return task if isinstance(task, str) else str(task.get("name", "sentiment"))
+
+    def run_config(self) -> Any:
+        """The shared run config (``run`` with the pipeline's keys): the LoRA, sampling and task settings."""
+        return self.config.shared_run_config(self.work, self.run.seed)
+
+
+# ------------------------------------------------------------------------------------------- base
+def run_base(context: StageContext) -> Outputs:
+    """``run.model`` as it is, or (``rebuild: true``) the built-in model trained again from its corpus."""
+    if not context.run.stage.options.rebuild:
+        return {"model": Path(context.model_name)}, {}
+    from rlfb.models.builtin import BUILTIN_RECIPES, build_model
+
+    if context.model_name not in BUILTIN_RECIPES:
+        raise ConfigError(f"stage '{context.run.name}': rebuild is for the built-in models "
+                          f"({', '.join(BUILTIN_RECIPES)}); run.model is {context.model_name!r}: remove rebuild")
+    directory = context.work / "model"
+    directory.mkdir(parents=True, exist_ok=True)
+    record = build_model(BUILTIN_RECIPES[context.model_name], directory, name=context.model_name)
+    return {"model": directory}, {key: float(value) for key, value in record.items()
+                                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# -------------------------------------------------------------------------------------------- sft
+def run_sft(context: StageContext) -> Outputs:
+    """TRL's SFTTrainer on the policy's own LoRA adapter (the rl stages continue this adapter)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlfb.trainer import seed_everything
+
+    options = context.run.stage.options
+    rows = _sft_rows(context)
+    if not rows:
+        raise ConfigError(f"stage '{context.run.name}': no supervised rows (source {options.source}); "
+                          "with source: edits, the feedback stages need edit judgments (kinds: [edit])")
+    seed_everything(context.run.seed)  # LoRA's A matrices are drawn from torch's RNG
+    policy = _policy(context, value_head=False, with_adapter=False)
+    args = SFTConfig(output_dir=str(context.work / "trl"), num_train_epochs=options.epochs,
+                     per_device_train_batch_size=options.batch_size, learning_rate=options.learning_rate,
+                     max_length=options.max_length, seed=context.run.seed, data_seed=context.run.seed,
+                     report_to=[], save_strategy="no", logging_steps=10, disable_tqdm=True, use_cpu=True
+                     if str(policy.device) == "cpu" else False, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=policy.model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=policy.tokenizer)
+    result = trainer.train()
+    policy.model.eval()
+    adapter = context.work / "adapter"
+    policy.save(adapter)
+    shutil.rmtree(context.work / "trl", ignore_errors=True)
+    return {"adapter": adapter}, {"train_loss": float(result.training_loss), "rows": float(len(rows))}
+
+
+def _sft_rows(context: StageContext) -> list[dict[str, str]]:
+    """prompt-completion rows: the grammar's completions above ``min_gold``, people's edits, or a file."""
+    options = context.run.stage.options
+    if options.source == "file":
+        return [{"prompt": str(row["prompt"]), "completion": str(row["completion"])}
+                for row in _read_jsonl(Path(options.path))]
+    if options.source == "edits":
+        from rlfb.feedback.exchange import export_rows
+        from rlfb.feedback.store import FeedbackStore
+
+        rows = []
+        for path in context.inputs.get("feedback", []):
+            store = FeedbackStore(path)
+            try:
+                rows += list(export_rows(store, "sft"))
+            finally:
+                store.close()
+        return rows
+    from rlfb.rewards.feedback import TASKS, _completion, _prompts, gold_score
+
+    task = context.task_name
+    if task not in TASKS:
+        raise ConfigError(f"stage '{context.run.name}': source grammar writes the built-in tasks' text "
+                          f"({', '.join(TASKS)}), not {task!r}; use source: file")
+    rng = random.Random(context.run.seed)
+    rows = []
+    while len(rows) < options.size:
+        for prompt in _prompts(task, "train", rng, options.size):
+            completion = _completion(task, rng, prompt)
+            if gold_score(task, prompt, completion) > options.min_gold and len(rows) < options.size:
+                rows.append({"prompt": prompt, "completion": completion})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ reward model
+def run_reward_model(context: StageContext) -> Outputs:
+    """Train a reward model on synthesized feedback, the pipeline's feedback stores, or a file."""
+    from rlfb.rewards import feedback
+
+    options = context.run.stage.options
+    data = context.work / f"feedback_{options.kind}.jsonl"
+    if options.source == "synthesized":
+        rows = feedback.synthesize(context.task_name, options.kind, options.size, noise=options.noise,
+                                   seed=context.run.seed, model=context.model_name if options.from_model else None)
+    elif options.source == "feedback":
+        rows = _exported(context.inputs.get("feedback", []), options.kind)
+    else:
+        rows = feedback.read_feedback(options.path, options.kind)
+    if len(rows) < 2:
+        raise ConfigError(f"stage '{context.run.name}': {len(rows)} {options.kind} rows to train on; the feedback "
+                          f"stages must give judgments that export as {options.kind} (choice or edit for pairwise)")
+    feedback.write_jsonl(rows, data)
+    report = train_reward_model_on(data, options, context.task_name, context.model_name, context.run.seed,
+                                   context.work / "reward_model")
+    context.say(f"pipeline: {context.run.name}: reward model on {len(rows)} rows, held-out "
+                + ", ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
+    return {"reward_model": context.work / "reward_model"}, {"rows": float(len(rows)), **report.metrics}
+
+
+def train_reward_model_on(data: Path, options: Any, task: str, base_model: str, seed: int, output_dir: Path) -> Any:
+    """The reward-model training every chain uses (pipeline stages and ``rlfb bench`` recipes)."""
+    from rlfb.rewards.feedback import TASKS
+    from rlfb.rewards.training import RewardModelConfig, train_reward_model
+
+    return train_reward_model(RewardModelConfig(
+        kind=options.kind, data=str(data), output_dir=str(output_dir), base_model=base_model,
+        gold=task if task in TASKS else "", epochs=options.epochs, learning_rate=options.learning_rate,
+        batch_size=options.batch_size, seed=seed))
+
+
+def _exported(stores: list[Path], kind: str) -> list[dict[str, Any]]:
+    from rlfb.feedback.exchange import export_rows
+    from rlfb.feedback.store import FeedbackStore
+
+    rows: list[dict[str, Any]] = []
+    for path in stores:
+        store = FeedbackStore(path)
+        try:
+            rows += list(export_rows(store, kind))
+        finally:
+            store.close()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- rl
+def run_rl(context: StageContext) -> Outputs:
+    """Train with ``rlfb.trainer.Trainer`` from the previous adapter; a killed stage resumes its checkpoint."""
+    from rlfb.checkpoint import CheckpointNotFoundError, find_checkpoint
+    from rlfb.trainer import Trainer
+
+    stage = context.run.stage
+    rewards = None
+    if "reward_model" in context.inputs:
+        rewards = [{"name": "reward_model", "kwargs": {"path": str(context.inputs["reward_model"][0])}}]
+    config = context.config.run_config(stage, context.work, str(context.adapter) if context.adapter else None,
+                                       rewards, context.run.seed)
+    if "model" in context.inputs:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=context.model_name))
+    run_dir = context.work / "run"
+    resume = None
+    if run_dir.is_dir():
+        try:
+            resume = find_checkpoint(run_dir, report=lambda line: None)
+            context.say(f"pipeline: {context.run.name}: resuming {resume.relative_to(context.work)}")
+        except CheckpointNotFoundError:
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
+    trainer = Trainer(config, resume_from=run_dir if resume is not None else None)
+    result = trainer.train()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    metrics = {"updates": float(result.step), "train_seconds": float(trainer.elapsed_s)}
+    logged = _last_logged(run_dir)
+    metrics.update({key: logged[key] for key in RL_SUMMARY_METRICS if isinstance(logged.get(key), (int, float))})
+    return {"adapter": run_dir / "final" / "adapter", "run": run_dir}, metrics
+
+
+RL_SUMMARY_METRICS = ("rollout/reward_mean", "train/kl")  # from the last logged update (docs/metrics.md)
+
+
+def _last_logged(run_dir: Path) -> dict[str, Any]:
+    from rlfb.logging import METRICS_FILE
+
+    lines = [line for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]
+    updates = [row for row in rows if any(key.startswith("rollout/") for key in row)]
+    return updates[-1] if updates else {}
+
+
+# -------------------------------------------------------------------------------------- feedback
+def run_feedback(context: StageContext) -> Outputs:
+    """Judgments of the current policy through the feedback HTTP API, stored in ``work/store.sqlite``.
+
+    ``simulated``: the VADER rater (:class:`rlfb.feedback.simulated.SimulatedRater`) judges through the
+    API in this process (one rater, so the judgments come in a fixed order: the stage is deterministic).
+    ``people``: the page is served on ``host:port`` with one printed rater token, until ``judgments`` are in.
+    """
+    from rlfb.feedback.items import ItemPool, PolicySource
+    from rlfb.feedback.server import ServerSettings, create_app
+    from rlfb.feedback.store import FeedbackStore
+
+    options = context.run.stage.options
+    policy = _policy(context, value_head=False, with_adapter=True)
+    run_config = context.run_config()
+    store_path = context.work / "store.sqlite"
+    store = FeedbackStore(store_path)
+    try:
+        from rlfb.envs.tasks import make_task
+        from rlfb.models.sampler import SamplingConfig
+
+        task = run_config.task
+        prompts = [str(row["prompt"]) for row in make_task({"name": task.name, **task.kwargs}).train_rows()]
+        sampling = run_config.sampling
+        source = PolicySource(policy, SamplingConfig(temperature=sampling.temperature, top_k=sampling.top_k,
+                                                     top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens),
+                              version=context.inputs["adapter"][0].parent.name if context.adapter else "base",
+                              step=None, max_prompt_tokens=sampling.max_prompt_tokens, seed=context.run.seed)
+        pairs = set(options.kinds) <= {"choice"}
+        singles = not ({"binary", "rating", "edit"} & set(options.kinds))
+        pool = ItemPool(store, source, prompts, pair_fraction=1.0 if pairs else (0.0 if singles else 0.5),
+                        seed=context.run.seed)
+        settings = ServerSettings(kinds=tuple(options.kinds), goal=options.judgments)
+        if options.source == "simulated":
+            _simulated_judgments(context, store, pool, create_app(store, pool, settings))
+        else:
+            _people_judgments(context, store, pool, settings)
+        counts = store.stats()
+    finally:
+        store.close()
+    return {"feedback": store_path}, {"judgments": float(counts.get("judgments", options.judgments))}
+
+
+def _simulated_judgments(context: StageContext, store: Any, pool: Any, app: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from rlfb.feedback.simulated import SimulatedRater
+
+    options = context.run.stage.options
+    token = store.add_rater("simulated")
+    url = "http://127.0.0.1"
+    client = TestClient(app, base_url=url)
+    pool.start()
+    try:
+        rater = SimulatedRater(url, token, noise=options.noise, seed=context.run.seed, kinds=options.kinds,
+                               client=client)
+        rater.run(options.judgments)
+    finally:
+        pool.stop()
+
+
+def _people_judgments(context: StageContext, store: Any, pool: Any, settings: Any) -> None:
+    import threading
+    import time
+
+    import uvicorn
+
+    from rlfb.feedback.server import LOOPBACK_HOSTS, create_app
+
+    options = context.run.stage.options
+    if options.host not in LOOPBACK_HOSTS:
+        settings.loopback_only = False
+    token = store.add_rater("rater")
+    server = uvicorn.Server(uvicorn.Config(create_app(store, pool, settings), host=options.host, port=options.port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="rlfb-pipeline-feedback", daemon=True)
+    pool.start()
+    thread.start()
+    context.say(f"pipeline: {context.run.name}: rate at http://{options.host}:{options.port}/ with token {token} "
+                f"(more raters: rlfb feedback add-rater {context.work / 'store.sqlite'}); waiting for "
+                f"{options.judgments} judgments")
+    deadline = time.monotonic() + options.wait_s
+    try:
+        while store.count() < options.judgments:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stage '{context.run.name}': {store.count()} of {options.judgments} judgments "
+                                   f"after {options.wait_s:.0f} s (wait_s); rerun the pipeline to keep waiting")
+            if not thread.is_alive():
+                raise RuntimeError(f"stage '{context.run.name}': the feedback server stopped (is port "
+                                   f"{options.port} taken? set the stage's port)")
+            time.sleep(1.0)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        pool.stop()
+
+
+# ------------------------------------------------------------------------------------------ eval
+def run_eval(context: StageContext) -> Outputs:
+    """Gold rewards, KL to the base model and fluency on the task's held-out prompts."""
+    from rlfb.bench import gold_key
+    from rlfb.envs.tasks import make_task
+    from rlfb.evaluation import evaluate_policy
+    from rlfb.models.sampler import SamplingConfig
+    from rlfb.rewards import RewardSet, RewardSpec
+
+    options = context.run.stage.options
+    policy = _policy(context, value_head=False, with_adapter=True)
+    run_config = context.run_config()
+    task = run_config.task
+    rows = list(make_task({"name": task.name, **task.kwargs}).eval_rows())[: options.num_prompts]
+    rows = [row for row in rows for _ in range(options.completions_per_prompt)]
+    gold = context.config.gold
+    rewards = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), label=gold_key(r)) for r in gold])
+    if rewards.needs_scorer:
+        rewards.bind_scorer(policy.scorer)
+    sampling = run_config.sampling
+    result = evaluate_policy(policy, rows, rewards, SamplingConfig(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens), seed=options.seed, num_samples=5,
+        max_prompt_tokens=sampling.max_prompt_tokens)
+    metrics = {gold_key(r): float(result.rewards[gold_key(r)]) for r in gold}
+    metrics.update(kl=result.kl, fluency=result.fluency, completion_length=result.completion_length,
+                   distinct_2=result.distinct_2)
+    path = context.work / "eval.json"
+    path.write_text(json.dumps({"metrics": metrics, "samples": result.samples}, indent=1))
+    return {"metrics": path}, metrics
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _policy(context: StageContext, value_head: bool, with_adapter: bool) -> Any:
+    """The policy of this stage: the base model with the run's LoRA settings, and the newest adapter."""
+    from rlfb.models.policy import LoraSettings, Policy
+
+    lora = context.run_config().lora
+    policy = Policy.from_pretrained(context.model_name, value_head=value_head, device=context.run_config().device,
+                                    lora=LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                                      target_modules=lora.target_modules))
+    if with_adapter and context.adapter is not None:
+        policy.load_adapter(context.adapter, require_value_head=False)
+    return policy
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from rlfb.errors import DatasetError
+
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise DatasetError(f"{path}, line {number}: not JSON ({error}); one JSON object per line") from None
+        if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
+            raise DatasetError(f"{path}, line {number}: expected an object with 'prompt' and 'completion'")
+        rows.append(row)
+    return rows
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], Outputs]] = {
+    "base": run_base, "sft": run_sft, "reward_model": run_reward_model, "rl": run_rl, "feedback": run_feedback,
+    "eval": run_eval}
