@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -345,7 +346,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
 def _absolute(path: str, directory: Path) -> Path:
     """``path`` read from ``directory`` when relative (``~`` expanded)."""
     expanded = Path(path).expanduser()
-    return expanded if expanded.is_absolute() else (directory / expanded).absolute()
+    return Path(os.path.normpath(expanded if expanded.is_absolute() else (directory / expanded).absolute()))
 
 
 def _one_line(error: yaml.YAMLError) -> str:

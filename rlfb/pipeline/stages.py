@@ -88,6 +88,9 @@ def run_sft(context: StageContext) -> Outputs:
     if not rows:
         raise ConfigError(f"stage '{context.run.name}': no supervised rows (source {options.source}); "
                           "with source: edits, the feedback stages need edit judgments (kinds: [edit])")
+    from rlfb.rewards.feedback import write_jsonl
+
+    write_jsonl(rows, context.work / "sft.jsonl")  # what the adapter was trained on
     seed_everything(context.run.seed)  # LoRA's A matrices are drawn from torch's RNG
     policy = _policy(context, value_head=False, with_adapter=False)
     args = SFTConfig(output_dir=str(context.work / "trl"), num_train_epochs=options.epochs,
