@@ -385,26 +385,27 @@ def prepare_reward_models(config: BenchConfig, design: Design, directory: Path, 
 
 def train_recipe(recipe: RewardModelRecipe, task: str, base_model: str, directory: Path,
                  say: Progress = print) -> Path:
-    """Synthesize feedback and train a reward model as ``recipe`` says, unless it is cached in ``directory``."""
-    from rlfb.rewards import feedback
-    from rlfb.rewards.training import METADATA_FILE, RewardModelConfig, train_reward_model
+    """Synthesize feedback and train a reward model as ``recipe`` says, unless it is cached in ``directory``.
+
+    The training is the pipeline's reward_model stage (:func:`rlfb.pipeline.stages.build_reward_model`).
+    """
+    from rlfb.pipeline.config import RewardModelStage
+    from rlfb.pipeline.stages import build_reward_model
+    from rlfb.rewards.training import METADATA_FILE
 
     key = json.dumps({"recipe": dataclasses.asdict(recipe), "task": task, "model": base_model}, sort_keys=True)
     path = directory / f"{task}_{recipe.kind}_{recipe.size}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if (path / METADATA_FILE).is_file():
+    if (path / "reward_model" / METADATA_FILE).is_file():
         say(f"bench: reusing the reward model {path}")
-        return path
+        return path / "reward_model"
     say(f"bench: training a {recipe.kind} reward model on {recipe.size} synthesized rows (noise {recipe.noise})")
     path.mkdir(parents=True, exist_ok=True)
-    rows = feedback.synthesize(task, recipe.kind, recipe.size, noise=recipe.noise, seed=recipe.seed,
-                               model=base_model if recipe.from_model else None)
-    data = path / "feedback.jsonl"
-    feedback.write_jsonl(rows, data)
-    report = train_reward_model(RewardModelConfig(
-        kind=recipe.kind, data=str(data), output_dir=str(path), base_model=base_model, gold=task,
-        epochs=recipe.epochs, learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, seed=recipe.seed))
-    say("bench: reward model held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
-    return path
+    stage = RewardModelStage(feedback_kind=recipe.kind, source="synthesized", size=recipe.size, noise=recipe.noise,
+                             from_model=recipe.from_model, epochs=recipe.epochs, learning_rate=recipe.learning_rate,
+                             batch_size=recipe.batch_size)
+    metrics = build_reward_model(stage, task, base_model, recipe.seed, path)
+    say("bench: reward model held-out " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "rows"))
+    return path / "reward_model"
 
 
 def _base_policy(config: BenchConfig) -> Any:

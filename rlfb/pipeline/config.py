@@ -72,7 +72,7 @@ class SftStage:
 class RewardModelStage:
     """A reward model (rlfb.rewards.training) from synthesized feedback, the pipeline's feedback, or a file."""
 
-    kind: str = "pairwise"  # pairwise, pointwise, rating or token
+    feedback_kind: str = "pairwise"  # what it learns from: pairwise, pointwise, rating or token
     source: str = "synthesized"
     size: int = 2000  # synthesized rows
     noise: float = 0.1  # synthesized: share of corrupted labels
@@ -272,7 +272,7 @@ def _check_options(options: Any, where: str) -> None:
     elif isinstance(options, RewardModelStage):
         from rlfb.rewards.feedback import KINDS
 
-        _choice(options.kind, KINDS, f"{where}.kind")
+        _choice(options.feedback_kind, KINDS, f"{where}.feedback_kind")
         _choice(options.source, REWARD_MODEL_SOURCES, f"{where}.source")
         _choice(options.rounds, ("all", "latest"), f"{where}.rounds")
         _require(options.source != "file" or options.path is not None, f"{where}.path", options.path,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,37 +145,52 @@ def _sft_rows(context: StageContext) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------ reward model
 def run_reward_model(context: StageContext) -> Outputs:
     """Train a reward model on synthesized feedback, the pipeline's feedback stores, or a file."""
-    from rlfb.rewards import feedback
-
     options = context.run.stage.options
-    data = context.work / f"feedback_{options.kind}.jsonl"
-    if options.source == "synthesized":
-        rows = feedback.synthesize(context.task_name, options.kind, options.size, noise=options.noise,
-                                   seed=context.run.seed, model=context.model_name if options.from_model else None)
-    elif options.source == "feedback":
-        rows = _exported(context.inputs.get("feedback", []), options.kind)
-    else:
-        rows = feedback.read_feedback(options.path, options.kind)
-    if len(rows) < 2:
-        raise ConfigError(f"stage '{context.run.name}': {len(rows)} {options.kind} rows to train on; the feedback "
-                          f"stages must give judgments that export as {options.kind} (choice or edit for pairwise)")
-    feedback.write_jsonl(rows, data)
-    report = train_reward_model_on(data, options, context.task_name, context.model_name, context.run.seed,
-                                   context.work / "reward_model")
-    context.say(f"pipeline: {context.run.name}: reward model on {len(rows)} rows, held-out "
-                + ", ".join(f"{k} {v:.3f}" for k, v in report.metrics.items()))
-    return {"reward_model": context.work / "reward_model"}, {"rows": float(len(rows)), **report.metrics}
+    metrics = build_reward_model(options, context.task_name, context.model_name, context.run.seed, context.work,
+                                 feedback_stores=context.inputs.get("feedback", []))
+    context.say(f"pipeline: {context.run.name}: reward model on {metrics['rows']:.0f} rows, held-out "
+                + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "rows"))
+    return {"reward_model": context.work / "reward_model"}, metrics
 
 
-def train_reward_model_on(data: Path, options: Any, task: str, base_model: str, seed: int, output_dir: Path) -> Any:
-    """The reward-model training every chain uses (pipeline stages and ``rlfb bench`` recipes)."""
-    from rlfb.rewards.feedback import TASKS
+def build_reward_model(options: Any, task: str, base_model: str, seed: int, work: Path,
+                       feedback_stores: Sequence[Path] = ()) -> dict[str, float]:
+    """The one way rlfb makes a reward model from feedback (pipeline stages and ``rlfb bench`` recipes).
+
+    Writes ``work/feedback_KIND.jsonl`` (the rows) and ``work/reward_model`` (the model).
+
+    Args:
+        options: a :class:`rlfb.pipeline.config.RewardModelStage`.
+        task: the task whose gold synthesizes feedback and scores the held-out rows (built-in tasks).
+        base_model: the causal LM the reward model starts from.
+        seed: seeds the synthesis, the split and the training.
+        work: the directory written.
+        feedback_stores: SQLite feedback stores (``source: feedback``), oldest first.
+
+    Returns:
+        ``rows`` and the reward model's held-out metrics.
+    """
+    from rlfb.rewards import feedback
     from rlfb.rewards.training import RewardModelConfig, train_reward_model
 
-    return train_reward_model(RewardModelConfig(
-        kind=options.kind, data=str(data), output_dir=str(output_dir), base_model=base_model,
-        gold=task if task in TASKS else "", epochs=options.epochs, learning_rate=options.learning_rate,
+    kind = options.feedback_kind
+    if options.source == "synthesized":
+        rows = feedback.synthesize(task, kind, options.size, noise=options.noise, seed=seed,
+                                   model=base_model if options.from_model else None)
+    elif options.source == "feedback":
+        rows = _exported(feedback_stores, kind)
+    else:
+        rows = feedback.read_feedback(options.path, kind)
+    if len(rows) < 2:
+        raise ConfigError(f"{len(rows)} {kind} rows to train a reward model on; the feedback stages must give "
+                          f"judgments that export as {kind} (choice or edit judgments for pairwise)")
+    data = work / f"feedback_{kind}.jsonl"
+    feedback.write_jsonl(rows, data)
+    report = train_reward_model(RewardModelConfig(
+        kind=kind, data=str(data), output_dir=str(work / "reward_model"), base_model=base_model,
+        gold=task if task in feedback.TASKS else "", epochs=options.epochs, learning_rate=options.learning_rate,
         batch_size=options.batch_size, seed=seed))
+    return {"rows": float(len(rows)), **{key: float(value) for key, value in report.metrics.items()}}
 
 
 def _exported(stores: list[Path], kind: str) -> list[dict[str, Any]]:
@@ -264,10 +279,9 @@ def run_feedback(context: StageContext) -> Outputs:
                                                      top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens),
                               version=context.inputs["adapter"][0].parent.name if context.adapter else "base",
                               step=None, max_prompt_tokens=sampling.max_prompt_tokens, seed=context.run.seed)
-        pairs = set(options.kinds) <= {"choice"}
-        singles = not ({"binary", "rating", "edit"} & set(options.kinds))
-        pool = ItemPool(store, source, prompts, pair_fraction=1.0 if pairs else (0.0 if singles else 0.5),
-                        seed=context.run.seed)
+        # Choices need two completions, the other kinds one: items come as the kinds asked for need them.
+        pair_fraction = 1.0 if set(options.kinds) == {"choice"} else 0.0 if "choice" not in options.kinds else 0.5
+        pool = ItemPool(store, source, prompts, pair_fraction=pair_fraction, seed=context.run.seed)
         settings = ServerSettings(kinds=tuple(options.kinds), goal=options.judgments)
         if options.source == "simulated":
             _simulated_judgments(context, store, pool, create_app(store, pool, settings))

@@ -17,7 +17,7 @@ from rlfb.pipeline.runner import STAGE_FILE, STAGES_DIR
 RUN = {"task": "sentiment", "model": "rlfb-tiny", "lora": {"r": 4, "alpha": 8}, "sampling": {"max_new_tokens": 8}}
 # Small enough for the default suite: a synthesized reward model, two RL stages, simulated feedback, eval.
 STAGES: list[dict[str, Any]] = [
-    {"name": "rm", "kind": "reward_model", "source": "synthesized", "size": 40, "epochs": 1},
+    {"name": "rm", "kind": "reward_model", "source": "synthesized", "feedback_kind": "pairwise", "size": 40, "epochs": 1},
     {"name": "rl", "kind": "rl", "agent": {"name": "grpo"}, "budget": {"updates": 2, "num_envs": 8},
      "checkpoint": {"every": 1, "keep_last": 1}},
     {"name": "rate", "kind": "feedback", "judgments": 12},
