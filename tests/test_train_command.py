@@ -21,7 +21,8 @@ RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.st
 # Options an agent cannot do without, given on the command line of the switch.
 REQUIRED_OPTIONS = {"distillation": ["agent.teacher=rlfb-tiny"]}
 # Configs of optional extras: the library each needs (their checks import it).
-NEEDS_LIBRARY = {"textarena_guess_grpo": "textarena", "reasoning_gym_grpo": "reasoning_gym"}
+NEEDS_LIBRARY = {"textarena_guess_grpo": "textarena", "reasoning_gym_grpo": "reasoning_gym",
+                 "reference_chrf_grpo": "sacrebleu"}
 
 
 @pytest.mark.parametrize("agent", list(AGENTS))
