@@ -566,7 +566,7 @@ def check_teacher_path(teacher: str) -> None:
 
     if teacher not in BUILTIN_MODELS and looks_like_path(teacher) and not Path(teacher).expanduser().exists():
         raise ConfigError(f"teacher {teacher!r} does not exist; give a causal LM directory, a model name or a "
-                          "finished rlfb run directory (benchmarks/distillation.py builds one)")
+                          "finished rlfb run directory (python benchmarks/distillation.py --teacher-only builds one)")
 
 
 register_agent(AgentSpec("distillation", DistillationConfig, "rlfb.agents.distillation:DistillationAgent",
