@@ -126,7 +126,7 @@ def test_shipped_adversarial_bench_config_trains_one_design_on_perturbed_prompts
 def test_shipped_agents_bench_config_compares_agents_on_one_reward(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the teacher path is read from the working directory
-    with pytest.raises(ConfigError, match=r"design 'distillation': .*teacher 'runs/distillation_teacher' does not "
+    with pytest.raises(ConfigError, match=r"design 'distillation': .*teacher './runs/distillation_teacher' does not "
                                           r"exist.*benchmarks/distillation.py --teacher-only builds one"):
         load_bench_config(REPO / "benchmarks" / "sentiment_agents.yaml")
     (tmp_path / "runs" / "distillation_teacher").mkdir(parents=True)  # what --teacher-only builds (not read here)
