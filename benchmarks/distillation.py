@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluations averaged before comparing with the target (1: the first single one)")
     parser.add_argument("--teacher-dir", type=Path, default=ROOT / "runs" / "distillation_teacher")
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "distillation_benchmark")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="build the teacher and stop (the distillation design of benchmarks/sentiment_agents.yaml "
+                             "reads it)")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     threshold = args.fraction * teacher_gold
     print(f"teacher {args.teacher_dir}: held-out VADER {teacher_gold:.3f}; target {args.fraction:.0%} of it = "
           f"{threshold:.3f}", flush=True)
+    if args.teacher_only:
+        return 0
     reached: dict[str, list[tuple[float, int] | None]] = {"distillation": [], "sft": []}
     for seed in args.seeds:
         curves = {"distillation": distillation_curve(args.teacher_dir.resolve(), seed, args.seconds, args.eval_every,

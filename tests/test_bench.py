@@ -123,10 +123,17 @@ def test_shipped_adversarial_bench_config_trains_one_design_on_perturbed_prompts
     assert clean.agent == perturbed.agent and clean.budget == perturbed.budget
 
 
-def test_shipped_agents_bench_config_compares_agents_on_one_reward() -> None:
+def test_shipped_agents_bench_config_compares_agents_on_one_reward(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the teacher path is read from the working directory
+    with pytest.raises(ConfigError, match=r"design 'distillation': .*teacher './runs/distillation_teacher' does not "
+                                          r"exist.*benchmarks/distillation.py --teacher-only builds one"):
+        load_bench_config(REPO / "benchmarks" / "sentiment_agents.yaml")
+    (tmp_path / "runs" / "distillation_teacher").mkdir(parents=True)  # what --teacher-only builds (not read here)
     config = load_bench_config(REPO / "benchmarks" / "sentiment_agents.yaml")
     agents = {design.name: config.run_config(design, seed=0).agent.name for design in config.designs}
-    assert agents == {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "self_training": "self_training", "es": "es"}
+    assert agents == {"ppo": "ppo", "grpo": "grpo", "rloo": "rloo", "self_training": "self_training", "es": "es",
+                      "distillation": "distillation"}
     assert all([reward.name for reward in design.rewards] == ["sentiment"] for design in config.designs)
 
 

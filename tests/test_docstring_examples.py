@@ -12,7 +12,8 @@ import rlfb
 
 MODULES = sorted(info.name for info in pkgutil.walk_packages(rlfb.__path__, prefix="rlfb."))
 # Adapters whose examples need their optional library (the extra may not be installed).
-NEEDS_LIBRARY = {"rlfb.integrations.reasoning_gym": "reasoning_gym", "rlfb.integrations.textarena": "textarena"}
+NEEDS_LIBRARY = {"rlfb.integrations.reasoning_gym": "reasoning_gym", "rlfb.integrations.textarena": "textarena",
+                 "rlfb.rewards.reference": "sacrebleu"}
 
 
 @pytest.mark.parametrize("module_name", MODULES)

@@ -21,7 +21,8 @@ RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.st
 # Options an agent cannot do without, given on the command line of the switch.
 REQUIRED_OPTIONS = {"distillation": ["agent.teacher=rlfb-tiny"]}
 # Configs of optional extras: the library each needs (their checks import it).
-NEEDS_LIBRARY = {"textarena_guess_grpo": "textarena", "reasoning_gym_grpo": "reasoning_gym"}
+NEEDS_LIBRARY = {"textarena_guess_grpo": "textarena", "reasoning_gym_grpo": "reasoning_gym",
+                 "reference_chrf_grpo": "sacrebleu"}
 
 
 @pytest.mark.parametrize("agent", list(AGENTS))
@@ -51,6 +52,14 @@ def test_the_switch_drops_only_the_file_options_the_new_agent_lacks_and_says_so(
     # anything is loaded.
     with pytest.raises(ConfigError, match=r"unknown key 'agent.epochs'"):
         prepare_config(str(path), ["agent.name=grpo", "agent.epochs=2", f"output_dir={tmp_path}"], None)
+
+
+def test_a_kl_target_switched_to_an_agent_whose_kl_is_off_by_default_keeps_the_file_agents_kl_coef(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = prepare_config(str(CONFIGS / "sentiment_ppo.yaml"), ["agent.name=self_training",
+                                                                  f"output_dir={tmp_path}"], None)
+    assert config.agent.params == {"kl_target": 3.0, "kl_coef": 0.1}  # ppo's default beta, adapted toward 3 nats
+    assert "kept ppo's kl_coef 0.1 with the file's kl_target" in capsys.readouterr().err
 
 
 def test_resume_of_a_directory_that_is_not_a_run_says_so(tmp_path: Path) -> None:

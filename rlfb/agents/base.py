@@ -122,6 +122,8 @@ class GradientStepper:
         lr_schedule: ``"constant"`` or ``"linear"`` (decay to 0 over ``total_updates`` updates).
         total_updates: Number of :meth:`finish_update` calls of the run; needed by ``"linear"``.
         max_grad_norm: Clip the global gradient norm to this (``None``: no clipping, norm still logged).
+        weight_decay: AdamW's decoupled weight decay lambda: each step multiplies every parameter by
+            (1 - lr * lambda) before the Adam step (Loshchilov & Hutter 2019), the value head's too.
         adam_eps: Adam's epsilon.
         max_consecutive_skips: Degenerate updates in a row before giving up.
     """
@@ -133,6 +135,7 @@ class GradientStepper:
         lr_schedule: str = "constant",
         total_updates: int | None = None,
         max_grad_norm: float | None = 1.0,
+        weight_decay: float = 0.0,
         adam_eps: float = 1e-5,
         max_consecutive_skips: int = 3,
     ) -> None:
@@ -140,7 +143,7 @@ class GradientStepper:
         self.parameters = [p for p in parameters if p.requires_grad]
         self.max_grad_norm = max_grad_norm
         self.max_consecutive_skips = max_consecutive_skips
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, eps=adam_eps, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, eps=adam_eps, weight_decay=weight_decay)
         self.peak_learning_rate = learning_rate
         self.lr_schedule = lr_schedule
         self.total_updates = total_updates
@@ -224,12 +227,13 @@ class GradientStepper:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        epsilon = [group["eps"] for group in self.optimizer.param_groups]
+        settings = [(group["eps"], group["weight_decay"]) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        # Adam's epsilon is configuration, not state: a resume with a changed ``agent.adam_eps`` applies it
-        # (load_state_dict would restore the saved one). The learning rate is reapplied by the schedule.
-        for group, eps in zip(self.optimizer.param_groups, epsilon, strict=True):
-            group["eps"] = eps
+        # Adam's epsilon and the weight decay are configuration, not state: a resume with a changed
+        # ``agent.weight_decay`` applies it (load_state_dict would restore the saved one). The learning rate
+        # is reapplied by the schedule.
+        for group, (eps, weight_decay) in zip(self.optimizer.param_groups, settings, strict=True):
+            group["eps"], group["weight_decay"] = eps, weight_decay
         self.updates_done = int(state["updates_done"])
         self._apply_schedule()
         self.skipped_updates = int(state["skipped_updates"])

@@ -13,13 +13,14 @@ Example:
     >>> agent_config("ppo", {"epoch": 2})
     Traceback (most recent call last):
     ...
-    rlfb.errors.ConfigError: unknown option(s) 'epoch' for agent 'ppo'; known: ...
+    rlfb.errors.ConfigError: unknown option(s) 'epoch' for agent 'ppo' (did you mean 'epochs'?); known: ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -68,10 +69,76 @@ def check_real_text(coef: float, source: str, batch_size: int, prefix: str) -> N
                           f"working directory); check the path or use {prefix}_data: corpus")
 
 
+# ------------------------------------------------------------------------------- regularization
+# Every gradient agent's options include these, with one meaning each (docs/algorithms.md, "Regularization").
+REGULARIZATION_OPTIONS = ("weight_decay", "entropy_coef", "kl_coef", "kl_target", "kl_horizon")
+# Names a user may write in the agent section for a regularizer that another section of the run config sets.
+SET_ELSEWHERE = {"lora_dropout": "lora.dropout", "dropout": "lora.dropout"}
+
+
 @dataclasses.dataclass
-class PPOConfig:
-    """PPO hyper-parameters. Literature defaults unless noted; "tuned" ones were measured on the built-in
-    tiny model (see docs/algorithms.md).
+class Regularization:
+    """The regularization every gradient agent shares: the same options, meanings and checks in each
+    (docs/algorithms.md, "Regularization"). LoRA dropout is the adapter's ``lora.dropout``.
+
+    Attributes:
+        weight_decay: lambda of AdamW's decoupled weight decay: every optimizer step first multiplies each
+            trainable parameter by (1 - lr * lambda) (Loshchilov & Hutter 2019); 0 (the default): none.
+        entropy_coef: c_H of the entropy bonus, - c_H * H in the loss, H the mean entropy of the policy's
+            next-token distribution over the model tokens of the batch (Schulman et al. 2017, eq. 9).
+        kl_coef: beta of the KL penalty to the reference (the base model, adapter disabled), or the adaptive
+            controller's initial beta; 0 with ``kl_target: null``: no KL term.
+        kl_target: Target KL in nats per completion of the adaptive controller (Ziegler et al. 2019); None:
+            a fixed beta.
+        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
+            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
+    """
+
+    weight_decay: float = 0.0
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.1
+    kl_target: float | None = 3.0
+    kl_horizon: float = 2000.0
+
+    def __post_init__(self) -> None:
+        learning_rate = getattr(self, "learning_rate", None)
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if learning_rate is not None and learning_rate * self.weight_decay >= 1:
+            raise ConfigError(f"weight_decay {self.weight_decay} x learning_rate {learning_rate} must be < 1: "
+                              "each step multiplies the parameters by 1 - lr * weight_decay")
+        if self.entropy_coef < 0:
+            raise ConfigError(f"entropy_coef must be >= 0 (the weight of a bonus), got {self.entropy_coef}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_target is not None:
+            if self.kl_target <= 0:
+                raise ConfigError(f"kl_target must be > 0 nats or null (a fixed kl_coef), got {self.kl_target}")
+            if self.kl_coef <= 0:
+                raise ConfigError(f"an adaptive KL (kl_target {self.kl_target}) needs kl_coef > 0 to start from, "
+                                  "got 0; set kl_target: null for no KL term")
+        if self.kl_horizon <= 0:
+            raise ConfigError(f"kl_horizon must be > 0 samples, got {self.kl_horizon}")
+
+
+def check_option_names(config_class: type, keys: Iterable[str], agent_name: str, section: str = "agent") -> None:
+    """Raise ConfigError on an option that belongs elsewhere: a regularizer another section sets, or a
+    regularization option given to an agent without gradient steps."""
+    for key in keys:
+        if key in SET_ELSEWHERE:
+            raise ConfigError(f"'{section}.{key}' is not an agent option: LoRA dropout is set by "
+                              f"'{SET_ELSEWHERE[key]}' for every gradient agent (docs/algorithms.md, Regularization)")
+        if key in REGULARIZATION_OPTIONS and not issubclass(config_class, Regularization):
+            raise ConfigError(f"agent {agent_name!r} takes no gradient steps, so it has no regularization option "
+                              f"{key!r}; the gradient agents have them: "
+                              f"{', '.join(name for name, spec in AGENTS.items() if spec.is_gradient_agent)}")
+
+
+@dataclasses.dataclass
+class PPOConfig(Regularization):
+    """PPO hyper-parameters, and the :class:`Regularization` options (the KL penalty in the per-token reward;
+    kl_coef 0.2 in Ziegler et al. 2019's sentiment task, kl_target 6; tuned). Literature defaults unless
+    noted; "tuned" ones were measured on the built-in tiny model (see docs/algorithms.md).
 
     Attributes:
         learning_rate: AdamW learning rate of the LoRA and value-head parameters (tuned: LoRA on a small
@@ -85,15 +152,8 @@ class PPOConfig:
         clip_range: Ratio clip epsilon (0.2: Schulman et al. 2017).
         value_clip_range: Value clip (0.2: Ziegler et al. 2019; Huang et al. 2022 detail 9).
         vf_coef: Value-loss weight (0.1: Ziegler et al. 2019).
-        entropy_coef: Entropy bonus weight (0.0 in Ziegler et al. 2019; tuned).
         max_grad_norm: Global gradient-norm clip (tuned; 0.5 in Huang et al. 2022 detail 11).
         whiten_advantages: Normalise advantages to mean 0, std 1 over the batch (Huang et al. 2022 detail 7).
-        kl_coef: KL penalty beta, or the adaptive controller's initial beta (0.2: Ziegler et al. 2019
-            sentiment; tuned).
-        kl_target: Target KL in nats per completion for the adaptive controller; None = fixed beta
-            (6.0 in Ziegler et al. 2019; tuned).
-        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
-            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
         early_stop_kl: Stop the epochs of an update once the approximate KL (k3, per token) between the new
             and old policy exceeds this; None disables (the ``target_kl`` of OpenAI Spinning Up's PPO).
         temperature: Sampling temperature; logits are divided by it in every forward pass.
@@ -116,12 +176,8 @@ class PPOConfig:
     clip_range: float = 0.2
     value_clip_range: float = 0.2
     vf_coef: float = 0.1
-    entropy_coef: float = 0.0
     max_grad_norm: float | None = 1.0
     whiten_advantages: bool = True
-    kl_coef: float = 0.1
-    kl_target: float | None = 3.0
-    kl_horizon: float = 2000.0
     early_stop_kl: float | None = None
     temperature: float = 1.0
     max_consecutive_skips: int = 3
@@ -132,6 +188,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        super().__post_init__()
         check_real_text(self.ptx_coef, self.ptx_data, self.ptx_batch_size, "ptx")
         if self.epochs < 1 or self.num_minibatches < 1:
             raise ConfigError(f"epochs and num_minibatches must be >= 1, got {self.epochs}, {self.num_minibatches}")
@@ -148,8 +205,8 @@ KL_PENALTIES = ("reward", "loss")
 
 
 @dataclasses.dataclass
-class ReinforceConfig:
-    """REINFORCE hyper-parameters.
+class ReinforceConfig(Regularization):
+    """REINFORCE hyper-parameters, and the :class:`Regularization` options (the KL where ``kl_penalty`` says).
 
     Attributes:
         learning_rate: AdamW learning rate (tuned on the built-in tiny model).
@@ -158,12 +215,7 @@ class ReinforceConfig:
         baseline: "ema", "rloo" or "grpo".
         group_size: Completions per prompt k (>= 2 for "rloo" and "grpo"; rows i*k .. i*k+k-1 share a prompt).
         baseline_decay: EMA decay of the moving-average baseline, b <- d * b + (1 - d) * mean(R).
-        kl_coef: KL beta, or the adaptive controller's initial beta.
-        kl_target: Target KL (nats per completion) of the adaptive controller; None = fixed beta.
-        kl_horizon: Adaptive controller horizon in samples (tuned: 2000, so that with batches of ~32 the
-            controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
         kl_penalty: "reward" (KL in the return) or "loss" (k3 KL term in the loss, as GRPO).
-        entropy_coef: Entropy bonus weight.
         max_grad_norm: Global gradient-norm clip.
         temperature: Sampling temperature; logits are divided by it in every forward pass.
         minibatch_size: Rows per forward/backward chunk (gradients accumulate; one optimizer step per
@@ -180,11 +232,7 @@ class ReinforceConfig:
     baseline: str = "ema"
     group_size: int = 1
     baseline_decay: float = 0.9
-    kl_coef: float = 0.1
-    kl_target: float | None = 3.0
-    kl_horizon: float = 2000.0
     kl_penalty: str = "reward"
-    entropy_coef: float = 0.0
     max_grad_norm: float | None = 1.0
     temperature: float = 1.0
     minibatch_size: int | None = None
@@ -196,6 +244,7 @@ class ReinforceConfig:
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        super().__post_init__()
         check_real_text(self.ptx_coef, self.ptx_data, self.ptx_batch_size, "ptx")
         if self.baseline not in BASELINES:
             raise ConfigError(f"unknown baseline {self.baseline!r}; known: {', '.join(BASELINES)}")
@@ -221,10 +270,13 @@ def config_from_mapping(config_class: type[ConfigT], values: Mapping[str, Any], 
         ConfigError: On a key the config does not have, or a value its checks refuse.
     """
     known = {f.name for f in dataclasses.fields(config_class)}  # type: ignore[arg-type]
+    check_option_names(config_class, values, agent_name)
     unknown = sorted(set(values) - known)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for agent {agent_name!r}; "
+            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for agent {agent_name!r}{hint}; "
             f"known: {', '.join(sorted(known))}"
         )
     return config_class(**dict(values))
@@ -249,6 +301,11 @@ class AgentSpec:
     preset: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     needs_value_head: bool = False
     description: str = ""
+
+    @property
+    def is_gradient_agent(self) -> bool:
+        """Whether the agent takes gradient steps, and so has the :class:`Regularization` options."""
+        return issubclass(self.config_class, Regularization)
 
     @property
     def default_group_size(self) -> int:
@@ -291,8 +348,10 @@ KEEP_RULES = ("threshold", "best_of_group", "top_fraction")
 
 
 @dataclasses.dataclass
-class SelfTrainingConfig:
-    """Self-training on its own best samples (ReST-EM, RAFT, expert iteration; rlfb/agents/self_training.py).
+class SelfTrainingConfig(Regularization):
+    """Self-training on its own best samples (ReST-EM, RAFT, expert iteration; rlfb/agents/self_training.py),
+    and the :class:`Regularization` options (the KL a k3 term over the kept samples' model tokens; none by
+    default).
 
     Attributes:
         learning_rate: AdamW learning rate of the LoRA parameters.
@@ -309,7 +368,6 @@ class SelfTrainingConfig:
         lm_data: The real text: a built-in corpus (``corpus``, ``corpus:reviews``, ``corpus:arithmetic``) or a
             .txt / .jsonl file (see :class:`PPOConfig`'s ``ptx_data``).
         lm_batch_size: Real-text documents per gradient step.
-        kl_coef: Weight of a k3 KL(pi || pi_ref) term over the kept samples' model tokens (0: none).
         epochs: Passes over the kept samples per update.
         minibatch_size: Kept rows per gradient step; None = all of them in one step per epoch.
         max_grad_norm: Global gradient-norm clip.
@@ -328,6 +386,7 @@ class SelfTrainingConfig:
     lm_data: str = "corpus"
     lm_batch_size: int = 16
     kl_coef: float = 0.0
+    kl_target: float | None = None
     epochs: int = 1
     minibatch_size: int | None = None
     max_grad_norm: float | None = 1.0
@@ -336,6 +395,7 @@ class SelfTrainingConfig:
 
     def __post_init__(self) -> None:
         check_learning_rate(self.learning_rate, self.lr_schedule, self.total_updates)
+        super().__post_init__()
         check_real_text(self.lm_coef, self.lm_data, self.lm_batch_size, "lm")
         if self.keep not in KEEP_RULES:
             raise ConfigError(f"unknown keep rule {self.keep!r}; known: {', '.join(KEEP_RULES)}")
@@ -350,8 +410,6 @@ class SelfTrainingConfig:
         if not 0.0 <= self.lm_coef < 1.0:
             raise ConfigError(f"lm_coef (lambda) must be in [0, 1), got {self.lm_coef}; at 1 the kept samples "
                               "would weigh nothing")
-        if self.kl_coef < 0:
-            raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
@@ -434,8 +492,10 @@ TOKEN_ESTIMATES = ("full", "sampled")
 
 
 @dataclasses.dataclass
-class DistillationConfig:
-    """On-policy distillation hyper-parameters (rlfb/agents/distillation.py; docs/algorithms.md).
+class DistillationConfig(Regularization):
+    """On-policy distillation hyper-parameters (rlfb/agents/distillation.py; docs/algorithms.md), and the
+    :class:`Regularization` options (the KL to the reference a k3 term beside the divergence to the teacher,
+    the entropy exact over the vocabulary; neither by default).
 
     Attributes:
         teacher: The teacher: a causal LM (built-in name, local directory or hub id) or a finished rlfb run
@@ -471,6 +531,8 @@ class DistillationConfig:
     minibatch_size: int | None = None
     max_grad_norm: float | None = 1.0
     max_consecutive_skips: int = 3
+    kl_coef: float = 0.0
+    kl_target: float | None = None
 
     def __post_init__(self) -> None:
         if not self.teacher:
@@ -493,6 +555,7 @@ class DistillationConfig:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         check_teacher_path(self.teacher)
+        super().__post_init__()  # last: a KL setting carried over from another agent's config file comes after
 
 
 def check_teacher_path(teacher: str) -> None:
@@ -503,7 +566,7 @@ def check_teacher_path(teacher: str) -> None:
 
     if teacher not in BUILTIN_MODELS and looks_like_path(teacher) and not Path(teacher).expanduser().exists():
         raise ConfigError(f"teacher {teacher!r} does not exist; give a causal LM directory, a model name or a "
-                          "finished rlfb run directory (benchmarks/distillation.py builds one)")
+                          "finished rlfb run directory (python benchmarks/distillation.py --teacher-only builds one)")
 
 
 register_agent(AgentSpec("distillation", DistillationConfig, "rlfb.agents.distillation:DistillationAgent",
@@ -588,6 +651,10 @@ def run_agent(config: RunConfig) -> RunAgent:
         raise ConfigError(f"'budget.num_envs' is {config.budget.num_envs}; it must be a multiple of the "
                           f"group size {group_size} of agent '{name}'")
     config_class = agent_config_class(name)
+    check_option_names(config_class, config.agent.params, name)
+    if config.lora.dropout and not AGENTS[name].is_gradient_agent:
+        raise ConfigError(f"'lora.dropout' is {config.lora.dropout} but agent '{name}' takes no gradient steps, "
+                          "and LoRA dropout acts in gradient passes only; set lora.dropout: 0")
     options = check_section(config_class, dict(config.agent.params), "agent")
     decided = {"temperature": config.sampling.temperature, "total_updates": config.budget.updates,
                "seed": config.seed}

@@ -26,6 +26,11 @@ whose expected gradient over y_t ~ p_s is exactly the gradient of the per-token 
 (E[(log p_s - log p_t) grad log p_s] = grad KL(p_s || p_t), as E[grad log p_s] = 0). It needs the
 teacher's log-prob of one token only, the form that scales to large vocabularies; the full sum is exact
 and cheap on a small vocabulary. Both are divided by the sampling temperature before the softmax.
+
+The shared regularization options (docs/algorithms.md, "Regularization") add to L, both off by default:
+beta * KL_k3, the k3 estimate of KL(pi_s || pi_ref) to the student's own base model (the adapter disabled)
+per model token, beta = ``kl_coef`` (fixed, or adapted toward ``kl_target``), and - c_H * H, the student's
+entropy exact over the vocabulary per model token, c_H = ``entropy_coef``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper
 from rlfb.agents.configs import DistillationConfig
-from rlfb.agents.rollout import Rollout
+from rlfb.agents.kl import make_kl_controller
+from rlfb.agents.rollout import Rollout, rollout_reference_logprobs
 from rlfb.models.policy import Policy
 from rlfb.models.teacher import check_same_tokenizer, load_teacher
 
@@ -131,8 +137,9 @@ class DistillationAgent(Agent):
         self.stepper = GradientStepper(
             parameters, learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
             total_updates=config.total_updates, max_grad_norm=config.max_grad_norm,
-            max_consecutive_skips=config.max_consecutive_skips,
+            weight_decay=config.weight_decay, max_consecutive_skips=config.max_consecutive_skips,
         )  # fmt: skip
+        self.kl_controller = make_kl_controller(config.kl_coef, config.kl_target, config.kl_horizon)
 
     @torch.no_grad()
     def teacher_log_distributions(self, rollout: Rollout) -> torch.Tensor:
@@ -157,15 +164,35 @@ class DistillationAgent(Agent):
         k1 = (student_token - teacher_log_probs.gather(-1, tokens).squeeze(-1)).detach() * mask
         return k1 * student_token * mask
 
+    def regularization_terms(self, student_log_probs: torch.Tensor, reference_logprobs: torch.Tensor | None,
+                             rollout: Rollout, total_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL_k3, H): this chunk's share of the per-model-token means of the k3 KL to the reference (0 without
+        ``reference_logprobs``) and of the student's entropy (0 when ``entropy_coef`` is: no (b, T, V) graph
+        for a term that weighs nothing; ``train/entropy`` is measured apart), with gradients."""
+        mask = rollout.action_mask.to(student_log_probs.dtype)
+        entropy = student_log_probs.new_zeros(())
+        if self.config.entropy_coef:
+            entropy = (-(student_log_probs.exp() * student_log_probs).sum(-1) * mask).sum() / total_tokens
+        if reference_logprobs is None:
+            return entropy.new_zeros(()), entropy
+        student_token = student_log_probs.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (b, T)
+        # k3 = exp(d) - d - 1, d = log pi_ref - log pi_s, zeroed off the model tokens before exp (Schulman 2020)
+        log_ratio = (reference_logprobs - student_token) * mask
+        return ((torch.exp(log_ratio) - log_ratio - 1.0) * mask).sum() / total_tokens, entropy
+
     def update(self, rollout: Rollout) -> dict[str, float]:
         c = self.config
         mask = rollout.action_mask.float()  # (B, T) the model's tokens: the only ones with a loss term
         total_tokens = mask.sum().clamp(min=1)
         teacher_log_probs = self.teacher_log_distributions(rollout)  # (B, T, V)
+        kl_coef = self.kl_controller.value
+        # log pi_ref(y_t), (B, T): one no-grad pass with the adapter disabled, only when a KL term is asked for
+        reference_logprobs = rollout_reference_logprobs(self.policy, rollout, c.temperature) if kl_coef > 0 else None
         chunk = c.minibatch_size or rollout.batch_size
         # Measured on the first pass, before any step: the student that sampled the rollout.
-        # (divergence, reverse KL, forward KL, student entropy, teacher log-prob of the sampled token) per model token
-        sums = torch.zeros(5, dtype=torch.float64, device=mask.device)
+        # (divergence, reverse KL, forward KL, student entropy, teacher log-prob of the sampled token) per model
+        # token, then the KL to the reference: k3 per model token and k1 per completion.
+        sums = torch.zeros(7, dtype=torch.float64, device=mask.device)
         for epoch in range(c.epochs):
             finite = True
             for first in range(0, rollout.batch_size, chunk):
@@ -173,9 +200,18 @@ class DistillationAgent(Agent):
                 batch = rollout if chunk >= rollout.batch_size else rollout.select(rows)
                 student_log_probs = self.student_log_distributions(batch)  # (b, T, V)
                 teacher_rows = teacher_log_probs[rows]
-                loss = self.loss_terms(student_log_probs, teacher_rows, batch).sum() / total_tokens
+                reference_rows = reference_logprobs[rows] if reference_logprobs is not None else None
+                kl_loss, entropy = self.regularization_terms(student_log_probs, reference_rows, batch, total_tokens)
+                # L = D + beta * KL_k3 - c_H * H, each a mean over the batch's model tokens
+                loss = (self.loss_terms(student_log_probs, teacher_rows, batch).sum() / total_tokens
+                        + kl_coef * kl_loss - c.entropy_coef * entropy)
                 if epoch == 0:
-                    sums += self._measures(student_log_probs.detach(), teacher_rows, batch, total_tokens)
+                    sums[:5] += self._measures(student_log_probs.detach(), teacher_rows, batch, total_tokens)
+                    sums[5] += kl_loss.detach().double()
+                    if reference_rows is not None:
+                        student_token = student_log_probs.detach().gather(
+                            -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+                        sums[6] += ((student_token - reference_rows) * batch.action_mask).sum().double()
                 if not self.stepper.backward(loss):
                     finite = False
                     break
@@ -184,8 +220,14 @@ class DistillationAgent(Agent):
             self.stepper.step()
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
-        divergence, reverse_kl, forward_kl, entropy, teacher_logprob = sums.tolist()
+        divergence, reverse_kl, forward_kl, entropy, teacher_logprob, kl_loss, kl_sum = sums.tolist()
+        metrics = {}
+        if reference_logprobs is not None:  # k1 per completion, the KL the controller follows
+            metrics = {"train/kl": kl_sum / rollout.batch_size, "train/kl_loss": kl_loss}
+            self.kl_controller.update(metrics["train/kl"], rollout.batch_size)
         return {
+            **metrics,
+            "train/kl_coef": kl_coef,
             "train/divergence": divergence,
             "train/reverse_kl": reverse_kl,
             "train/forward_kl": forward_kl,
@@ -211,7 +253,10 @@ class DistillationAgent(Agent):
         return torch.stack([(values * mask).sum() / total_tokens for values in per_token]).double()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.config), "stepper": self.stepper.state_dict()}
+        return {"config": dataclasses.asdict(self.config), "stepper": self.stepper.state_dict(),
+                "kl_controller": self.kl_controller.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
+        if "kl_controller" in state:  # absent from checkpoints written before distillation had a KL term
+            self.kl_controller.load_state_dict(state["kl_controller"])

@@ -188,6 +188,7 @@ class PPOAgent(Agent):
             lr_schedule=c.lr_schedule,
             total_updates=c.total_updates,
             max_grad_norm=c.max_grad_norm,
+            weight_decay=c.weight_decay,
             max_consecutive_skips=c.max_consecutive_skips,
         )
         self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)

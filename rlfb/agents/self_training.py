@@ -11,13 +11,15 @@ completions of each prompt, scored by the rewards. The improve step:
    is a floor for every rule.
 3. ``epochs`` passes over the kept rows in shuffled minibatches, each a gradient step on the joint objective
 
-       L = lambda * L_LM(real text) + (1 - lambda) * L_pseudo + beta * KL_k3
+       L = lambda * L_LM(real text) + (1 - lambda) * L_pseudo + beta * KL_k3 - c_H * H
 
    with L_pseudo = -(1/N) sum_{kept i, t} m_it log pi(y_it | s_it), the token-mean negative log-likelihood
    of the kept samples over their model tokens m (environment replies of a multi-turn episode are context,
    not targets), L_LM the same on a batch of real text (rlfb/agents/lm_mix.py; lambda = ``lm_coef``), and
    KL_k3 = (1/N) sum m_it (exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1) to the base model
-   (the adapter disabled; Schulman 2020), beta = ``kl_coef``.
+   (the adapter disabled; Schulman 2020), beta = ``kl_coef`` (fixed, or adapted toward ``kl_target`` from the
+   kept samples' KL per completion), and H the mean entropy of the policy over those tokens, c_H =
+   ``entropy_coef`` (the shared regularization options, docs/algorithms.md).
 
 Unlike ReST-EM, which fine-tunes the base model afresh at each iteration, the adapter keeps training across
 iterations (as RAFT does): an iteration is one trainer update. Log-likelihoods are at temperature 1 (the
@@ -36,6 +38,7 @@ import torch
 
 from rlfb.agents.base import Agent, GradientStepper, masked_mean
 from rlfb.agents.configs import SelfTrainingConfig
+from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.reinforce import check_groups
 from rlfb.agents.rollout import Rollout, forward_rollout, rollout_reference_logprobs
@@ -116,9 +119,11 @@ class SelfTrainingAgent(Agent):
             lr_schedule=c.lr_schedule,
             total_updates=c.total_updates,
             max_grad_norm=c.max_grad_norm,
+            weight_decay=c.weight_decay,
             max_consecutive_skips=c.max_consecutive_skips,
         )
         self.generator = torch.Generator().manual_seed(c.seed)
+        self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.real_text = real_text_batches(c.lm_data, policy, c.lm_batch_size, c.seed) if c.lm_coef > 0 else None
 
     @property
@@ -141,6 +146,7 @@ class SelfTrainingAgent(Agent):
 
         sums = dict.fromkeys(self.loss_names(), 0.0)
         steps = 0
+        kl_coef = self.kl_controller.value
         if kept.batch_size:
             reference_logprobs = rollout_reference_logprobs(self.policy, kept)  # (N_kept, T), at temperature 1
             minibatch_size = c.minibatch_size or kept.batch_size
@@ -149,7 +155,7 @@ class SelfTrainingAgent(Agent):
                 order = torch.randperm(kept.batch_size, generator=self.generator).to(returns.device)
                 for first in range(0, kept.batch_size, minibatch_size):
                     rows = order[first : first + minibatch_size]
-                    stats = self._step(kept.select(rows), reference_logprobs[rows])
+                    stats = self._step(kept.select(rows), reference_logprobs[rows], kl_coef)
                     if stats is None:  # degenerate: abandon this update
                         degenerate = True
                         break
@@ -163,8 +169,11 @@ class SelfTrainingAgent(Agent):
 
         nan = float("nan")
         metrics = {key: value / steps if steps else nan for key, value in sums.items()}
+        if steps:  # the kept samples' KL per completion, over this update's steps
+            self.kl_controller.update(metrics["train/kl"], kept.batch_size)
         metrics.update(
             {
+                "train/kl_coef": kl_coef,
                 "train/return_mean": float(returns.mean()),
                 "train/kept_fraction": kept.batch_size / rollout.batch_size,
                 "train/kept_prompts": len(set(kept.prompts)) / len(set(rollout.prompts)),
@@ -177,19 +186,20 @@ class SelfTrainingAgent(Agent):
         )
         return metrics
 
-    def _step(self, batch: Rollout, reference_logprobs: torch.Tensor) -> dict[str, float] | None:
+    def _step(self, batch: Rollout, reference_logprobs: torch.Tensor, kl_coef: float) -> dict[str, float] | None:
         """One gradient step on the joint objective over ``batch`` (kept rows); None when it was degenerate."""
         c = self.config
         mask = batch.action_mask.float()
-        forward = forward_rollout(self.policy, batch, with_values=False, entropy_grad=False)
+        forward = forward_rollout(self.policy, batch, with_values=False, entropy_grad=c.entropy_coef != 0)
         assert forward.entropy is not None
         pseudo_loss = pseudo_sample_loss(forward.logprobs, mask)
         kl_loss = k3_kl(forward.logprobs, reference_logprobs, mask)
-        # L = lambda * L_LM + (1 - lambda) * L_pseudo + beta * KL_k3
-        loss = (1.0 - c.lm_coef) * pseudo_loss + c.kl_coef * kl_loss
+        entropy = masked_mean(forward.entropy, mask)
+        # L = lambda * L_LM + (1 - lambda) * L_pseudo + beta * KL_k3 - c_H * H
+        loss = (1.0 - c.lm_coef) * pseudo_loss + kl_coef * kl_loss - c.entropy_coef * entropy
         with torch.no_grad():  # k1 KL per completion under the weights of this step
             sequence_kl = ((forward.logprobs - reference_logprobs) * mask).sum(1).mean()
-        terms = [pseudo_loss, kl_loss, sequence_kl, masked_mean(forward.entropy, mask)]
+        terms = [pseudo_loss, kl_loss, sequence_kl, entropy]
         if self.real_text is not None:
             lm_loss = real_text_loss(self.real_text, self.policy)
             loss = loss + c.lm_coef * lm_loss
@@ -203,11 +213,14 @@ class SelfTrainingAgent(Agent):
             "config": dataclasses.asdict(self.config),
             "stepper": self.stepper.state_dict(),
             "generator": self.generator.get_state(),
+            "kl_controller": self.kl_controller.state_dict(),
             "real_text": self.real_text.state_dict() if self.real_text is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.stepper.load_state_dict(state["stepper"])
         self.generator.set_state(state["generator"])
+        if "kl_controller" in state:  # absent from checkpoints written before the KL could adapt
+            self.kl_controller.load_state_dict(state["kl_controller"])
         if self.real_text is not None and state.get("real_text") is not None:
             self.real_text.load_state_dict(state["real_text"])

@@ -113,16 +113,25 @@ def _without_options_of_the_replaced_agent(config: RunConfig, file_agent: str, o
     from rlfb.agents.configs import AGENTS, agent_config_class
 
     name = config.agent.name
-    if name == file_agent or name not in AGENTS:
+    if name == file_agent or name not in AGENTS or file_agent not in AGENTS:
         return config
-    known = {option.name for option in dataclasses.fields(agent_config_class(name))}
+    fields = {option.name: option for option in dataclasses.fields(agent_config_class(name))}
     given = {_agent_option_of(override) for override in overrides}
-    dropped = sorted(key for key in config.agent.params if key not in known and key not in given)
-    if not dropped:
-        return config
-    print(f"rlfb train: note: --set agent.name={name} replaces agent '{file_agent}'; dropped the config "
-          f"file's options that {name} does not have: {', '.join(dropped)}", file=sys.stderr)
+    dropped = sorted(key for key in config.agent.params if key not in fields and key not in given)
     params = {key: value for key, value in config.agent.params.items() if key not in dropped}
+    # A kl_target written for an agent whose KL is on by default (ppo) means an adaptive KL from that agent's
+    # kl_coef: it comes along to an agent whose KL is off by default (self_training, distillation).
+    carried = {}
+    if "kl_target" in params and "kl_coef" not in params and fields.get("kl_coef") and fields["kl_coef"].default == 0:
+        file_fields = {option.name: option for option in dataclasses.fields(agent_config_class(file_agent))}
+        if "kl_coef" in file_fields:
+            carried["kl_coef"] = params["kl_coef"] = file_fields["kl_coef"].default
+    if not dropped and not carried:
+        return config
+    said = [f"dropped the config file's options that {name} does not have: {', '.join(dropped)}"] if dropped else []
+    said += [f"kept {file_agent}'s kl_coef {value} with the file's kl_target" for value in carried.values()]
+    print(f"rlfb train: note: --set agent.name={name} replaces agent '{file_agent}'; {'; '.join(said)}",
+          file=sys.stderr)
     return dataclasses.replace(config, agent=dataclasses.replace(config.agent, params=params))
 
 

@@ -19,10 +19,11 @@ from rlfb.errors import ConfigError
 __all__ = ["import_optional"]
 
 
-def import_optional(module: str, extra: str, needed_by: str) -> Any:
-    """Import ``module``, or raise a ConfigError naming what needs it and the extra that installs it."""
+def import_optional(module: str, extra: str, needed_by: str, package: str | None = None) -> Any:
+    """Import ``module``, or raise a ConfigError naming what needs it, the package (default: the extra's
+    name) and the extra that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ConfigError(f"{needed_by} needs the {extra} package ({error}); install it with "
+        raise ConfigError(f"{needed_by} needs the {package or extra} package ({error}); install it with "
                           f"pip install 'rlfb[{extra}]'") from None

@@ -73,9 +73,10 @@ class LoraSettings:
             at the same cost per step (the adapter is a small fraction of the compute).
         alpha: Scale numerator; the update is multiplied by ``alpha / r`` (2.0 by default, as in the
             common ``alpha = 2r`` setting).
-        dropout: Dropout on the adapter input. Applied only while the model is in train mode; rlfb's RL
-            agents keep it in eval mode because dropout makes old and new log-probs of the same weights
-            differ, which corrupts PPO's probability ratio (see docs/algorithms.md).
+        dropout: Dropout on the adapter input (peft's ``lora_dropout``), applied in the forward passes that
+            compute a gradient and in no other: sampling, evaluation and the no-grad passes of the updates
+            (old and reference log-probs) see the whole adapter, and the base model's own dropout stays off
+            (:class:`GradientPassDropout`; docs/algorithms.md, "Regularization").
         target_modules: Module names to adapt. ``None`` applies one rule to every family: the query, key
             and value projections of the attention layers, fused or not (GPT-2: ``c_attn``; Llama, Qwen,
             Mistral, Gemma, OPT: ``q_proj, k_proj, v_proj``; Phi-3: ``qkv_proj``; GPT-NeoX, Falcon:
@@ -93,6 +94,41 @@ class LoraSettings:
             raise ConfigError(f"lora.r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+class GradientPassDropout(nn.Dropout):
+    """Dropout that acts exactly when autograd records (``torch.is_grad_enabled()``), whatever the mode.
+
+    The policy stays in eval mode for good (the base model's dropout off, the lean decoders usable); peft's
+    LoRA dropout modules are replaced by this one, so every gradient pass of every agent drops adapter
+    inputs and every no-grad or inference pass does not.
+
+    Example:
+        >>> dropout, x = GradientPassDropout(p=0.5).eval(), torch.ones(1000)
+        >>> with torch.no_grad():
+        ...     bool((dropout(x) == x).all())
+        True
+        >>> kept = dropout(x.requires_grad_()) != 0
+        >>> 400 < int(kept.sum()) < 600
+        True
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(input, self.p, training=torch.is_grad_enabled(), inplace=self.inplace)
+
+
+def dropout_in_gradient_passes(model: nn.Module) -> int:
+    """Replace every LoRA dropout module of a peft ``model`` by :class:`GradientPassDropout`; returns how many."""
+    replaced = 0
+    for module in model.modules():
+        adapters = getattr(module, "lora_dropout", None)
+        if not isinstance(adapters, nn.ModuleDict):
+            continue
+        for name, dropout in adapters.items():
+            if isinstance(dropout, nn.Dropout) and not isinstance(dropout, GradientPassDropout):
+                adapters[name] = GradientPassDropout(p=dropout.p)
+                replaced += 1
+    return replaced
 
 
 class PolicyForward(NamedTuple):
@@ -178,9 +214,11 @@ class Policy:
             )
             self.model = get_peft_model(model, config)
         self.model.to(self.device)
-        # Eval mode for good: dropout anywhere would make two forward passes of the same weights disagree
-        # and break the PPO ratio (Ziegler et al. 2019 train without dropout).
+        # Eval mode for good: the base model's dropout would make two forward passes of the same weights
+        # disagree and break the PPO ratio (Ziegler et al. 2019 train without dropout). LoRA dropout, when
+        # asked for, acts in the gradient passes only.
         self.model.eval()
+        dropout_in_gradient_passes(self.model)
         self.value_head: nn.Linear | None = None
         if value_head:
             hidden_size = self.model.get_input_embeddings().embedding_dim

@@ -23,7 +23,7 @@ from __future__ import annotations
 # The built-in modules register themselves on import; they import torch / transformers lazily so that
 # `import rlfb` (and `rlfb --help`) stays fast.
 from rlfb.integrations import reasoning_gym as _reasoning_gym  # noqa: F401  (registers its reward)
-from rlfb.rewards import builtin, likelihood, reward_model  # noqa: F401
+from rlfb.rewards import builtin, likelihood, reference, reward_model  # noqa: F401
 from rlfb.rewards.registry import RewardFunction, build_reward, get_registered, list_rewards, register
 from rlfb.rewards.reward_set import RewardResult, RewardSet, RewardSpec
 

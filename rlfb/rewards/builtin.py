@@ -24,7 +24,7 @@ from rlfb.rewards.registry import register
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _WORD = re.compile(r"\w+(?:'\w+)?")
 # Keyword arguments every reward gets that are not task columns (left out of "columns given" messages).
-_NOT_COLUMNS = frozenset({"prompts", "completions", "completion_ids", "prompt_ids", "log_metric", "log_extra",
+NOT_COLUMNS = frozenset({"prompts", "completions", "completion_ids", "prompt_ids", "log_metric", "log_extra",
                           "trainer_state"})
 
 
@@ -57,7 +57,7 @@ class SentimentReward:
 
 def _answers(kwargs: dict[str, Any], column: str, reward: str) -> Sequence[Any]:
     if column not in kwargs:
-        columns = sorted(key for key in kwargs if key not in _NOT_COLUMNS)
+        columns = sorted(key for key in kwargs if key not in NOT_COLUMNS)
         raise ValueError(f"{reward} needs the task column {column!r} (the arithmetic task has 'answer'); "
                        f"columns given: {columns}")
     return kwargs[column]

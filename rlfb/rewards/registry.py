@@ -220,6 +220,8 @@ def build_reward(name_or_callable: str | Callable[..., Any], kwargs: Mapping[str
         return functools.partial(target, **kwargs) if kwargs else target
     try:
         reward = target(**kwargs)
+    except ConfigError:
+        raise  # the factory's own message (a missing optional library, ...) names the problem and the fix
     except (TypeError, ValueError) as error:
         raise ConfigError(f"reward {label!r}: bad kwargs {kwargs}: {error}") from error
     if not callable(reward):

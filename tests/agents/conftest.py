@@ -15,14 +15,14 @@ VOCAB_SIZE = 16
 EOS = 0
 
 
-def tiny_policy(seed: int = 0, value_head: bool = True, r: int = 8) -> Policy:
-    """A 2-layer, 32-wide random GPT-2 over 16 tokens with a LoRA adapter."""
+def tiny_policy(seed: int = 0, value_head: bool = True, r: int = 8, dropout: float = 0.0) -> Policy:
+    """A 2-layer, 32-wide random GPT-2 over 16 tokens with a LoRA adapter (``dropout``: its LoRA dropout)."""
     torch.manual_seed(seed)
     config = GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB_SIZE, n_positions=32, initializer_range=0.2,
         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS,
     )  # fmt: skip
-    return Policy(GPT2LMHeadModel(config), tokenizer=None, lora=LoraSettings(r=r), value_head=value_head, device="cpu")
+    return Policy(GPT2LMHeadModel(config), tokenizer=None, lora=LoraSettings(r=r, dropout=dropout), value_head=value_head, device="cpu")
 
 
 def make_rollout(
