@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS judgments (
     completions TEXT NOT NULL, kind TEXT NOT NULL, value TEXT NOT NULL,
     UNIQUE (item_id, rater));
 CREATE INDEX IF NOT EXISTS judgments_kind ON judgments (kind, id);
+CREATE INDEX IF NOT EXISTS judgments_rater ON judgments (rater);
 """
 IMPORTED_VERSION = "imported"  # the policy version of judgments read from a JSONL file
 
