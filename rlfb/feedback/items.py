@@ -173,7 +173,11 @@ class ItemPool:
 
     def fill_once(self) -> int:
         """Load a newer policy if one was published, then make and store one batch of items; returns how
-        many (0 when the pool is full)."""
+        many (0 when the pool has fewer than ``batch_size`` free places and holds some items).
+
+        Filling waits for a whole batch of room: topping up one item per judgment made a generation call
+        and a store transaction per judgment, in a thread competing with the requests for the GIL.
+        """
         previous = self.source.version
         self.source.refresh()
         version, step = self.source.version
@@ -181,7 +185,7 @@ class ItemPool:
             if (version, step) != previous:
                 self._ready.clear()  # the old policy's items: raters see the latest policy from now on
             room = self.capacity - len(self._ready)
-        if room <= 0:
+        if room < min(self.batch_size, self.capacity) and self._ready:
             return 0
         prompts = [self.rng.choice(self.prompts) for _ in range(min(room, self.batch_size))]
         completions = self.source.complete(prompts, 2)
@@ -220,7 +224,8 @@ class ItemPool:
             if not self._ready:
                 return None
             item = self._held[rater] = self._ready.popleft()
-            self._condition.notify_all()  # room for the filler
+            if self.capacity - len(self._ready) >= self.batch_size:
+                self._condition.notify_all()  # room for a batch: wake the filler
             return item
 
     def judged(self, rater: str, item_id: str) -> None:

@@ -15,6 +15,7 @@ store gives the same model).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from rlfb.feedback.store import FeedbackStore
 
 STORE_FILE = "store.sqlite"
 DATA_FILE = "reward_model_data.jsonl"  # under feedback.dir: the rows the reward model was last trained on
+TRAINED_ON_FILE = "reward_model_judgments.json"  # under feedback.dir: {"judgments": the store's count then}
 
 
 def store_of(feedback: FeedbackConfig) -> FeedbackStore:
@@ -39,8 +41,12 @@ def usable_rows(store: FeedbackStore, feedback: FeedbackConfig, step: int) -> li
     return export_rows(store, feedback.kind, current_step=step, max_staleness=feedback.max_staleness)
 
 
-def train_feedback_reward_model(config: RunConfig, rows: list[dict[str, Any]]) -> Any:
-    """Train the run's reward model on ``rows`` into FEEDBACK_DIR/reward_model (atomically); its report."""
+def train_feedback_reward_model(config: RunConfig, rows: list[dict[str, Any]], judgments: int) -> Any:
+    """Train the run's reward model on ``rows`` into FEEDBACK_DIR/reward_model (atomically); its report.
+
+    ``judgments`` (the store's count, taken before ``rows`` were read) is recorded in TRAINED_ON_FILE: the
+    judgments after it are the new ones that count towards ``retrain_every``.
+    """
     from rlfb.rewards.feedback import write_jsonl
     from rlfb.rewards.training import RewardModelConfig, train_reward_model
 
@@ -50,9 +56,20 @@ def train_feedback_reward_model(config: RunConfig, rows: list[dict[str, Any]]) -
     write_jsonl(rows, data)
     options = {"base_model": config.model.name, "device": config.device if config.device != "auto" else "auto",
                "seed": config.seed, "threads": config.threads or 0, **feedback.reward_model}
-    return train_reward_model(RewardModelConfig(kind=feedback.kind, data=str(data),
-                                                output_dir=str(Path(feedback.dir) / FEEDBACK_REWARD_MODEL_DIR),
-                                                **options))
+    report = train_reward_model(RewardModelConfig(kind=feedback.kind, data=str(data),
+                                                  output_dir=str(Path(feedback.dir) / FEEDBACK_REWARD_MODEL_DIR),
+                                                  **options))
+    (Path(feedback.dir) / TRAINED_ON_FILE).write_text(json.dumps({"judgments": judgments}) + "\n")
+    return report
+
+
+def trained_on(feedback: FeedbackConfig) -> int:
+    """The store's judgment count when the reward model in FEEDBACK_DIR was trained (0 if unknown)."""
+    assert feedback.dir is not None
+    try:
+        return int(json.loads((Path(feedback.dir) / TRAINED_ON_FILE).read_text())["judgments"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def prepare_reward_model(config: RunConfig, poll_s: float = 2.0, say: Any = print) -> None:
@@ -70,7 +87,11 @@ def prepare_reward_model(config: RunConfig, poll_s: float = 2.0, say: Any = prin
     store = store_of(feedback)
     deadline = time.monotonic() + feedback.wait_s
     announced = -1
-    while len(rows := usable_rows(store, feedback, 0)) < feedback.min_judgments:
+    while True:
+        judgments = store.count()
+        rows = usable_rows(store, feedback, 0)
+        if len(rows) >= feedback.min_judgments:
+            break
         if time.monotonic() > deadline:
             raise ConfigError(f"feedback: {len(rows)} of the {feedback.min_judgments} {feedback.kind} judgments the "
                               f"first reward model needs came in {feedback.wait_s:g} s; serve the page with "
@@ -80,7 +101,7 @@ def prepare_reward_model(config: RunConfig, poll_s: float = 2.0, say: Any = prin
                 f"in {store.path}); serve the page with `rlfb feedback serve CONFIG`")
             announced = len(rows)
         time.sleep(poll_s)
-    report = train_feedback_reward_model(config, rows)
+    report = train_feedback_reward_model(config, rows, judgments)
     say(f"feedback: trained the first reward model on {report.train_rows} rows ({report.metrics})")
 
 
@@ -99,7 +120,7 @@ class OnlineFeedback:
         assert self.feedback.dir is not None
         self.store = store_of(self.feedback)
         self.say = say
-        self.trained_on = self.store.count()
+        self.trained_on = trained_on(self.feedback)  # judgments that came in since count as new
         self.trained_at = time.monotonic()
         self.retrainings = 0
 
@@ -117,11 +138,12 @@ class OnlineFeedback:
         return True
 
     def retrain(self, step: int, judgments: int) -> None:
-        """Retrain the reward model on the store and load it into the run's reward."""
+        """Retrain the reward model on the store (``judgments``: its count, taken before the rows are read)
+        and load it into the run's reward."""
         rows = usable_rows(self.store, self.feedback, step)
         if len(rows) < self.feedback.min_judgments:
             return
-        report = train_feedback_reward_model(self.config, rows)
+        report = train_feedback_reward_model(self.config, rows, judgments)
         reloaded = reload_reward_models(self.trainer.reward_set, report.output_dir)
         self.trained_on, self.trained_at = judgments, time.monotonic()
         self.retrainings += 1

@@ -27,6 +27,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -61,10 +62,13 @@ class SimulatedRater:
         kinds: the kinds this rater gives (among those each item takes); default: any the item takes.
         client: an ``httpx.Client`` to send with (a FastAPI ``TestClient`` in tests); default: a new one.
         retry_for_s: how long to keep retrying a request the server did not answer.
+        think_s: seconds between receiving an item and sending its judgment (a person reads first); 0 for
+            a rater as fast as the server.
     """
 
     def __init__(self, url: str, token: str, noise: float = 0.1, seed: int = 0,
-                 kinds: Sequence[str] | None = None, client: Any = None, retry_for_s: float = 30.0) -> None:
+                 kinds: Sequence[str] | None = None, client: Any = None, retry_for_s: float = 30.0,
+                 think_s: float = 0.0) -> None:
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {noise}")
         if kinds is not None and any(kind not in RATER_KINDS for kind in kinds):
@@ -80,6 +84,9 @@ class SimulatedRater:
         self.rng = random.Random(seed)
         self.kinds = tuple(kinds) if kinds is not None else RATER_KINDS
         self.retry_for_s = retry_for_s
+        if think_s < 0:
+            raise ValueError(f"think_s must be at least 0, got {think_s}")
+        self.think_s = think_s
         self._positive = _positive_words()
 
     # --------------------------------------------------------------------------------- judging
@@ -119,10 +126,11 @@ class SimulatedRater:
         return _WORD.sub(replace, text)
 
     # --------------------------------------------------------------------------------- the loop
-    def run(self, judgments: int) -> RaterReport:
-        """Judge ``judgments`` items; returns what was acknowledged and how long each request took."""
+    def run(self, judgments: int, stop: threading.Event | None = None) -> RaterReport:
+        """Judge ``judgments`` items (fewer if ``stop`` is set first); returns what was acknowledged and how
+        long each request took."""
         report = RaterReport()
-        while len(report.acknowledged) < judgments:
+        while len(report.acknowledged) < judgments and not (stop is not None and stop.is_set()):
             started = time.perf_counter()
             response = self._send(report, "GET", "/api/next")
             if response.status_code == 503:  # no item ready yet
@@ -132,6 +140,8 @@ class SimulatedRater:
             report.next_latencies_s.append(time.perf_counter() - started)
             item = response.json()
             kind, value = self.judge(item)
+            if self.think_s:
+                time.sleep(self.think_s)
             body = {"item_id": item["item_id"], "kind": kind, "value": value, "request_id": uuid.uuid4().hex}
             started = time.perf_counter()
             response = self._send(report, "POST", "/api/judgments", body)
@@ -180,21 +190,27 @@ def free_port() -> int:
 
 def start_grammar_server(store_path: str | Path, port: int, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
     """``rlfb feedback serve --grammar`` on ``store_path`` in a subprocess, returned once ``/api/health``
-    answers (for tests, benchmarks and demos of the simulated rater).
+    answers (for tests, benchmarks and demos of the simulated rater); see :func:`start_server`."""
+    return start_server(["--grammar", "--store", str(store_path)], Path(f"{store_path}.server.log"), port, timeout_s)
 
-    The server's output goes to ``STORE.server.log`` (a pipe nobody reads would block a long run).
+
+def start_server(serve_arguments: Sequence[str], log_path: str | Path, port: int,
+                 timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    """``rlfb feedback serve SERVE_ARGUMENTS --port PORT`` in a subprocess, returned once ``/api/health``
+    answers.
+
+    The server's output goes to ``log_path`` (a pipe nobody reads would block a long run).
 
     Raises:
         RuntimeError: The server exited, or did not answer within ``timeout_s`` (then it is killed).
     """
     import httpx
 
-    log_path = Path(f"{store_path}.server.log")
+    log_path = Path(log_path)
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # this rlfb
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "rlfb", "feedback", "serve", "--grammar", "--store",
-                                    str(store_path), "--port", str(port)], env=environment,
-                                   stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen([sys.executable, "-m", "rlfb", "feedback", "serve", *serve_arguments, "--port",
+                                    str(port)], env=environment, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

@@ -90,3 +90,47 @@ def test_the_pool_follows_a_published_policy_and_drops_the_old_ones_items(tmp_pa
     assert policy.loaded == [follow]
     assert {(item.policy_version, item.policy_step) for item in pool._ready} == {("step_6", 6)}
     assert len(pool._ready) == 4
+
+
+def test_judgments_arriving_before_the_run_starts_count_towards_the_first_retraining(tmp_path: Path) -> None:
+    # Raters keep judging while the first reward model trains and the policy loads: those judgments are
+    # new to the reward model, so they count towards retrain_every.
+    config = _config(tmp_path)
+    store = store_of(config.feedback)
+    import_rows(store, synthesize("sentiment", "pointwise", size=10, seed=0), "pointwise", "early")
+    prepare_reward_model(config, say=lambda line: None)
+    import_rows(store, synthesize("sentiment", "pointwise", size=6, seed=1), "pointwise", "meanwhile")
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.config, self.policy, self.reward_set = config, None, None
+
+    online = OnlineFeedback(Trainer(), say=lambda line: None)
+    assert online.trained_on == 10
+    retrained: list[int] = []
+    online.retrain = lambda step, judgments: retrained.append(judgments)  # type: ignore[method-assign]
+    online(1, {})  # step 1: not a publishing step (publish_every 2)
+    assert retrained == [16]
+
+
+def test_the_pool_refills_by_whole_batches_not_one_item_per_judgment(tmp_path: Path) -> None:
+    batches: list[int] = []
+
+    class CountingSource:
+        version = ("base", 0)
+
+        def refresh(self) -> None:
+            pass
+
+        def complete(self, prompts: Any, num_samples: int) -> list[list[str]]:
+            batches.append(len(prompts))
+            return [[" x"] * num_samples for _ in prompts]
+
+    pool = ItemPool(FeedbackStore(tmp_path / "s.sqlite"), CountingSource(), ["P"], capacity=8, batch_size=4)
+    assert pool.fill_once() == 4 and pool.fill_once() == 4 and pool.fill_once() == 0
+    for rater in ("a", "b", "c"):
+        assert pool.next_for(rater, wait_s=0.0) is not None
+    assert pool.fill_once() == 0  # room for 3: less than a batch
+    pool.next_for("d", wait_s=0.0)
+    assert pool.fill_once() == 4
+    assert batches == [4, 4, 4]

@@ -133,6 +133,25 @@ def test_bad_judgments_get_a_4xx_with_a_message_and_leave_the_store_unchanged(se
     assert again.status_code == 409 and store.count() == rows_before + 1
 
 
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_judgment_is_stored_once_whether_committed_on_the_event_loop_or_in_a_thread(
+        tmp_path: Path, synchronous: str) -> None:
+    # NORMAL commits on the event loop (no thread hop); FULL waits for an fsync in a worker thread.
+    store = FeedbackStore(tmp_path / "store.sqlite", synchronous=synchronous)
+    token = store.add_rater("ada")
+    pool = ItemPool(store, FixedSource([" fine", " ok"]), ["P"], pair_fraction=0.0, capacity=2, batch_size=2)
+    pool.fill_once()
+    client = TestClient(create_app(store, pool, ServerSettings(wait_s=0.5)), base_url=URL,
+                        headers={"Authorization": f"Bearer {token}"})
+    item = client.get("/api/next").json()
+    answer = client.post("/api/judgments", json={"item_id": item["item_id"], "kind": "binary",
+                                                 "value": {"label": 1}, "request_id": "r"})
+    assert answer.status_code == 201 and answer.json()["progress"]["rater_judgments"] == 1
+    assert [(j.item_id, j.value) for j in FeedbackStore(tmp_path / "store.sqlite").judgments()] == \
+        [(item["item_id"], {"label": 1})]
+    assert client.get("/api/next").json()["item_id"] != item["item_id"]
+
+
 def test_a_rater_keeps_their_item_until_they_judge_it_and_progress_counts(server: Any) -> None:
     client, _, _ = server
     first = client.get("/api/next").json()
