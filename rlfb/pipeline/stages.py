@@ -281,11 +281,19 @@ def run_feedback(context: StageContext) -> Outputs:
                               step=None, max_prompt_tokens=sampling.max_prompt_tokens, seed=context.run.seed)
         # Choices need two completions, the other kinds one: items come as the kinds asked for need them.
         pair_fraction = 1.0 if set(options.kinds) == {"choice"} else 0.0 if "choice" not in options.kinds else 0.5
-        pool = ItemPool(store, source, prompts, pair_fraction=pair_fraction, seed=context.run.seed)
         settings = ServerSettings(kinds=tuple(options.kinds), goal=options.judgments)
         if options.source == "simulated":
-            _simulated_judgments(context, store, pool, create_app(store, pool, settings))
+            # Every item made before the rater starts, in whole batches, in this thread: the items (and so the
+            # judgments) do not depend on how a filler thread's timing would have cut the batches.
+            batches = -(-options.judgments // ITEM_BATCH)
+            pool = ItemPool(store, source, prompts, pair_fraction=pair_fraction, capacity=batches * ITEM_BATCH,
+                            batch_size=ITEM_BATCH, seed=context.run.seed)
+            while pool.fill_once():
+                pass
+            _simulated_judgments(context, store, create_app(store, pool, settings))
         else:
+            pool = ItemPool(store, source, prompts, pair_fraction=pair_fraction, batch_size=ITEM_BATCH,
+                            seed=context.run.seed)
             _people_judgments(context, store, pool, settings)
         counts = store.stats()
     finally:
@@ -293,7 +301,10 @@ def run_feedback(context: StageContext) -> Outputs:
     return {"feedback": store_path}, {"judgments": float(counts.get("judgments", options.judgments))}
 
 
-def _simulated_judgments(context: StageContext, store: Any, pool: Any, app: Any) -> None:
+ITEM_BATCH = 16  # prompts per generation call of the feedback stage's item pool
+
+
+def _simulated_judgments(context: StageContext, store: Any, app: Any) -> None:
     from fastapi.testclient import TestClient
 
     from rlfb.feedback.simulated import SimulatedRater
@@ -302,13 +313,8 @@ def _simulated_judgments(context: StageContext, store: Any, pool: Any, app: Any)
     token = store.add_rater("simulated")
     url = "http://127.0.0.1"
     client = TestClient(app, base_url=url)
-    pool.start()
-    try:
-        rater = SimulatedRater(url, token, noise=options.noise, seed=context.run.seed, kinds=options.kinds,
-                               client=client)
-        rater.run(options.judgments)
-    finally:
-        pool.stop()
+    rater = SimulatedRater(url, token, noise=options.noise, seed=context.run.seed, kinds=options.kinds, client=client)
+    rater.run(options.judgments)
 
 
 def _people_judgments(context: StageContext, store: Any, pool: Any, settings: Any) -> None:
