@@ -329,6 +329,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(error)}") from error
     if isinstance(data, Mapping):
+        if "stages" in data and "task" not in data:
+            raise ConfigError(f"'{path}' is a pipeline config (it has 'stages'); run it with `rlfb pipeline {path}`")
         data = _normalize(RunConfig, dict(data), "")
         if isinstance(data.get("task"), Mapping):
             data["task"] = {**data["task"], "kwargs": _dataset_paths_from(data["task"], path.parent)}

@@ -15,7 +15,8 @@ from rlfb.errors import ConfigError
 from rlfb.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith("reward_model"))
+RUN_CONFIGS = sorted(path for path in CONFIGS.glob("*.yaml") if not path.name.startswith(("reward_model", "pipeline")))
+PIPELINE_CONFIGS = sorted(CONFIGS.glob("pipeline_*.yaml"))
 
 
 # Options an agent cannot do without, given on the command line of the switch.
@@ -100,3 +101,13 @@ def test_reward_scale_keys_change_the_rewards_the_agent_sees(tiny_model_dir: Pat
     raw = plain["rollout/reward/test_completion_characters"]
     assert normalized["rollout/reward/test_completion_characters"] == raw
     assert clipped["rollout/reward/test_completion_characters"] == raw
+
+
+@pytest.mark.parametrize("config_path", PIPELINE_CONFIGS, ids=lambda path: path.stem)
+def test_every_shipped_pipeline_config_plans_and_rlfb_train_refuses_it_naming_the_command(config_path: Path) -> None:
+    from rlfb.pipeline import load_pipeline_config, plan
+
+    config = load_pipeline_config(config_path)
+    assert {run.stage.kind for run in plan(config, rounds=2)} >= {"sft", "reward_model", "rl", "eval"}
+    with pytest.raises(ConfigError, match="is a pipeline config .*`rlfb pipeline "):
+        prepare_config(str(config_path), [], None)
