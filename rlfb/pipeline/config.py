@@ -124,6 +124,7 @@ class RoundsConfig:
     """Repeat the stages ``repeat`` (contiguous) until a stop rule holds; round 1 is the first pass."""
 
     repeat: list[str] = field(default_factory=list)
+    min_rounds: int = 1  # the stop rules are asked only from this round on
     max_rounds: int = 2
     gold_at_least: float | None = None  # stop once the last eval of a round reaches this (first gold reward)
     patience: int | None = None  # stop after this many rounds without a better gold than the best so far
@@ -309,7 +310,9 @@ def _rounds(value: Any, names: list[str]) -> RoundsConfig | None:
     first = names.index(rounds.repeat[0])
     _require(names[first:first + len(rounds.repeat)] == rounds.repeat, "rounds.repeat", rounds.repeat,
              "stages that follow each other in 'stages', in that order")
-    _require(rounds.max_rounds >= 1, "rounds.max_rounds", rounds.max_rounds, ">= 1")
+    _require(rounds.min_rounds >= 1, "rounds.min_rounds", rounds.min_rounds, ">= 1")
+    _require(rounds.max_rounds >= rounds.min_rounds, "rounds.max_rounds", rounds.max_rounds,
+             f">= rounds.min_rounds ({rounds.min_rounds})")
     _require(rounds.patience is None or rounds.patience >= 1, "rounds.patience", rounds.patience, ">= 1, or null")
     return rounds
 

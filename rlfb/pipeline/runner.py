@@ -218,6 +218,8 @@ def _stop_reason(config: PipelineConfig, rounds: list[dict[str, Any]]) -> str:
     """Why the rounds stop after the last one played, or '' to play another."""
     assert config.rounds is not None
     rule, last = config.rounds, rounds[-1]
+    if last["round"] < rule.min_rounds:
+        return ""
     if rule.gold_at_least is not None and last["gold"] is not None and last["gold"] >= rule.gold_at_least:
         return f"gold {last['gold']:.3f} >= rounds.gold_at_least {rule.gold_at_least:g} in round {last['round']}"
     if rule.patience is not None and len(rounds) > rule.patience:

@@ -196,6 +196,7 @@ def test_sft_stage_trains_an_adapter_that_fits_its_rows_better_than_the_base(tmp
     ({"stages": [{"name": "rl", "kind": "rl", "rewards": ["sentiment"], "budgte": {}}]},
      "unknown key 'stages.0.budgte' (did you mean 'budget'?)"),
     ({"stages": [{"name": "e", "kind": "eval", "num_prompts": 0}]}, "'stages.0.num_prompts' is 0; it must be >= 1"),
+    ({"rounds": {**ROUNDS, "min_rounds": 3}}, "'rounds.max_rounds' is 2; it must be >= rounds.min_rounds (3)"),
 ])
 def test_bad_configs_fail_with_one_line_naming_the_key(change: dict[str, Any], message: str) -> None:
     data = config_data(**change)
@@ -212,3 +213,22 @@ def test_a_directory_that_is_not_a_pipeline_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no pipeline"):
         check_pipeline_directory(tmp_path)
+
+
+@pytest.mark.parametrize(("rule", "golds", "stops"), [
+    ({"gold_at_least": 0.7}, [0.75], True),
+    ({"gold_at_least": 0.7, "min_rounds": 2}, [0.75], False),  # the rule is asked only from min_rounds on
+    ({"gold_at_least": 0.7, "min_rounds": 2}, [0.75, 0.72], True),
+    ({"gold_at_least": 0.7, "min_rounds": 2}, [0.75, 0.65], False),
+    ({"patience": 1, "min_rounds": 3, "max_rounds": 5}, [0.5, 0.4], False),
+    ({"patience": 1, "min_rounds": 3, "max_rounds": 5}, [0.5, 0.4, 0.3], True),
+    ({"max_rounds": 3}, [0.1, 0.2], False),
+    ({"max_rounds": 3}, [0.1, 0.2, 0.3], True),
+])
+def test_the_rounds_stop_when_a_rule_holds_and_not_before_min_rounds(rule: dict[str, Any], golds: list[float],
+                                                                        stops: bool) -> None:
+    from rlfb.pipeline.runner import _stop_reason
+
+    config = pipeline_config_from_dict(config_data(rounds={**ROUNDS, "max_rounds": 4, **rule}))
+    rounds = [{"round": number, "gold": gold} for number, gold in enumerate(golds, start=1)]
+    assert bool(_stop_reason(config, rounds)) is stops
