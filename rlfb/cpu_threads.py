@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 # One thread: rlfb-tiny's matrices are too small for a second thread to pay much on an idle machine, and
 # on a busy one extra threads multiply the time per update (benchmarks/under_load.py measures both).
@@ -51,3 +53,21 @@ def configure_threads(threads: int | None) -> None:
     else:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """``count`` torch intra-op threads inside the block (None: as they are), the previous count restored after.
+
+    For library functions whose results must not depend on the caller's thread count (a float reduction
+    split over two threads rounds differently than over one).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

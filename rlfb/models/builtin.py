@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlfb.cpu_threads import torch_threads
 from rlfb.errors import ModelNotFoundError
 from rlfb.models import corpus
 
@@ -375,18 +376,6 @@ def _learning_rate(step: int, recipe: TinyModelRecipe) -> float:
     return recipe.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = "rlfb-tiny",
                 progress: bool = True) -> dict[str, Any]:
     """Generates the corpus, trains the tokenizer, pretrains the model and saves all of it.
@@ -419,7 +408,7 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     pools = [[ids for ids, text in zip(encoded, documents, strict=True) if corpus.is_arithmetic(text) == kind]
              for kind in (True, False)]
 
-    with _torch_threads(recipe.num_threads):
+    with torch_threads(recipe.num_threads):
         torch.manual_seed(recipe.seed)
         config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.n_positions, n_embd=recipe.n_embd,
                             n_layer=recipe.n_layer, n_head=recipe.n_head, bos_token_id=eos_id,

@@ -83,9 +83,12 @@ class PipelineResult:
 def run_pipeline(config: PipelineConfig, directory: str | Path | None = None,
                  say: Callable[[str], None] = print) -> PipelineResult:
     """Run every stage whose artefact is missing or stale, in order, playing the rounds to their stop rule."""
+    from rlfb.cpu_threads import torch_threads
+
     out = Path(directory or config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    # Every stage runs with the config's threads, whoever calls: the results depend on the count.
+    with _locked(out), torch_threads(config.shared_run_config(out, config.seed).threads):
         write_text_atomically(out / "pipeline.yaml", yaml.safe_dump(config.raw, sort_keys=False))
         skipped: list[str] = []
         finished: set[str] = set()
