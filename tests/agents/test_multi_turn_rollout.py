@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import rlfb  # noqa: F401  (registers the environments)
-import rlfb.agents.multi_turn as multi_turn
 from rlfb.agents.multi_turn import collect_episodes
 from rlfb.agents.rollout import evaluate_rollout
 from rlfb.envs.protocol import MultiTurnProtocol, Reply
 from rlfb.errors import ConfigError
 from rlfb.models.policy import LoraSettings, Policy
 from rlfb.models.sampler import SamplingConfig
+from rlfb.models.turn_sampler import TurnSampler
 
 
 class Countdown(MultiTurnProtocol[dict]):
@@ -58,13 +58,13 @@ def countdown_venv(policy: Policy, **kwargs: Any) -> Any:
 def test_the_rollout_is_the_envs_record_of_each_conversation(policy: Policy,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sampled_rows = []
-    real_generate = multi_turn.generate
+    real_sample_turns = TurnSampler.sample_turns
 
-    def counting_generate(model: Any, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sampled_rows.append(input_ids.shape[0])
-        return real_generate(model, input_ids, *args, **kwargs)
+    def counting_sample_turns(sampler: TurnSampler, rows: list[int], *args: Any) -> Any:
+        sampled_rows.append(len(rows))
+        return real_sample_turns(sampler, rows, *args)
 
-    monkeypatch.setattr(multi_turn, "generate", counting_generate)
+    monkeypatch.setattr(TurnSampler, "sample_turns", counting_sample_turns)
     venv = countdown_venv(policy)
     batch = collect_episodes(venv, policy, SamplingConfig(), torch.Generator().manual_seed(0), seed=0,
                              options={"prompts": PINNED})
@@ -169,16 +169,15 @@ def test_tool_use_success_and_returns_on_the_calculator(policy: Policy, monkeypa
                         max_turns=3, max_turn_tokens=20)
     tokenizer = policy.tokenizer
 
-    def scripted_turns(policy: Any, conversations: list, *args: Any) -> list[tuple[list[int], list[float]]]:
+    def scripted_turns(sampler: TurnSampler, rows: list[int], *args: Any) -> list[tuple[list[int], list[float]]]:
         turns = []
-        for conversation in conversations:
-            row = next(row for row, other in enumerate(venv.unwrapped.conversations) if other is conversation)
-            text = script[row][len(conversation.turns)]
+        for row in rows:
+            text = script[row][len(venv.unwrapped.conversations[row].turns)]
             ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             turns.append((ids, [-1.0] * len(ids)))
         return turns
 
-    monkeypatch.setattr(multi_turn, "_sample_turns", scripted_turns)
+    monkeypatch.setattr(TurnSampler, "sample_turns", scripted_turns)
     batch = collect_episodes(venv, policy, SamplingConfig(), seed=0,
                              options={"prompts": [{"prompt": "17+25=", "answer": "42"}] * 4})
     assert batch.rollout.num_turns.tolist() == [2, 1, 1, 3]
