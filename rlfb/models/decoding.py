@@ -192,8 +192,9 @@ class Decoder:
         """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
         raise NotImplementedError
 
-    def take_rows(self, rows: torch.Tensor) -> CacheRows:
-        """A copy of the cached columns of ``rows`` (n,) (the cache itself is unchanged)."""
+    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
+        """The cached columns of ``rows`` (n,), a copy; None: of every row, which may share the cache's memory
+        (the cache itself is unchanged)."""
         raise NotImplementedError
 
     def load(self, rows: CacheRows, extra_width: int) -> None:
@@ -230,9 +231,12 @@ class LeanDecoder(Decoder):
         self._keys = [keys[rows] for keys in self._keys]
         self._values = [values[rows] for values in self._values]
 
-    def take_rows(self, rows: torch.Tensor) -> CacheRows:
-        """A copy of the cached columns of ``rows`` (n,)."""
+    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
+        """As :meth:`Decoder.take_rows`."""
         length = self._length
+        if rows is None:
+            return CacheRows([keys[:, :, :length] for keys in self._keys],
+                             [values[:, :, :length] for values in self._values])
         return CacheRows([keys[rows, :, :length] for keys in self._keys],
                          [values[rows, :, :length] for values in self._values])
 
@@ -701,9 +705,11 @@ class ForwardDecoder(Decoder):
         """As :meth:`Decoder.select_rows`."""
         self.cache.batch_select_indices(rows)
 
-    def take_rows(self, rows: torch.Tensor) -> CacheRows:
+    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
         """As :meth:`Decoder.take_rows`; needs :attr:`can_rebuild`."""
         layers = self.cache.layers
+        if rows is None:
+            return CacheRows([layer.keys for layer in layers], [layer.values for layer in layers])
         return CacheRows([layer.keys[rows] for layer in layers], [layer.values[rows] for layer in layers])
 
     def load(self, rows: CacheRows, extra_width: int) -> None:

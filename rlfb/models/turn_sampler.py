@@ -233,16 +233,22 @@ class TurnSampler(TokenSampler):
         super()._drop_rows(keep)
 
     def _release(self) -> None:
-        """At the turn's end, set aside the rows still in the compute batch, then release the batch."""
-        self._set_aside_rows(torch.arange(len(self._rows), device=self._rows.device))
+        """At the turn's end, set aside the rows still in the compute batch (their cache handed over, not
+        copied), empty the decoder's, then release the batch."""
+        self._set_aside_rows(None)
+        if self._decoder is not None:
+            self._decoder.select_rows(self._rows.new_zeros(0))
         super()._release()
 
-    def _set_aside_rows(self, compute_rows: torch.Tensor) -> None:
+    def _set_aside_rows(self, compute_rows: torch.Tensor | None) -> None:
+        """Set aside ``compute_rows`` (None: all of them) with their cache and mask."""
         decoder = self._decoder
-        if decoder is None or not decoder.can_rebuild or compute_rows.numel() == 0:
+        if decoder is None or not decoder.can_rebuild or (compute_rows is not None and compute_rows.numel() == 0):
             return
-        self._set_aside.append(_SetAside(self._rows[compute_rows].tolist(), decoder.take_rows(compute_rows),
-                                         self._mask_buffer[compute_rows, : self._mask_width]))
+        rows = self._rows if compute_rows is None else self._rows[compute_rows]
+        mask = self._mask_buffer[:, : self._mask_width]
+        self._set_aside.append(_SetAside(rows.tolist(), decoder.take_rows(compute_rows),
+                                         mask if compute_rows is None else mask[compute_rows]))
 
     def _report_re_encoding(self) -> None:
         config = getattr(self.model, "config", None)
