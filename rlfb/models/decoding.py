@@ -143,20 +143,14 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-class CacheRows(NamedTuple):
-    """Rows taken out of a decoder's cache (:meth:`Decoder.take_rows`): per layer, keys and values of shape
-    (n, heads, W, head_dim) over the W cached columns."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-
 class Decoder:
     """What the sampler calls on a decoder: ``prefill``, ``step``, ``extend``, ``select_rows``, and, to keep a
     conversation's cache between turns, ``take_rows`` and ``load`` (see :class:`GPT2Decoder`).
 
     A cache holds columns [0, L) of every row; which of them are real tokens is the sampler's attention mask
     (padding columns are never attended). Positions are passed in, so a column's index is not its position.
+    Rows taken out of a cache and loaded back are one tensor (layers, 2, n, heads, L, head_dim): each layer's
+    keys, then its values.
     """
 
     @property
@@ -192,25 +186,28 @@ class Decoder:
         """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
         raise NotImplementedError
 
-    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
-        """The cached columns of ``rows`` (n,), a copy; None: of every row, which may share the cache's memory
-        (the cache itself is unchanged)."""
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The (layers, 2, n, heads, L, head_dim) cached columns of ``rows`` (n,), a copy; None: of every row,
+        which may share the cache's memory (the cache itself is unchanged)."""
         raise NotImplementedError
 
-    def load(self, rows: CacheRows, extra_width: int) -> None:
-        """Replace the cache by ``rows`` (A' rows of W columns), with room for ``extra_width`` more columns."""
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
+        """Replace the cache by ``rows`` (layers, 2, A', heads, W, head_dim), with room for ``extra_width``
+        more columns."""
         raise NotImplementedError
 
 
 class LeanDecoder(Decoder):
     """A decoder of plain tensor operations (see the module docstring) over preallocated buffers.
 
-    Subclasses hold one key and one value buffer per block, of shape (A, heads, width, head_dim), filled up
-    to ``_length`` columns.
+    Subclasses hold one buffer (blocks, 2, A, heads, width, head_dim), filled up to ``_length`` columns, and
+    read each block's keys and values as views of it (``_keys``, ``_values``): moving rows is one copy, not
+    two per block.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model: Any = _unwrap(model)
+        self._buffer = torch.zeros(0)
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._blocks: list[Any] = []
@@ -224,43 +221,37 @@ class LeanDecoder(Decoder):
     @property
     def batch_size(self) -> int:
         """Rows in the cache."""
-        return int(self._keys[0].shape[0]) if self._keys else 0
+        return int(self._buffer.shape[2]) if self._keys else 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
-        self._keys = [keys[rows] for keys in self._keys]
-        self._values = [values[rows] for values in self._values]
+        self._set_buffer(self._buffer[:, :, rows])
 
-    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
         """As :meth:`Decoder.take_rows`."""
-        length = self._length
-        if rows is None:
-            return CacheRows([keys[:, :, :length] for keys in self._keys],
-                             [values[:, :, :length] for values in self._values])
-        return CacheRows([keys[rows, :, :length] for keys in self._keys],
-                         [values[rows, :, :length] for values in self._values])
+        cached = self._buffer[..., : self._length, :]
+        return cached if rows is None else cached[:, :, rows]
 
-    def load(self, rows: CacheRows, extra_width: int) -> None:
-        """Buffers of W + ``extra_width`` columns holding ``rows`` in their first W; the weights stay those
-        of the last :meth:`prefill` (one collection, one set of weights)."""
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
+        """A buffer of W + ``extra_width`` columns holding ``rows`` in its first W; the weights stay those of
+        the last :meth:`prefill` (one collection, one set of weights)."""
         if not self._blocks:
             raise RuntimeError("load() needs the weights of a prefill first")
-        width = rows.keys[0].shape[2]
-
-        def buffer(cached: torch.Tensor) -> torch.Tensor:
-            grown = cached.new_empty((*cached.shape[:2], width + extra_width, cached.shape[3]))
-            grown[:, :, :width] = cached
-            return grown
-
-        self._keys = [buffer(keys) for keys in rows.keys]
-        self._values = [buffer(values) for values in rows.values]
+        *shape, width, head_dim = rows.shape
+        buffer = rows.new_empty((*shape, width + extra_width, head_dim))
+        buffer[..., :width, :] = rows
+        self._set_buffer(buffer)
         self._length = width
 
     def _new_cache(self, hidden: torch.Tensor, heads: int, width: int, head_dim: int) -> None:
-        shape = (hidden.shape[0], heads, width, head_dim)
-        self._keys = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
-        self._values = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
+        shape = (len(self._blocks), 2, hidden.shape[0], heads, width, head_dim)
+        self._set_buffer(hidden.new_empty(shape, dtype=_cache_dtype(hidden)))
         self._length = 0
+
+    def _set_buffer(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer
+        self._keys = [block[0] for block in buffer.unbind(0)]
+        self._values = [block[1] for block in buffer.unbind(0)]
 
 
 class GPT2Decoder(LeanDecoder):
@@ -674,8 +665,10 @@ class ForwardDecoder(Decoder):
 
     @property
     def can_rebuild(self) -> bool:
-        """True for a ``DynamicCache`` whose layers all keep every column (``DynamicLayer``)."""
-        return type(self.cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        """True for a ``DynamicCache`` whose layers all keep every column (``DynamicLayer``), of one shape."""
+        if type(self.cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            return False
+        return len({(layer.keys.shape, layer.values.shape) for layer in self.cache.layers}) == 1
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -705,16 +698,14 @@ class ForwardDecoder(Decoder):
         """As :meth:`Decoder.select_rows`."""
         self.cache.batch_select_indices(rows)
 
-    def take_rows(self, rows: torch.Tensor | None) -> CacheRows:
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
         """As :meth:`Decoder.take_rows`; needs :attr:`can_rebuild`."""
-        layers = self.cache.layers
-        if rows is None:
-            return CacheRows([layer.keys for layer in layers], [layer.values for layer in layers])
-        return CacheRows([layer.keys[rows] for layer in layers], [layer.values[rows] for layer in layers])
+        every = slice(None) if rows is None else rows
+        return torch.stack([torch.stack([layer.keys[every], layer.values[every]]) for layer in self.cache.layers])
 
-    def load(self, rows: CacheRows, extra_width: int) -> None:
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
         """As :meth:`Decoder.load` (the layers grow by concatenation: ``extra_width`` is not needed)."""
-        for layer, keys, values in zip(self.cache.layers, rows.keys, rows.values, strict=True):
+        for layer, (keys, values) in zip(self.cache.layers, rows, strict=True):
             layer.keys, layer.values = keys, values
 
 

@@ -4,8 +4,8 @@
 log-probs) over a conversation's turns. The first call encodes the openings (rows with the same opening
 once, their cache rows repeated). A turn is sampled for every live row until each has sampled EOS or taken
 its budget; a row done with its turn leaves the compute batch as in the single-turn sampler, and its cache
-rows are set aside. At the next call each live row's cache comes back (its real columns, right-aligned;
-the rows of ended episodes are dropped with their caches) and only what the model has not seen is
+rows are set aside. At the next call each live row's cache comes back (right-aligned, so that every row's
+last cached token is in the last column; the rows of ended episodes are dropped with their caches) and only what the model has not seen is
 prefilled: the turn's last token (sampled, never fed) and the environment's reply. A turn costs the turn and
 the reply, not the conversation so far.
 
@@ -37,9 +37,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from rlfb.models.decoding import CacheRows
 from rlfb.models.sampler import SamplingConfig, TokenSampler
 
 __all__ = ["TurnSampler"]
@@ -52,7 +50,7 @@ class _SetAside(NamedTuple):
     """Rows whose turn is over, with their cache, until the next turn."""
 
     rows: list[int]  # batch rows (positions in the first call's rows)
-    cache: CacheRows  # (n, heads, W, head_dim) per layer
+    cache: torch.Tensor  # (layers, 2, n, heads, W, head_dim)
     mask: torch.Tensor  # (n, W) 1 on the columns that hold real tokens
 
 
@@ -160,12 +158,12 @@ class TurnSampler(TokenSampler):
 
     @torch.inference_mode()
     def _append_new_tokens(self, batch_rows: list[int], budgets: Sequence[int]) -> None:
-        """Bring back the rows' caches (real columns right-aligned in W columns) and prefill what is new.
+        """Bring back the rows' caches (right-aligned in W columns) and prefill what is new.
 
-        With n_r cached tokens and t_r new ones (the last turn's last token, the reply) in a block of
-        T = max t_r columns after the W = max n_r cached ones, row r's new tokens sit right-aligned in the
-        block at positions n_r .. n_r + t_r - 1; every row's last column is real, so the next-token logits
-        are at the right edge.
+        With n_r cached tokens (the real columns of the row's W) and t_r new ones (the last turn's last
+        token, the reply) in a block of T = max t_r columns after the W cached ones, row r's new tokens sit
+        right-aligned in the block at positions n_r .. n_r + t_r - 1; every row's last column is real, so the
+        next-token logits are at the right edge. A row's T - t_r padding columns stay in its cache, unattended.
         """
         device = self._rows.device
         cache, cached_mask = self._gather_set_aside(batch_rows)
@@ -197,35 +195,33 @@ class TurnSampler(TokenSampler):
         self.finished[self._rows] = False
         self.num_generated = 0
 
-    def _gather_set_aside(self, batch_rows: list[int]) -> tuple[CacheRows, torch.Tensor]:
-        """The set-aside caches of ``batch_rows``, in that order, each row's real columns right-aligned in
-        W = (most real columns) columns, and their (A, W) mask; the rest of what was set aside is dropped."""
-        width = max(int(aside.mask.sum(1).max()) for aside in self._set_aside)
-        layers = len(self._set_aside[0].cache.keys)
-        keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        masks, order = [], []
+    def _gather_set_aside(self, batch_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The set-aside caches of ``batch_rows``, in that order: (layers, 2, A, heads, W, head_dim), and their
+        (A, W) mask. The rest of what was set aside is dropped.
+
+        Rows set aside together share their columns; each group's W_p columns go to the last W_p of W (the
+        widest group's), so every row's last cached token sits in column W - 1 and the columns before a row's
+        first are unattended, as left padding.
+        """
+        wanted = {row: position for position, row in enumerate(batch_rows)}
+        width = max(aside.mask.shape[1] for aside in self._set_aside)
+        first = self._set_aside[0].cache
+        shape = list(first.shape)
+        shape[2], shape[4] = len(batch_rows), width
+        cache = first.new_zeros(shape)  # unattended columns still enter attention as 0 * value: no NaN there
+        mask = self._set_aside[0].mask.new_zeros((len(batch_rows), width))
         for aside in self._set_aside:
-            taken = [index for index in range(len(aside.rows)) if (aside.rows[index] in batch_rows)]
+            taken = [index for index, row in enumerate(aside.rows) if row in wanted]
             if not taken:
                 continue
-            index = torch.tensor(taken, device=aside.mask.device)
-            mask = aside.mask[index]  # (n, W_p)
-            # Unattended columns first, then the real ones in order: the last n_r entries are row r's tokens.
-            columns = torch.argsort(mask, dim=1, stable=True)
-            columns = F.pad(columns, (max(0, width - columns.shape[1]), 0))[:, -width:]  # (n, W)
-            counts = mask.sum(1, keepdim=True)
-            masks.append((torch.arange(width, device=mask.device) >= width - counts).long())
-            for layer in range(layers):
-                for gathered, source in ((keys, aside.cache.keys), (values, aside.cache.values)):
-                    rows_cache = source[layer][index]  # (n, H, W_p, D)
-                    spread = columns[:, None, :, None].expand(-1, rows_cache.shape[1], -1, rows_cache.shape[3])
-                    gathered[layer].append(rows_cache.gather(2, spread))
-            order.extend(aside.rows[index] for index in taken)
+            device = aside.mask.device
+            source = torch.tensor(taken, device=device)
+            destination = torch.tensor([wanted[aside.rows[index]] for index in taken], device=device)
+            piece_width = aside.mask.shape[1]
+            cache[:, :, destination, :, width - piece_width:] = aside.cache[:, :, source]
+            mask[destination, width - piece_width:] = aside.mask[source]
         self._set_aside = []
-        back = torch.tensor([order.index(row) for row in batch_rows])
-        return (CacheRows([torch.cat(parts)[back] for parts in keys], [torch.cat(parts)[back] for parts in values]),
-                torch.cat(masks)[back])
+        return cache, mask
 
     def _drop_rows(self, keep: torch.Tensor) -> None:
         """Set aside the rows whose turn is over (with their cache), then drop them from the compute batch."""
@@ -255,6 +251,6 @@ class TurnSampler(TokenSampler):
         model_type = str(getattr(config, "model_type", type(self.model).__name__))
         if model_type not in _REPORTED:
             _REPORTED.add(model_type)
-            logger.warning("sampling %s turns with the conversation encoded again at every turn: its transformers "
-                           "cache (%s) cannot be kept between turns exactly", model_type,
-                           type(getattr(self._turn_decoder, "cache", None)).__name__)
+            cache = getattr(self._turn_decoder, "cache", self._turn_decoder)
+            logger.warning("sampling %s turns with the conversation encoded again at every turn: its cache (%s) "
+                           "cannot be kept between turns exactly", model_type, type(cache).__name__)
