@@ -2,7 +2,9 @@
 
 One loop serves rollouts and evaluation alike. :class:`TokenSampler` is the incremental form the
 vector environment needs (the agent samples a token, steps the env, then advances the sampler);
-:func:`generate` is the whole loop in one call.
+:func:`generate` is the whole loop in one call (:meth:`TokenSampler.sample_to_end`), and
+:class:`~rlfb.models.turn_sampler.TurnSampler` runs it over the turns of conversations, each one's cache
+kept from turn to turn.
 
 Conventions:
     * Prompts are **left-padded**: every row's last column is a real token, so the next-token logits
@@ -14,13 +16,15 @@ Conventions:
       top-p truncation. Truncation is a sampling device; the unfiltered value is what a training-time
       forward pass over the completion recomputes, so the PPO ratio starts at exactly 1. With
       ``temperature == 0`` (greedy) they are ``log softmax(logits)``.
-    * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on and
-      leaves the compute batch (with its cache rows), so later steps cost only what the unfinished rows need.
+    * A row that sampled EOS, or took its own budget where rows have one (``start(max_new_tokens=...)``),
+      is finished: it receives ``pad_token_id`` with log-prob 0 from then on and leaves the compute batch
+      (with its cache rows), so later steps cost only what the unfinished rows need.
     * Rows with the same prompt (a group of k completions per prompt) are encoded once and their cache
       rows repeated.
     * GPT-2 and Llama-family models (Llama, Mistral, Qwen2, Qwen3) run on a lean decoder
       (:func:`~rlfb.models.decoding.lean_decoder_for`), the same function without transformers' per-call
-      overhead; other models on their own forward, which is logged once per model type.
+      overhead; other models on their own forward (:class:`~rlfb.models.decoding.ForwardDecoder`), which is
+      logged once per model type.
 
 The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
 dropout does not perturb sampling. Forward passes run under ``torch.inference_mode`` (about 5% faster than
