@@ -200,8 +200,8 @@ class TurnSampler(TokenSampler):
         (A, W) mask. The rest of what was set aside is dropped.
 
         Rows set aside together share their columns; each group's W_p columns go to the last W_p of W (the
-        widest group's), so every row's last cached token sits in column W - 1 and the columns before a row's
-        first are unattended, as left padding.
+        widest group's), the columns before them unattended, as left padding. (Any placement before the new
+        block would compute the same: positions are explicit and the mask says which columns are real.)
         """
         wanted = {row: position for position, row in enumerate(batch_rows)}
         width = max(aside.mask.shape[1] for aside in self._set_aside)
