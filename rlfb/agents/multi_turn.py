@@ -8,14 +8,14 @@ opening; completion = model turns and environment replies; ``action_mask`` on th
 turn's reward at its last token; the final score of the env's ``rewards=`` at the last model token) and
 what each episode did (return, success, truncation, tool use).
 
-Sampling a turn: the conversation so far (opening, earlier turns, replies) is prefilled and the turn is
-sampled with :class:`~rlfb.models.sampler.TokenSampler` (temperature, top-k, top-p; the KV cache within the
-turn; a row leaves the sampling batch at its EOS) up to ``max_turn_tokens`` tokens, or fewer where the
-context window or the episode's token cap leaves less room. The conversation is prefilled again at every
-turn: keeping the cache across turns (prefilling only the reply) would save that work and is left to the
-sampler (issue 12, item 3). Positions count real tokens from the opening's first, exactly as the training
-forward pass counts them, so the sampled log-probs equal :func:`~rlfb.agents.rollout.evaluate_rollout`'s
-to float rounding (a test checks it).
+Sampling the turns: one :class:`~rlfb.models.turn_sampler.TurnSampler` per collection (temperature, top-k,
+top-p) keeps each conversation's KV cache from turn to turn. The openings are encoded once (a group's rows
+share theirs); each turn runs up to ``max_turn_tokens`` tokens, or fewer where the context window or the
+episode's token cap leaves less room, a row leaving the sampling batch at its EOS; before the next turn only
+the environment's reply (and the turn's last token) is prefilled, and rows whose episode ended leave with
+their caches. Positions count real tokens from the opening's first, exactly as the training forward pass
+counts them, so the sampled log-probs equal :func:`~rlfb.agents.rollout.evaluate_rollout`'s to float
+rounding (a test checks it).
 
 Example:
     >>> import gymnasium as gym, torch
@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -44,7 +43,8 @@ import torch
 from rlfb.agents.trajectory import Rollout, Segment, build_rollout
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy
-from rlfb.models.sampler import SamplingConfig, generate
+from rlfb.models.sampler import SamplingConfig
+from rlfb.models.turn_sampler import TurnSampler
 
 __all__ = ["PROTOCOL_COMPONENT", "EpisodeBatch", "collect_episodes", "episode_seeds", "model_context_window"]
 
@@ -194,15 +194,19 @@ def collect_episodes(
     ended: dict[int, dict[str, Any]] = {}  # row -> its last step's info entries
     terminated_rows = np.zeros(num_rows, dtype=bool)
     truncated_rows = np.zeros(num_rows, dtype=bool)
+    sampler = TurnSampler(policy.model, sampling, generator, eos_token_id=settings.eos_token_id,
+                          pad_token_id=settings.pad_token_id)
     while not env.all_finished:
         active = np.flatnonzero(~env.finished).tolist()
-        turns = _sample_turns(policy, [conversations[row] for row in active], settings, sampling, generator)
+        with policy.autocast():
+            turns = sampler.sample_turns(active, [conversations[row].tokens for row in active],
+                                         [_turn_room(conversations[row], settings) for row in active])
         actions: list[Any] = [None] * num_rows
         for row, (ids, _) in zip(active, turns, strict=True):
             actions[row] = np.asarray(ids, dtype=np.int64)
         _, rewards, terminated, truncated, info = venv.step(actions)
         for row, (_, logprobs) in zip(active, turns, strict=True):
-            # The env would cut a turn longer than the room left; _sample_turns stops there, so the env keeps
+            # The env would cut a turn longer than the room left; the sampler stops there, so the env keeps
             # every sampled token (build_rollout checks that each turn has as many log-probs as tokens).
             turn_logprobs[row].append(logprobs)
             turn_reward = float(info["turn_reward"][row])
@@ -231,41 +235,13 @@ def _check_env(settings: Any, policy: Policy) -> None:
                           f"{context} positions; make the env with max_context_tokens={context} or less")
 
 
-def _sample_turns(policy: Policy, conversations: Sequence[Any], settings: Any, sampling: SamplingConfig,
-                  generator: torch.Generator | None) -> list[tuple[list[int], list[float]]]:
-    """Each conversation's next turn (token ids, EOS included when sampled) and the sampled log-probs.
-
-    A turn is at most ``max_turn_tokens`` long, and no longer than the room the conversation has left (the
-    context window, the episode's token cap): the env would cut it there. Rows with the same room are
-    sampled in one batch (all of them, but near the end of the window).
-    """
-    rooms = []
-    for conversation in conversations:
-        room = min(settings.max_turn_tokens, settings.max_context_tokens - len(conversation.tokens))
-        if settings.max_model_tokens is not None:
-            room = min(room, settings.max_model_tokens - conversation.num_model_tokens)
-        rooms.append(room)
-    turns: list[tuple[list[int], list[float]]] = [([], [])] * len(conversations)
-    device = policy.device
-    for room in sorted(set(rooms), reverse=True):
-        rows = [index for index, row_room in enumerate(rooms) if row_room == room]
-        width = max(len(conversations[row].tokens) for row in rows)
-        input_ids = torch.full((len(rows), width), settings.pad_token_id, dtype=torch.long)  # (R, L) left-padded
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for position, row in enumerate(rows):
-            tokens = conversations[row].tokens
-            input_ids[position, width - len(tokens):] = torch.tensor(tokens)
-            attention_mask[position, width - len(tokens):] = 1
-        with policy.autocast():
-            generation = generate(policy.model, input_ids.to(device), attention_mask.to(device),
-                                  dataclasses.replace(sampling, max_new_tokens=room),
-                                  eos_token_id=settings.eos_token_id, pad_token_id=settings.pad_token_id,
-                                  generator=generator)
-        lengths = generation.completion_mask.sum(1).tolist()
-        ids, logprobs = generation.completion_ids.tolist(), generation.logprobs.float().tolist()
-        for position, row in enumerate(rows):
-            turns[row] = (ids[position][: lengths[position]], logprobs[position][: lengths[position]])
-    return turns
+def _turn_room(conversation: Any, settings: Any) -> int:
+    """The most tokens the conversation's next turn may take: ``max_turn_tokens``, or less where the context
+    window or the episode's token cap leaves less (the env would cut the turn there)."""
+    room = min(settings.max_turn_tokens, settings.max_context_tokens - len(conversation.tokens))
+    if settings.max_model_tokens is not None:
+        room = min(room, settings.max_model_tokens - conversation.num_model_tokens)
+    return int(room)
 
 
 def _episodes_rollout(policy: Policy, settings: Any, conversations: Sequence[Any],

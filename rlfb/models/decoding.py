@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from peft import PeftType
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.pytorch_utils import Conv1D
 
 logger = logging.getLogger(__name__)
@@ -116,16 +117,18 @@ def _supports_lora(model: nn.Module, projections: set[Any], layer_type: type) ->
                for module in projections)  # fmt: skip
 
 
-def _attention_masks(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(A, 1, P, P) prefill mask: query i sees keys j <= i that are real tokens.
+def _attention_masks(attention_mask: torch.Tensor, new: int | None = None) -> torch.Tensor:
+    """(A, 1, T, L + T) mask of T new tokens after L cached columns (a prefill: L = 0, T = the width).
 
+    Query i (at column L + i) sees the keys j <= L + i that are real tokens (``attention_mask`` (A, L + T)).
     A padding query also sees itself, so that no softmax row is empty (an all-masked row gives NaN, which
     would reach the cache).
     """
     width = attention_mask.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
+    new = width if new is None else new
+    causal = torch.ones(new, width, dtype=torch.bool, device=attention_mask.device).tril(diagonal=width - new)
     allowed = causal & attention_mask.bool()[:, None, :]
-    allowed |= torch.eye(width, dtype=torch.bool, device=attention_mask.device)
+    allowed |= torch.eye(new, width, dtype=torch.bool, device=attention_mask.device).roll(width - new, dims=1)
     return allowed[:, None]
 
 
@@ -140,24 +143,25 @@ def _layer_norm(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-class LeanDecoder:
-    """What the sampler calls on a lean decoder: ``prefill``, ``step``, ``select_rows`` (see :class:`GPT2Decoder`).
+class Decoder:
+    """What the sampler calls on a decoder: ``prefill``, ``step``, ``extend``, ``select_rows``, and, to keep a
+    conversation's cache between turns, ``take_rows`` and ``load`` (see :class:`GPT2Decoder`).
 
-    Subclasses hold one key and one value buffer per block, of shape (A, heads, width, head_dim), filled up
-    to ``_length`` columns.
+    A cache holds columns [0, L) of every row; which of them are real tokens is the sampler's attention mask
+    (padding columns are never attended). Positions are passed in, so a column's index is not its position.
+    Rows taken out of a cache and loaded back are one tensor (layers, 2, n, heads, L, head_dim): each layer's
+    keys, then its values.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model: Any = _unwrap(model)
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
-        self._blocks: list[Any] = []
-        self._length = 0
-
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
-        """Whether the decoder computes exactly what ``model``'s forward does."""
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
         raise NotImplementedError
+
+    @property
+    def can_rebuild(self) -> bool:
+        """Whether :meth:`take_rows` and :meth:`load` keep a cache exactly (a cache that keeps every column)."""
+        return True
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,21 +172,86 @@ class LeanDecoder:
         """One token per row; returns the (A, V) next-token logits."""
         raise NotImplementedError
 
-    @property
-    def batch_size(self) -> int:
-        """Rows in the cache."""
-        return int(self._keys[0].shape[0]) if self._keys else 0
+    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """T new tokens per row after the L cached columns; returns the (A, V) logits of the last column.
+
+        Args:
+            input_ids: (A, T) the new tokens, left-padded within the block (each row's last column real).
+            position_ids: (A, T) their positions.
+            attention_mask: (A, L + T) over the cached columns and the new ones, 1 for real tokens.
+        """
+        raise NotImplementedError
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
-        self._keys = [keys[rows] for keys in self._keys]
-        self._values = [values[rows] for values in self._values]
+        raise NotImplementedError
+
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The (layers, 2, n, heads, L, head_dim) cached columns of ``rows`` (n,), a copy; None: of every row,
+        which may share the cache's memory (the cache itself is unchanged)."""
+        raise NotImplementedError
+
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
+        """Replace the cache by ``rows`` (layers, 2, A', heads, W, head_dim), with room for ``extra_width``
+        more columns."""
+        raise NotImplementedError
+
+
+class LeanDecoder(Decoder):
+    """A decoder of plain tensor operations (see the module docstring) over preallocated buffers.
+
+    Subclasses hold one buffer (blocks, 2, A, heads, width, head_dim), filled up to ``_length`` columns, and
+    read each block's keys and values as views of it (``_keys``, ``_values``): moving rows is one copy, not
+    two per block.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model: Any = _unwrap(model)
+        self._buffer = torch.zeros(0)
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._blocks: list[Any] = []
+        self._length = 0
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether the decoder computes exactly what ``model``'s forward does."""
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
+        return int(self._buffer.shape[2]) if self._keys else 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
+        self._set_buffer(self._buffer[:, :, rows])
+
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """As :meth:`Decoder.take_rows`."""
+        cached = self._buffer[..., : self._length, :]
+        return cached if rows is None else cached[:, :, rows]
+
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
+        """A buffer of W + ``extra_width`` columns holding ``rows`` in its first W; the weights stay those of
+        the last :meth:`prefill` (one collection, one set of weights)."""
+        if not self._blocks:
+            raise RuntimeError("load() needs the weights of a prefill first")
+        *shape, width, head_dim = rows.shape
+        buffer = rows.new_empty((*shape, width + extra_width, head_dim))
+        buffer[..., :width, :] = rows
+        self._set_buffer(buffer)
+        self._length = width
 
     def _new_cache(self, hidden: torch.Tensor, heads: int, width: int, head_dim: int) -> None:
-        shape = (hidden.shape[0], heads, width, head_dim)
-        self._keys = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
-        self._values = [hidden.new_empty(shape, dtype=_cache_dtype(hidden)) for _ in self._blocks]
+        shape = (len(self._blocks), 2, hidden.shape[0], heads, width, head_dim)
+        self._set_buffer(hidden.new_empty(shape, dtype=_cache_dtype(hidden)))
         self._length = 0
+
+    def _set_buffer(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer
+        self._keys = [block[0] for block in buffer.unbind(0)]
+        self._values = [block[1] for block in buffer.unbind(0)]
 
 
 class GPT2Decoder(LeanDecoder):
@@ -253,6 +322,12 @@ class GPT2Decoder(LeanDecoder):
         head_dim = hidden.shape[-1] // heads
         self._new_cache(hidden, heads, width + max_new_tokens, head_dim)
         return self._forward(hidden, _attention_masks(attention_mask))
+
+    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Decoder.extend`."""
+        transformer = self.model.transformer
+        hidden = transformer.wte(input_ids) + transformer.wpe(position_ids)  # (A, T, C)
+        return self._forward(hidden, _attention_masks(attention_mask, input_ids.shape[1]))
 
     def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One token per row; returns the (A, V) next-token logits.
@@ -406,6 +481,11 @@ class LlamaDecoder(LeanDecoder):
         hidden = self.model.model.embed_tokens(tokens[:, None])  # (A, 1, C)
         return self._forward(hidden, position_ids[:, None], attention_mask.bool()[:, None, None, :])
 
+    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Decoder.extend`."""
+        hidden = self.model.model.embed_tokens(input_ids)  # (A, T, C)
+        return self._forward(hidden, position_ids, _attention_masks(attention_mask, input_ids.shape[1]))
+
     def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The layers over ``hidden`` (A, T, C) at cache columns [L, L + T); logits at the last position."""
         rows, new, _ = hidden.shape
@@ -531,6 +611,11 @@ class NeoXDecoder(LeanDecoder):
         hidden = self.model.gpt_neox.embed_in(tokens[:, None])  # (A, 1, C)
         return self._forward(hidden, position_ids[:, None], attention_mask.bool()[:, None, None, :])
 
+    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Decoder.extend`."""
+        hidden = self.model.gpt_neox.embed_in(input_ids)  # (A, T, C)
+        return self._forward(hidden, position_ids, _attention_masks(attention_mask, input_ids.shape[1]))
+
     def _forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         rows, new, channels = hidden.shape
         start, end = self._length, self._length + new
@@ -554,6 +639,74 @@ class NeoXDecoder(LeanDecoder):
                 hidden = hidden + down(layer.mlp.act(up(layer.post_attention_layernorm(hidden))))
         self._length = end
         return self.model.get_output_embeddings()(body.final_layer_norm(hidden[:, -1]))
+
+
+class ForwardDecoder(Decoder):
+    """The model's own forward and its transformers cache, for the models no lean decoder computes.
+
+    Between turns (:meth:`take_rows`, :meth:`load`) its layers' key and value tensors are read and replaced,
+    which is exact for a ``DynamicCache`` of full-attention layers (:attr:`can_rebuild`); a cache that drops
+    or transforms columns (sliding windows, quantized, linear attention) is not taken apart.
+
+    Args:
+        model: A Hugging Face causal LM (or a peft model around one) that accepts ``cache=``,
+            ``position_ids=`` and ``logits_to_keep=``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.cache: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the cache."""
+        layers = getattr(self.cache, "layers", None)
+        return int(layers[0].keys.shape[0]) if layers else 0
+
+    @property
+    def can_rebuild(self) -> bool:
+        """True for a ``DynamicCache`` whose layers all keep every column (``DynamicLayer``), of one shape."""
+        if type(self.cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+            return False
+        return len({(layer.keys.shape, layer.values.shape) for layer in self.cache.layers}) == 1
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`Decoder.prefill` (the cache grows as it goes: ``max_new_tokens`` is not needed)."""
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1)
+        self.cache = outputs.cache
+        return outputs.logits[:, -1, :]
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Decoder.step`."""
+        outputs = self.model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                             position_ids=position_ids[:, None], cache=self.cache, use_cache=True)
+        self.cache = outputs.cache
+        return outputs.logits[:, -1, :]
+
+    def extend(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`Decoder.extend`."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = outputs.cache
+        return outputs.logits[:, -1, :]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """As :meth:`Decoder.select_rows`."""
+        self.cache.batch_select_indices(rows)
+
+    def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """As :meth:`Decoder.take_rows`; needs :attr:`can_rebuild`."""
+        every = slice(None) if rows is None else rows
+        return torch.stack([torch.stack([layer.keys[every], layer.values[every]]) for layer in self.cache.layers])
+
+    def load(self, rows: torch.Tensor, extra_width: int) -> None:
+        """As :meth:`Decoder.load` (the layers grow by concatenation: ``extra_width`` is not needed)."""
+        for layer, (keys, values) in zip(self.cache.layers, rows, strict=True):
+            layer.keys, layer.values = keys, values
 
 
 LEAN_DECODERS: tuple[type[LeanDecoder], ...] = (GPT2Decoder, LlamaDecoder, NeoXDecoder)
@@ -580,3 +733,10 @@ def lean_decoder_for(model: nn.Module) -> LeanDecoder | None:
                    model_type, "its adapter or settings are not ones the lean decoder computes exactly" if known
                    else f"lean decoders cover {', '.join(sorted(covered))}")
     return None
+
+
+def decoder_for(model: nn.Module, lean: bool = True) -> Decoder:
+    """The lean decoder of ``model`` (:func:`lean_decoder_for`) where one applies and ``lean``, else its own
+    forward (:class:`ForwardDecoder`)."""
+    decoder = lean_decoder_for(model) if lean else None
+    return decoder if decoder is not None else ForwardDecoder(model)

@@ -2,7 +2,9 @@
 
 One loop serves rollouts and evaluation alike. :class:`TokenSampler` is the incremental form the
 vector environment needs (the agent samples a token, steps the env, then advances the sampler);
-:func:`generate` is the whole loop in one call.
+:func:`generate` is the whole loop in one call (:meth:`TokenSampler.sample_to_end`), and
+:class:`~rlfb.models.turn_sampler.TurnSampler` runs it over the turns of conversations, each one's cache
+kept from turn to turn.
 
 Conventions:
     * Prompts are **left-padded**: every row's last column is a real token, so the next-token logits
@@ -14,13 +16,15 @@ Conventions:
       top-p truncation. Truncation is a sampling device; the unfiltered value is what a training-time
       forward pass over the completion recomputes, so the PPO ratio starts at exactly 1. With
       ``temperature == 0`` (greedy) they are ``log softmax(logits)``.
-    * A row that sampled EOS is finished: it receives ``pad_token_id`` with log-prob 0 from then on and
-      leaves the compute batch (with its cache rows), so later steps cost only what the unfinished rows need.
+    * A row that sampled EOS, or took its own budget where rows have one (``start(max_new_tokens=...)``),
+      is finished: it receives ``pad_token_id`` with log-prob 0 from then on and leaves the compute batch
+      (with its cache rows), so later steps cost only what the unfinished rows need.
     * Rows with the same prompt (a group of k completions per prompt) are encoded once and their cache
       rows repeated.
     * GPT-2 and Llama-family models (Llama, Mistral, Qwen2, Qwen3) run on a lean decoder
       (:func:`~rlfb.models.decoding.lean_decoder_for`), the same function without transformers' per-call
-      overhead; other models on their own forward, which is logged once per model type.
+      overhead; other models on their own forward (:class:`~rlfb.models.decoding.ForwardDecoder`), which is
+      logged once per model type.
 
 The sampler never changes the model's train/eval mode; put the model in eval mode for rollouts so
 dropout does not perturb sampling. Forward passes run under ``torch.inference_mode`` (about 5% faster than
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 from rlfb.errors import DivergedModelError
-from rlfb.models.decoding import LeanDecoder, lean_decoder_for
+from rlfb.models.decoding import Decoder, decoder_for
 
 __all__ = ["Generation", "SamplingConfig", "TokenSampler", "filter_logits", "generate"]
 
@@ -234,7 +238,9 @@ class TokenSampler:
         self.pad_token_id = int(pad) if isinstance(pad, int) else self.eos_token_ids[0]
         self.finished: torch.Tensor | None = None
         self.num_generated = 0
-        self._cache: Any = None  # the transformers cache, or a LeanDecoder holding its own
+        self._decoder: Decoder | None = None  # a lean decoder, or the model's forward and its cache
+        self._budgets: torch.Tensor | None = None  # (A,) tokens each compute row may take, None: max_new_tokens
+        self._max_steps = sampling.max_new_tokens
         self._next_logits: torch.Tensor | None = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
         self._mask_width = 0
@@ -248,13 +254,16 @@ class TokenSampler:
         return self._next_logits is None
 
     @torch.inference_mode()
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              max_new_tokens: Sequence[int] | None = None) -> None:
         """Encode a batch of left-padded prompts and cache their keys and values.
 
         Args:
             input_ids: (B, P) prompt token ids; may be a fixed-width observation whose trailing columns
                 are unattended (they are trimmed).
             attention_mask: (B, P) 1 for real tokens.
+            max_new_tokens: (B,) the most tokens each row may take (a row that reaches its budget is finished);
+                default: ``sampling.max_new_tokens`` for every row.
 
         Raises:
             ValueError: A row's prompt does not end at the right edge (right padding), or all are empty.
@@ -270,7 +279,9 @@ class TokenSampler:
                 f"rows {bad_rows} do not end with a real token: prompts must be left-padded "
                 "(tokenizer.padding_side = 'left') and contain at least one token"
             )
-        self._check_context(attention_mask)
+        budgets = None if max_new_tokens is None else torch.as_tensor(max_new_tokens, device=device).long()
+        self._max_steps = self.sampling.max_new_tokens if budgets is None else int(budgets.max())
+        self._check_context(attention_mask, budgets)
         # Encode each distinct prompt once (k completions per prompt share one), then repeat its cache rows.
         prompts = torch.cat([input_ids, attention_mask], 1)
         distinct, copies = torch.unique(prompts, dim=0, return_inverse=True)
@@ -279,25 +290,13 @@ class TokenSampler:
         encode_ids, encode_mask = distinct.split(input_ids.shape[1], dim=1)
         # Left padding shifts each row; positions restart at 0 on each row's first real token.
         encode_positions = (encode_mask.cumsum(dim=-1) - 1).clamp(min=0)
-        lean = lean_decoder_for(self.model) if self.lean_decoder else None
-        if lean is not None:
-            self._cache = lean
-            logits = self._cache.prefill(encode_ids, encode_mask, self.sampling.max_new_tokens, encode_positions)
-            if copies is not None:
-                self._cache.select_rows(copies)
-        else:
-            outputs = self.model(
-                input_ids=encode_ids,
-                attention_mask=encode_mask,
-                position_ids=encode_positions,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            self._cache, logits = outputs.cache, outputs.logits[:, -1, :]
-            if copies is not None:
-                self._cache.batch_select_indices(copies)
+        self._decoder = decoder_for(self.model, self.lean_decoder)
+        logits = self._decoder.prefill(encode_ids, encode_mask, self._max_steps, encode_positions)
+        if copies is not None:
+            self._decoder.select_rows(copies)
         self._next_logits = (logits if copies is None else logits[copies]).float()  # (A, V), A = rows generating
-        width = input_ids.shape[1] + self.sampling.max_new_tokens
+        self._budgets = budgets
+        width = input_ids.shape[1] + self._max_steps
         # The mask grows by one column per step; a buffer of the final width avoids re-allocating it.
         self._mask_buffer = attention_mask.new_zeros((attention_mask.shape[0], width))
         self._mask_buffer[:, : input_ids.shape[1]] = attention_mask
@@ -338,15 +337,17 @@ class TokenSampler:
             tokens: (B,) the tokens of this step (normally what :meth:`sample` returned). Tokens of
                 already finished rows are ignored.
         """
-        if self._next_logits is None or self.finished is None or self._eos is None:
+        if self._next_logits is None or self.finished is None or self._eos is None or self._decoder is None:
             raise RuntimeError("advance() needs an active batch: call start() first")
         assert self._next_position is not None
         active_tokens = torch.as_tensor(tokens, device=self.finished.device).long()[self._rows]  # (A,)
         just_finished = torch.isin(active_tokens, self._eos)
+        if self._budgets is not None:  # a row that has taken its budget is finished too
+            just_finished |= self._budgets <= self.num_generated + 1
         self.finished[self._rows] = just_finished
         self.num_generated += 1
         finished_now, all_finished = torch.stack([just_finished.any(), self.finished.all()]).tolist()
-        if self.num_generated >= self.sampling.max_new_tokens or all_finished:
+        if self.num_generated >= self._max_steps or all_finished:
             self._release()
             return
         if finished_now:
@@ -355,46 +356,56 @@ class TokenSampler:
         self._mask_buffer[:, self._mask_width] = 1
         self._mask_width += 1
         attention_mask = self._mask_buffer[:, : self._mask_width]
-        if isinstance(self._cache, LeanDecoder):
-            logits = self._cache.step(active_tokens, self._next_position, attention_mask)
-        else:
-            outputs = self.model(
-                input_ids=active_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=self._next_position[:, None],
-                cache=self._cache,
-                use_cache=True,
-            )
-            self._cache, logits = outputs.cache, outputs.logits[:, -1, :]
+        logits = self._decoder.step(active_tokens, self._next_position, attention_mask)
         self._next_position = self._next_position + 1
         self._next_logits = logits.float()
 
+    def sample_to_end(self) -> Generation:
+        """Sample and advance until :attr:`done`: the (B, T) tokens, mask and log-probs of the steps taken."""
+        if self.finished is None:
+            raise RuntimeError("nothing to sample: call start() first")
+        steps_tokens, steps_logprobs, steps_active = [], [], []
+        while not self.done:
+            steps_active.append(~self.finished)
+            tokens, logprobs = self.sample()
+            steps_tokens.append(tokens)
+            steps_logprobs.append(logprobs)
+            self.advance(tokens)
+        return Generation(
+            completion_ids=torch.stack(steps_tokens, dim=1),  # (B, T)
+            completion_mask=torch.stack(steps_active, dim=1).long(),  # (B, T)
+            logprobs=torch.stack(steps_logprobs, dim=1),  # (B, T)
+        )
+
     def _drop_rows(self, keep: torch.Tensor) -> None:
         """Keep only the compute rows where ``keep`` (A,) is True: cache, mask, positions, row map."""
-        assert self._next_position is not None
+        assert self._next_position is not None and self._decoder is not None
         kept = keep.nonzero().flatten()
-        if isinstance(self._cache, LeanDecoder):
-            self._cache.select_rows(kept)
-        else:
-            self._cache.batch_select_indices(kept)
+        self._decoder.select_rows(kept)
         self._mask_buffer = self._mask_buffer[kept]
         self._next_position = self._next_position[kept]
         self._rows = self._rows[kept]
+        if self._budgets is not None:
+            self._budgets = self._budgets[kept]
 
-    def _check_context(self, attention_mask: torch.Tensor) -> None:
+    def _check_context(self, attention_mask: torch.Tensor, budgets: torch.Tensor | None) -> None:
         """Fail clearly (not with an index error deep in the model) when prompt + completion exceed the context."""
         config = getattr(self.model, "config", None)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        longest_prompt = int(attention_mask.sum(dim=-1).max())
-        if isinstance(context, int) and longest_prompt + self.sampling.max_new_tokens > context:
+        lengths = attention_mask.sum(dim=-1)
+        longest = int((lengths + (self._max_steps if budgets is None else budgets)).argmax())
+        budget = self._max_steps if budgets is None else int(budgets[longest])
+        prompt = int(lengths[longest])
+        if isinstance(context, int) and prompt + budget > context:
             raise ValueError(
-                f"a prompt of {longest_prompt} tokens plus max_new_tokens={self.sampling.max_new_tokens} exceeds the "
+                f"a prompt of {prompt} tokens plus max_new_tokens={budget} exceeds the "
                 f"model's context window of {context} positions; shorten the prompts (max_prompt_tokens) "
                 "or lower max_new_tokens")
 
     def _release(self) -> None:
         """Drop the cache and logits as soon as the batch is done (memory back before the update)."""
-        self._cache = None
+        self._decoder = None
+        self._budgets = None
         self._next_logits = None
         self._mask_buffer = torch.zeros(0, dtype=torch.long)
         self._next_position = None
@@ -443,16 +454,4 @@ def generate(
         model, sampling, generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
     sampler.start(input_ids, attention_mask)
-    assert sampler.finished is not None
-    steps_tokens, steps_logprobs, steps_active = [], [], []
-    while not sampler.done:
-        steps_active.append(~sampler.finished)
-        tokens, logprobs = sampler.sample()
-        steps_tokens.append(tokens)
-        steps_logprobs.append(logprobs)
-        sampler.advance(tokens)
-    return Generation(
-        completion_ids=torch.stack(steps_tokens, dim=1),  # (B, T)
-        completion_mask=torch.stack(steps_active, dim=1).long(),  # (B, T)
-        logprobs=torch.stack(steps_logprobs, dim=1),  # (B, T)
-    )
+    return sampler.sample_to_end()

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 import rlfb  # noqa: F401  (registers the environments)
-import rlfb.agents.multi_turn as multi_turn
 from rlfb.agents.multi_turn import collect_episodes
 from rlfb.agents.rollout import evaluate_rollout
 from rlfb.envs.protocol import MultiTurnProtocol, Reply
 from rlfb.errors import ConfigError
+from rlfb.models import sampler as sampler_module
+from rlfb.models.decoding import ForwardDecoder, GPT2Decoder
 from rlfb.models.policy import LoraSettings, Policy
 from rlfb.models.sampler import SamplingConfig
+from rlfb.models.turn_sampler import TurnSampler
 
 
 class Countdown(MultiTurnProtocol[dict]):
@@ -58,13 +60,13 @@ def countdown_venv(policy: Policy, **kwargs: Any) -> Any:
 def test_the_rollout_is_the_envs_record_of_each_conversation(policy: Policy,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sampled_rows = []
-    real_generate = multi_turn.generate
+    real_sample_turns = TurnSampler.sample_turns
 
-    def counting_generate(model: Any, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sampled_rows.append(input_ids.shape[0])
-        return real_generate(model, input_ids, *args, **kwargs)
+    def counting_sample_turns(sampler: TurnSampler, rows: list[int], *args: Any) -> Any:
+        sampled_rows.append(len(rows))
+        return real_sample_turns(sampler, rows, *args)
 
-    monkeypatch.setattr(multi_turn, "generate", counting_generate)
+    monkeypatch.setattr(TurnSampler, "sample_turns", counting_sample_turns)
     venv = countdown_venv(policy)
     batch = collect_episodes(venv, policy, SamplingConfig(), torch.Generator().manual_seed(0), seed=0,
                              options={"prompts": PINNED})
@@ -104,8 +106,14 @@ def test_the_rollout_is_the_envs_record_of_each_conversation(policy: Policy,
     assert rollout.scored.all()
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=20)])
-def test_sampled_logprobs_equal_the_training_forward_pass(policy: Policy, sampling: SamplingConfig) -> None:
+def test_sampled_logprobs_equal_the_training_forward_pass(policy: Policy, sampling: SamplingConfig, lean: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The turns are sampled with each conversation's cache kept across turns (the lean decoder's, or the
+    model's own forward and its transformers cache): the log-probs are still the training forward's."""
+    if not lean:
+        monkeypatch.setattr(sampler_module, "decoder_for", lambda model, lean=True: ForwardDecoder(model))
     with torch.no_grad():  # a nonzero adapter: the policy differs from the reference
         for parameter in policy.trainable_parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
@@ -116,6 +124,43 @@ def test_sampled_logprobs_equal_the_training_forward_pass(policy: Policy, sampli
     mask = rollout.action_mask.bool()
     assert int(mask.sum()) > 20
     torch.testing.assert_close(evaluation.logprobs[mask], rollout.sampled_logprobs[mask], atol=1e-5, rtol=0)
+
+
+def test_each_turn_prefills_only_the_reply_and_ended_rows_leave(policy: Policy,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokens fed to the model: the openings once, then per turn, for the rows still playing only, the
+    previous turn's last token (sampled, not yet fed) and the environment's reply."""
+    encoded: list[tuple[str, list[int]]] = []  # (call, real tokens fed per row)
+    real_prefill, real_extend = GPT2Decoder.prefill, GPT2Decoder.extend
+
+    def counting_prefill(self: GPT2Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         *args: Any) -> Any:
+        encoded.append(("prefill", attention_mask.sum(1).tolist()))
+        return real_prefill(self, input_ids, attention_mask, *args)
+
+    def counting_extend(self: GPT2Decoder, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> Any:
+        encoded.append(("extend", attention_mask[:, -input_ids.shape[1]:].sum(1).tolist()))
+        return real_extend(self, input_ids, position_ids, attention_mask)
+
+    monkeypatch.setattr(GPT2Decoder, "prefill", counting_prefill)
+    monkeypatch.setattr(GPT2Decoder, "extend", counting_extend)
+    venv = countdown_venv(policy)
+    pinned = [PINNED[0], {**PINNED[1], "prompt": PINNED[0]["prompt"]}, *PINNED[2:]]  # rows 0, 1 open alike
+    collect_episodes(venv, policy, SamplingConfig(), torch.Generator().manual_seed(0), seed=0,
+                     options={"prompts": pinned})
+    conversations = venv.unwrapped.conversations
+    openings = [conversation.segments[0][2] for conversation in conversations]
+    assert encoded[0] == ("prefill", [openings[0], openings[2], openings[3]])
+
+    def reply_length(row: int, turn: int) -> int:
+        replies = [end - start for role, start, end in conversations[row].segments if role == "env"]
+        return replies[turn]
+
+    # Row 0 ends after turn 1, row 1 after turn 2, row 2 after turn 3; row 3 is cut by the turn cap.
+    assert [call for call, _ in encoded] == ["prefill", "extend", "extend"]
+    assert encoded[1][1] == [1 + reply_length(row, 0) for row in (1, 2, 3)]
+    assert encoded[2][1] == [1 + reply_length(row, 1) for row in (2, 3)]
 
 
 @pytest.mark.parametrize(("cap", "reason"), [({"max_context_tokens": 24}, "context_window"),
@@ -169,16 +214,15 @@ def test_tool_use_success_and_returns_on_the_calculator(policy: Policy, monkeypa
                         max_turns=3, max_turn_tokens=20)
     tokenizer = policy.tokenizer
 
-    def scripted_turns(policy: Any, conversations: list, *args: Any) -> list[tuple[list[int], list[float]]]:
+    def scripted_turns(sampler: TurnSampler, rows: list[int], *args: Any) -> list[tuple[list[int], list[float]]]:
         turns = []
-        for conversation in conversations:
-            row = next(row for row, other in enumerate(venv.unwrapped.conversations) if other is conversation)
-            text = script[row][len(conversation.turns)]
+        for row in rows:
+            text = script[row][len(venv.unwrapped.conversations[row].turns)]
             ids = [*tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             turns.append((ids, [-1.0] * len(ids)))
         return turns
 
-    monkeypatch.setattr(multi_turn, "_sample_turns", scripted_turns)
+    monkeypatch.setattr(TurnSampler, "sample_turns", scripted_turns)
     batch = collect_episodes(venv, policy, SamplingConfig(), seed=0,
                              options={"prompts": [{"prompt": "17+25=", "answer": "42"}] * 4})
     assert batch.rollout.num_turns.tolist() == [2, 1, 1, 3]

@@ -128,7 +128,7 @@ def assert_same_completions_with_and_without_the_lean_decoder(
         sampler = TokenSampler(model, SamplingConfig(temperature=temperature, max_new_tokens=8),
                                torch.Generator().manual_seed(0), eos_token_id=EOS, lean_decoder=lean)  # fmt: skip
         sampler.start(ids, mask)
-        assert isinstance(sampler._cache, decoder) == lean
+        assert isinstance(sampler._decoder, decoder) == lean
         tokens, logprobs = [], []
         while not sampler.done:
             step_tokens, step_logprobs = sampler.sample()
