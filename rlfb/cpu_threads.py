@@ -60,10 +60,15 @@ def torch_threads(count: int | None) -> Iterator[None]:
     """``count`` torch intra-op threads inside the block (None: as they are), the previous count restored after.
 
     For library functions whose results must not depend on the caller's thread count (a float reduction
-    split over two threads rounds differently than over one).
+    split over two threads rounds differently than over one). Before torch is imported it imports nothing
+    and sets the count torch will start with, as :func:`configure_threads` does: a block that needs no
+    torch (a rerun of a finished pipeline) stays fast.
     """
-    import torch
-
+    if "torch" not in sys.modules:
+        configure_threads(count)
+        yield
+        return
+    torch = sys.modules["torch"]
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)

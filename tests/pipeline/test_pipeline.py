@@ -86,6 +86,20 @@ def test_a_finished_pipeline_is_skipped_whole_and_says_done(finished: tuple[Path
     assert "| 2 | eval@2 |" in summary and "stages/rl_people@2/work/run/final/adapter" in summary
 
 
+def test_rerunning_a_finished_pipeline_imports_no_torch(finished: tuple[Path, Any]) -> None:
+    """What keeps a rerun within seconds: nothing is loaded when every stage is done."""
+    import subprocess
+    import sys
+
+    out, _ = finished
+    script = ("import json, sys; from rlfb.pipeline import pipeline_config_from_dict, run_pipeline; "
+              "result = run_pipeline(pipeline_config_from_dict(json.loads(sys.argv[1])), sys.argv[2], "
+              "say=lambda line: None); print(len(result.skipped), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(config_data()), str(out)],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(len(plan(pipeline_config_from_dict(config_data()), rounds=2))), "False"]
+
+
 def test_feedback_stage_stores_the_judgments_the_simulated_rater_gave(finished: tuple[Path, Any]) -> None:
     from rlfb.feedback.store import FeedbackStore
 
