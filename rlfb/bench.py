@@ -434,7 +434,12 @@ def _same_run_config(run_dir: Path, run_config: RunConfig) -> bool:
 
 def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, base: EvalPoint,
                progress_bar: bool = True, say: Progress = print, clock: _Clock | None = None) -> RunRecord:
-    """Train ``design`` with ``seed`` (or reuse a finished run) and return its evaluation curve."""
+    """Train ``design`` with ``seed`` (or reuse a finished run) and return its evaluation curve.
+
+    The training is the pipeline's rl stage (:func:`rlfb.pipeline.stages.rl_stage_trainer`), each
+    evaluation its eval stage's (:func:`rlfb.pipeline.stages.evaluate_gold`) with the design's rewards added.
+    """
+    from rlfb.pipeline.stages import rl_stage_trainer
     from rlfb.trainer import Trainer
 
     run_dir = runs_dir / run_name(design.name, seed)
@@ -471,7 +476,7 @@ def run_design(config: BenchConfig, design: Design, seed: int, runs_dir: Path, b
                 + ", ".join(f"{key} {values[key]:.3f}" for key in _headline(config, values))
                 + (clock.left_text() if clock is not None else ""))
 
-    trainer = Trainer(run_config, callbacks=[evaluate_during_training])
+    trainer = rl_stage_trainer(run_config, run_dir, callbacks=[evaluate_during_training], say=say)
     result = trainer.train()
     if result.interrupted:  # the trainer saved a checkpoint; the bench reruns this run from the start
         raise KeyboardInterrupt
@@ -514,32 +519,27 @@ def _evaluate(config: BenchConfig, run_config: RunConfig, design: Design, policy
     The gold and trained rewards are kept per prompt too: the verdict's prompt noise needs them.
     """
     from rlfb.envs.tasks import make_task
-    from rlfb.evaluation import evaluate_policy
-    from rlfb.models.sampler import SamplingConfig
-    from rlfb.rewards import RewardSet, RewardSpec
+    from rlfb.pipeline.stages import evaluate_gold
+    from rlfb.rewards import RewardSpec
 
     task = run_config.task
     rows = list(make_task({"name": task.name, **task.kwargs} if task.kwargs else task.name).eval_rows())
     rows = rows[: config.eval.num_prompts]
-    gold_specs = [RewardSpec(name=r.name, kwargs=dict(r.kwargs), label=gold_key(r)) for r in config.gold]
     design_specs = [RewardSpec(name=r.name, kwargs=dict(r.kwargs), weight=r.weight,
                                label=f"design/{r.label or r.name}") for r in design.rewards]
-    rewards = RewardSet(gold_specs + design_specs)
-    if rewards.needs_scorer:
-        rewards.bind_scorer(policy.scorer)
-    sampling = run_config.sampling
-    eval_sampling = SamplingConfig(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                   max_new_tokens=sampling.max_new_tokens)
-    result = evaluate_policy(policy, rows, rewards, eval_sampling, seed=config.eval.seed, num_samples=0)
+
+    def measure(prompt_rows: Sequence[Mapping[str, Any]]) -> Any:  # the pipeline's eval stage, on these rows
+        return evaluate_gold(policy, run_config, config.gold, num_prompts=len(prompt_rows), seed=config.eval.seed,
+                             extra=design_specs, rows=[dict(row) for row in prompt_rows])
+
+    result = measure(rows)
     values = {gold_key(r): result.rewards[gold_key(r)] for r in config.gold}
     # The design's reward is its weighted sum; the evaluation's "total" mixes in the gold rewards.
     values[PROXY_KEY] = sum((spec.weight * result.rewards[str(spec.label)] for spec in design_specs), 0.0)
     values.update(kl=result.kl, fluency=result.fluency, distinct_1=result.distinct_1, distinct_2=result.distinct_2,
                   completion_length=result.completion_length)
     if config.eval.perturb:  # the same prompts perturbed, the same sampling seed: the robustness gap
-        perturbed_rows = _perturbed(rows, config.eval.perturb, config.eval.perturb_rate, config.eval.seed)
-        perturbed = evaluate_policy(policy, perturbed_rows, rewards, eval_sampling, seed=config.eval.seed,
-                                    num_samples=0)
+        perturbed = measure(_perturbed(rows, config.eval.perturb, config.eval.perturb_rate, config.eval.seed))
         first_gold = gold_key(config.gold[0])
         values["gold_perturbed"] = perturbed.rewards[first_gold]
         values["robustness_gap"] = result.rewards[first_gold] - perturbed.rewards[first_gold]

@@ -210,9 +210,6 @@ def _exported(stores: list[Path], kind: str) -> list[dict[str, Any]]:
 # -------------------------------------------------------------------------------------------- rl
 def run_rl(context: StageContext) -> Outputs:
     """Train with ``rlfb.trainer.Trainer`` from the previous adapter; a killed stage resumes its checkpoint."""
-    from rlfb.checkpoint import CheckpointNotFoundError, find_checkpoint
-    from rlfb.trainer import Trainer
-
     stage = context.run.stage
     rewards = None
     if "reward_model" in context.inputs:
@@ -222,14 +219,7 @@ def run_rl(context: StageContext) -> Outputs:
     if "model" in context.inputs:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, name=context.model_name))
     run_dir = context.work / "run"
-    resume = None
-    if run_dir.is_dir():
-        try:
-            resume = find_checkpoint(run_dir, report=lambda line: None)
-            context.say(f"pipeline: {context.run.name}: resuming {resume.relative_to(context.work)}")
-        except CheckpointNotFoundError:
-            shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
-    trainer = Trainer(config, resume_from=run_dir if resume is not None else None)
+    trainer = rl_stage_trainer(config, run_dir, say=lambda line: context.say(f"pipeline: {context.run.name}: {line}"))
     result = trainer.train()
     if result.interrupted:
         raise KeyboardInterrupt
@@ -237,6 +227,27 @@ def run_rl(context: StageContext) -> Outputs:
     logged = _last_logged(run_dir)
     metrics.update({key: logged[key] for key in RL_SUMMARY_METRICS if isinstance(logged.get(key), (int, float))})
     return {"adapter": run_dir / "final" / "adapter", "run": run_dir}, metrics
+
+
+def rl_stage_trainer(config: Any, run_dir: Path, callbacks: Sequence[Any] = (),
+                     say: Callable[[str], None] = print) -> Any:
+    """The trainer of an rl stage: ``config`` trained into ``run_dir``, resumed from its newest checkpoint.
+
+    ``config.output_dir`` must be ``run_dir``'s parent and ``config.logging.run_name`` its name. A run
+    directory without a checkpoint (killed before its first) is removed and started again. The bench's
+    runs are made here too, so pipelines and ``rlfb bench`` chain the same stages.
+    """
+    from rlfb.checkpoint import CheckpointNotFoundError, find_checkpoint
+    from rlfb.trainer import Trainer
+
+    resume = None
+    if run_dir.is_dir():
+        try:
+            resume = find_checkpoint(run_dir, report=lambda line: None)
+            say(f"resuming {resume.relative_to(run_dir.parent)}")
+        except CheckpointNotFoundError:
+            shutil.rmtree(run_dir)  # killed before its first checkpoint: start it again
+    return Trainer(config, resume_from=run_dir if resume is not None else None, callbacks=callbacks)
 
 
 RL_SUMMARY_METRICS = ("rollout/reward_mean", "train/kl")  # from the last logged update (docs/metrics.md)
@@ -357,32 +368,49 @@ def _people_judgments(context: StageContext, store: Any, pool: Any, settings: An
 def run_eval(context: StageContext) -> Outputs:
     """Gold rewards, KL to the base model and fluency on the task's held-out prompts."""
     from rlfb.bench import gold_key
-    from rlfb.envs.tasks import make_task
-    from rlfb.evaluation import evaluate_policy
-    from rlfb.models.sampler import SamplingConfig
-    from rlfb.rewards import RewardSet, RewardSpec
 
     options = context.run.stage.options
     policy = _policy(context, value_head=False, with_adapter=True)
-    run_config = context.run_config()
-    task = run_config.task
-    rows = list(make_task({"name": task.name, **task.kwargs}).eval_rows())[: options.num_prompts]
-    rows = [row for row in rows for _ in range(options.completions_per_prompt)]
     gold = context.config.gold
-    rewards = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), label=gold_key(r)) for r in gold])
-    if rewards.needs_scorer:
-        rewards.bind_scorer(policy.scorer)
-    sampling = run_config.sampling
-    result = evaluate_policy(policy, rows, rewards, SamplingConfig(
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        max_new_tokens=sampling.max_new_tokens), seed=options.seed, num_samples=5,
-        max_prompt_tokens=sampling.max_prompt_tokens)
+    result = evaluate_gold(policy, context.run_config(), gold, num_prompts=options.num_prompts,
+                           completions_per_prompt=options.completions_per_prompt, seed=options.seed, num_samples=5)
     metrics = {gold_key(r): float(result.rewards[gold_key(r)]) for r in gold}
     metrics.update(kl=result.kl, fluency=result.fluency, completion_length=result.completion_length,
                    distinct_2=result.distinct_2)
     path = context.work / "eval.json"
     path.write_text(json.dumps({"metrics": metrics, "samples": result.samples}, indent=1))
     return {"metrics": path}, metrics
+
+
+def evaluate_gold(policy: Any, run_config: Any, gold: Sequence[Any], *, num_prompts: int, seed: int,
+                  completions_per_prompt: int = 1, extra: Sequence[Any] = (), num_samples: int = 0,
+                  rows: Sequence[dict[str, Any]] | None = None) -> Any:
+    """The eval stage's measurement: ``policy`` on the first ``num_prompts`` held-out rows of the run's task.
+
+    Gold rewards are labelled ``gold/NAME``; ``extra`` are more :class:`~rlfb.rewards.RewardSpec` scored on
+    the same samples (the bench's design rewards); ``rows`` replaces the held-out rows (perturbed prompts).
+    Sampling is the run's (temperature, top-k, top-p, lengths). Returns the
+    :class:`~rlfb.evaluation.EvalResult`; the bench evaluates its runs' curves with it too.
+    """
+    from rlfb.bench import gold_key
+    from rlfb.envs.tasks import make_task
+    from rlfb.evaluation import evaluate_policy
+    from rlfb.models.sampler import SamplingConfig
+    from rlfb.rewards import RewardSet, RewardSpec
+
+    if rows is None:
+        task = run_config.task
+        rows = list(make_task({"name": task.name, **task.kwargs}).eval_rows())[:num_prompts]
+    rows = [row for row in rows for _ in range(completions_per_prompt)]
+    rewards = RewardSet([RewardSpec(name=r.name, kwargs=dict(r.kwargs), label=gold_key(r)) for r in gold]
+                        + list(extra))
+    if rewards.needs_scorer:
+        rewards.bind_scorer(policy.scorer)
+    sampling = run_config.sampling
+    return evaluate_policy(policy, rows, rewards, SamplingConfig(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens), seed=seed, num_samples=num_samples,
+        max_prompt_tokens=sampling.max_prompt_tokens)
 
 
 # --------------------------------------------------------------------------------------- helpers
