@@ -66,9 +66,11 @@ def write_summary(config: PipelineConfig, out: Path, runs: Sequence[StageRun],
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_text_atomically(out / "summary.csv", buffer.getvalue())
-    if rows:
-        _plot(rows, out / "summary.png")
+    csv_path, plot_path = out / "summary.csv", out / "summary.png"
+    unchanged = csv_path.is_file() and csv_path.read_bytes() == buffer.getvalue().encode() and plot_path.is_file()
+    write_text_atomically(csv_path, buffer.getvalue())
+    if rows and not unchanged:  # the plot shows the csv's rows only; matplotlib costs a rerun seconds
+        _plot(rows, plot_path)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -100,6 +100,20 @@ def test_rerunning_a_finished_pipeline_imports_no_torch(finished: tuple[Path, An
     assert done.stdout.split() == [str(len(plan(pipeline_config_from_dict(config_data()), rounds=2))), "False"]
 
 
+def test_the_summary_plot_is_drawn_again_only_when_its_rows_change(finished: tuple[Path, Any],
+                                                                   tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "out"
+    shutil.copytree(finished[0], copy)
+    plot = copy / "summary.png"
+    plot.write_bytes(b"not redrawn")
+    run_pipeline(pipeline_config_from_dict(config_data()), copy, say=lambda line: None)
+    assert plot.read_bytes() == b"not redrawn"
+    (copy / "summary.csv").write_text("round,eval\n")  # what an older round table looked like
+    run_pipeline(pipeline_config_from_dict(config_data()), copy, say=lambda line: None)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 def test_feedback_stage_stores_the_judgments_the_simulated_rater_gave(finished: tuple[Path, Any]) -> None:
     from rlfb.feedback.store import FeedbackStore
 
