@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work", type=Path, default=None, help="where the pipeline directories go (default: a temp dir)")
     parser.add_argument("--kill-kinds", nargs="*", default=list(KINDS), choices=KINDS)
-    parser.add_argument("--learning-rate", type=float, default=5e-4, help="the changed RL learning rate (target 4)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="the changed RL learning rate (target 4; the config's is 5e-4)")
     parser.add_argument("--run-changed", action="store_true", help="also rerun the pipeline with the changed rate")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="rlfb-pipeline-bench-"))
