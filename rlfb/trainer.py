@@ -408,6 +408,10 @@ class Trainer:
                 self.logger.log_text("eval/comparison", f"```\n{table}\n```", self.step)
                 self._say(table)
             return TrainResult(self.run_dir, self.step, before, after, checkpoint=final)
+        except distributed.RankFailure as failure:
+            self._mark_failed(failure)
+            raise distributed.RankFailure(f"{failure}; continue from the last checkpoint with: rlfb train CONFIG "
+                                          f"--resume {self.run_dir} (on as many ranks)") from failure
         except Exception as error:
             self._mark_failed(error)
             raise

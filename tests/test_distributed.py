@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,9 @@ import torch.multiprocessing as mp
 
 from rlfb import distributed
 from rlfb.distributed import (
+    HEARTBEAT_SILENCE_S,
     DistributedContext,
+    RankFailure,
     agree,
     all_reduce_gradients,
     global_masked_mean_var,
@@ -88,3 +93,47 @@ def test_an_incomplete_launch_says_how_to_launch(monkeypatch: pytest.MonkeyPatch
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT is not set; launch with torchrun"):
         distributed.init_from_environment("cpu")
+
+
+def stalling_worker(rank: int, port: int, stall: str, out_dir: str) -> None:
+    """Rank 1 stalls before its second collective: ``stopped`` (SIGSTOP: it hangs, heartbeat and all) or
+    ``slow`` (alive, past the 3 s collective timeout); rank 0 reports the error it stopped with."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    distributed.init_from_environment("cpu", timeout_s=3)
+    agree(False)
+    if rank == 1:
+        (Path(out_dir) / "stalled_at").write_text(str(time.time()))
+        if stall == "stopped":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(3 + HEARTBEAT_SILENCE_S + 5)
+        os._exit(0)
+    try:
+        agree(False)
+    except RankFailure as failure:
+        (Path(out_dir) / "rank0.json").write_text(json.dumps({"error": str(failure), "failed_at": time.time()}))
+    os._exit(0)
+
+
+@pytest.mark.parametrize(("stall", "message"), [
+    ("stopped", "rank 1 of 2 died or hung (no heartbeat for 5 s) while rank 0 waited in all_reduce (agreed decision); "
+                "every rank stops"),
+    ("slow", "every rank is alive but all_reduce (agreed decision) failed on rank 0 of 2 ("),
+])
+def test_a_hung_or_slow_rank_ends_the_others_collective_at_the_timeout_with_a_line_saying_which(
+        tmp_path: Path, stall: str, message: str) -> None:
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    processes[0].join(timeout=60)
+    for process in processes:
+        process.kill()  # a stopped process ends on SIGKILL
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["error"].startswith(message)
+    # The 3 s timeout, then at most HEARTBEAT_SILENCE_S of heartbeat reading (and a loaded machine's delays).
+    seconds = report["failed_at"] - float((tmp_path / "stalled_at").read_text())
+    assert 3 <= seconds < 3 + HEARTBEAT_SILENCE_S + 10
+    if stall == "slow":
+        assert "a rank spent longer than the 3 s collective timeout between two collectives" in report["error"]
