@@ -66,6 +66,7 @@ __all__ = [
     "global_masked_mean_var",
     "init_from_environment",
     "mean_across_ranks",
+    "pop_collective_seconds",
     "rank_seed",
     "token_share",
     "world_size",
@@ -235,13 +236,28 @@ def _failure_message(collective: str, error: BaseException) -> str:
             "stops")
 
 
+_waited_s = 0.0  # seconds this rank spent in collectives since the last pop_collective_seconds()
+
+
+def pop_collective_seconds() -> float:
+    """Seconds this rank spent in collectives (transfers, and waiting for slower ranks) since the last call."""
+    global _waited_s
+    waited, _waited_s = _waited_s, 0.0
+    return waited
+
+
 @contextlib.contextmanager
 def _collective(name: str) -> Iterator[None]:
-    """Run one collective; turn its failure into a :class:`RankFailure` naming the ranks that died or hung."""
+    """Run one collective, timed; turn its failure into a :class:`RankFailure` naming the ranks that died or
+    hung."""
+    global _waited_s
+    started = time.perf_counter()
     try:
         yield
     except RuntimeError as error:
         raise RankFailure(_failure_message(name, error)) from error
+    finally:
+        _waited_s += time.perf_counter() - started
 
 
 def rank_seed(seed: int, rank: int) -> int:

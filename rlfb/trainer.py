@@ -470,6 +470,8 @@ class Trainer:
                 metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
                                 for name, value in reward_logs.metrics.items()})
                 tokens = float(rollout.action_mask.sum())  # sampled: the model's, not the environment's
+                if self.world_size > 1:  # of the rollout and the update (what the rows' gathering below costs aside)
+                    metrics["time/collective_s"] = distributed.pop_collective_seconds()
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
