@@ -266,19 +266,24 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * _RANK_SEED_STRIDE
 
 
-def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter],
+                         riders: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients of ``parameters`` over the ranks, in place (one flat all-reduce).
 
     A parameter without a gradient on this rank counts as a zero gradient, so every rank reduces the
-    same buffer shape.
+    same buffer shape. ``riders``, a 1-d tensor of statistics every rank holds, are averaged in the same
+    all-reduce (a collective saved: each one waits for the slowest rank) and returned, in float32;
+    ``riders`` itself with one process.
     """
     if not active() or dist.get_world_size() == 1:
-        return
+        return riders
     parameters = [parameter for parameter in parameters if parameter.requires_grad]
-    if not parameters:
-        return
     grads = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters]
-    flat = torch.cat([grad.reshape(-1).float() for grad in grads])
+    pieces = [grad.reshape(-1).float() for grad in grads] + ([riders.detach().reshape(-1).float()] if riders is not None
+                                                             else [])
+    if not pieces:
+        return riders
+    flat = torch.cat(pieces)
     with _collective("all_reduce (gradients)"):
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
@@ -291,6 +296,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         else:
             parameter.grad.copy_(reduced)
         offset += count
+    return flat[offset:] if riders is not None else None
 
 
 def global_masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,21 +397,23 @@ def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return total / count.clamp(min=1)
 
 
-def token_share(mask: torch.Tensor) -> torch.Tensor | None:
-    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N.
+def token_share(mask: torch.Tensor, wish: bool = False) -> tuple[torch.Tensor | None, bool]:
+    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N, and
+    :func:`agree` on ``wish`` in the same all-reduce (a collective saved).
 
     A loss that is a masked mean over this rank's tokens, multiplied by it, has gradients whose average
     over the ranks (what :func:`all_reduce_gradients` computes) is the gradient of the masked mean over
     every rank's tokens: (1/W) sum_r (N_r W / N) (g_r / N_r) = sum_r g_r / N, whatever the ranks' token
-    counts. None with one process (nothing to scale).
+    counts. None with one process (nothing to scale), and ``wish`` itself.
     """
     if world_size() == 1:
-        return None
+        return None, wish
     local = mask.sum().to(torch.float64)
-    total = local.clone()
+    # [N, number of ranks wishing]: the count of wishes is > 0 when any rank wishes.
+    totals = torch.stack([local, local.new_tensor(1.0 if wish else 0.0)])
     with _collective("all_reduce (token count)"):
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return (local * dist.get_world_size() / total.clamp(min=1)).to(torch.float32)
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return (local * dist.get_world_size() / totals[0].clamp(min=1)).to(torch.float32), bool(totals[1] > 0)
 
 
 def _collective_device() -> torch.device:
