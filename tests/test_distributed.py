@@ -23,6 +23,7 @@ from rlfb.distributed import (
     all_reduce_gradients,
     global_masked_mean_var,
     rank_seed,
+    token_share,
 )
 
 
@@ -50,9 +51,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     # A gradient that differs by rank; rank 1 leaves one parameter without a gradient (counts as zero).
     weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))]
     (weights[0].sum() * (rank + 1) + (weights[1].sum() * 5 if rank == 0 else 0)).backward()
-    all_reduce_gradients(weights)
+    riders = all_reduce_gradients(weights, riders=torch.tensor([float(rank), 4.0 * rank]))
+    share, wished = token_share(mask, wish=rank == 1)
     result = {"context": (context.rank, context.world_size, context.backend, context.is_main),
-              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights],
+              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights], "riders": riders,
+              "share": share, "wished": wished, "unwished": token_share(mask)[1],
               "metrics": distributed.mean_across_ranks({"b": float(rank), "a": 10.0 * rank}),
               "agree_one": agree(rank == 1), "agree_none": agree(False)}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -73,6 +76,12 @@ def test_two_gloo_ranks_reduce_like_one_process_over_the_joined_batch(tmp_path: 
         torch.testing.assert_close(result["grads"][0], torch.full((2, 2), 1.5))
         torch.testing.assert_close(result["grads"][1], torch.full((3,), 2.5))
         assert result["metrics"] == {"a": 5.0, "b": 0.5}
+        torch.testing.assert_close(result["riders"], torch.tensor([0.5, 2.0]))  # averaged with the gradients
+        assert result["wished"] is True and result["unwished"] is False  # rank 1's wish, agreed
+    # N_r * W / N: each rank's share of the masked elements, times 2 ranks.
+    counts = [float(rank_values(rank)[1].sum()) for rank in range(2)]
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["share"], torch.tensor(counts[rank] * 2 / sum(counts)))
         assert result["agree_one"] is True and result["agree_none"] is False
 
 
@@ -84,6 +93,9 @@ def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(mean, values[mask.bool()].mean())
     torch.testing.assert_close(variance, values[mask.bool()].var(unbiased=False))
     assert agree(True) and not agree(False)
+    assert token_share(mask, wish=True) == (None, True) and token_share(mask) == (None, False)
+    riders = torch.tensor([1.0, 2.0])
+    assert all_reduce_gradients([torch.nn.Parameter(torch.ones(2))], riders) is riders
     assert [rank_seed(5, rank) for rank in range(3)] == [5, 5 + 1_000_003, 5 + 2_000_006]
 
 
