@@ -65,6 +65,7 @@ __all__ = [
     "global_masked_mean",
     "global_masked_mean_var",
     "init_from_environment",
+    "launcher_stop_failure",
     "mean_across_ranks",
     "pop_collective_seconds",
     "rank_seed",
@@ -210,6 +211,8 @@ class _Heartbeat:
             while silent and time.monotonic() < deadline:
                 time.sleep(HEARTBEAT_S / 2)
                 silent = {rank for rank in silent if self.store.add(self.key(rank), 0) == first[rank]}
+        except RankFailure:  # raised by a SIGTERM while reading (see Trainer._graceful_interrupts): not the store's
+            raise
         except RuntimeError:
             return None
         return sorted(silent)
@@ -244,6 +247,20 @@ def pop_collective_seconds() -> float:
     global _waited_s
     waited, _waited_s = _waited_s, 0.0
     return waited
+
+
+def launcher_stop_failure() -> RankFailure:
+    """The error of a rank its launcher stopped (SIGTERM: torchrun's agent stops every rank when one dies),
+    naming the ranks whose heartbeat stopped, read for at most HEARTBEAT_SILENCE_S."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    heartbeat = _Heartbeat.current
+    silent = heartbeat.silent_ranks() if heartbeat is not None else None
+    where = f"the launcher stopped rank {rank} (SIGTERM); every rank stops"
+    if silent:
+        names = ", ".join(str(dead) for dead in silent)
+        return RankFailure(f"rank {names} of {world} died or hung (no heartbeat for {HEARTBEAT_SILENCE_S:g} s) and "
+                           f"{where}")
+    return RankFailure(f"{where}, with every other rank's heartbeat going (a stop asked of the job, not a failed rank)")
 
 
 @contextlib.contextmanager

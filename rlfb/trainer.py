@@ -617,7 +617,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _graceful_interrupts(self) -> Iterator[None]:
-        """First Ctrl-C: finish the current update, then stop and save. Second: stop now."""
+        """First Ctrl-C: finish the current update, then stop and save. Second: stop now.
+
+        Several ranks: a SIGTERM (torchrun's agent stopping the job because a rank died) raises a
+        :class:`rlfb.distributed.RankFailure` naming the dead rank, so that the run ends as when a collective
+        finds it (rank 0 marks it FAILED, one line); a second SIGTERM ends the process at once.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -627,11 +632,18 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             self._say("Ctrl-C: stopping after this update and saving a checkpoint (Ctrl-C again to stop now)")
 
+        def stopped_by_launcher(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise distributed.launcher_stop_failure()
+
         previous = signal.signal(signal.SIGINT, request_stop)
+        previous_terminate = signal.signal(signal.SIGTERM, stopped_by_launcher) if self.world_size > 1 else None
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            if previous_terminate is not None:
+                signal.signal(signal.SIGTERM, previous_terminate)
 
 
 def init_adapter(init_from: str | Path) -> Path:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -106,3 +108,33 @@ def test_a_killed_rank_stops_the_other_naming_it_and_resume_continues_like_an_un
     assert [report["step"] for report in resumed] == [5, 5]
     assert not (run_dir / FAILED_FILE).exists()
     assert reproducible(read_metrics(run_dir)) == reproducible(read_metrics(Path(failure["straight"])))
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_rank_ends_rank_0_with_the_line_naming_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """torchrun's agent SIGTERMs the survivors at once; rank 0 still prints rlfb's line and marks FAILED."""
+    psutil = pytest.importorskip("psutil")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(tiny_config(tiny_model_dir, tmp_path / "runs", "budget.updates=500", "budget.num_envs=8",
+                                       "checkpoint.every=2", "eval.num_prompts=0").to_yaml())
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "rlfb", "train", str(config_path)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "runs").glob("*/checkpoints/step_*")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (rank_1,) = [child for child in psutil.Process(launcher.pid).children(recursive=True)
+                     if child.environ().get("RANK") == "1"]
+        killed_at = time.monotonic()
+        rank_1.kill()
+        _, stderr = launcher.communicate(timeout=EXIT_WITHIN_S)
+    finally:
+        launcher.kill()
+    assert time.monotonic() - killed_at < EXIT_WITHIN_S
+    assert launcher.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("rlfb train: error:")]
+    assert len(lines) == 1 and lines[0].startswith("rlfb train: error: rank 1 of 2 died or hung"), stderr[-2000:]
+    assert "exitcode  : -9" in stderr  # torchrun's own report names the root cause too
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert "rank 1 of 2 died" in json.loads((run_dir / FAILED_FILE).read_text())["error"]
