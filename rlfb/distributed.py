@@ -17,8 +17,13 @@ process with a batch of B would:
 With one process (no process group), every function is the identity: single-process code pays nothing.
 The process group is created by :func:`init_from_environment` from the variables torchrun and accelerate
 set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on CPU, NCCL when
-the device is CUDA, with a timeout so that a dead rank ends the others' collectives with an error
-instead of a hang.
+the device is CUDA.
+
+A rank that dies must not leave the others waiting in a collective. Each rank beats a heartbeat (a
+counter in the launcher's rendezvous store, bumped every ``HEARTBEAT_S`` by a daemon thread); when a
+collective fails (a killed rank's sockets close at once; a hung rank's collectives time out after
+``DEFAULT_TIMEOUT_S``), the ranks whose counter stays still for ``HEARTBEAT_SILENCE_S`` are named in a
+one-line :class:`RankFailure`, and every survivor stops with it.
 
 Example:
     >>> import torch
@@ -31,18 +36,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from rlfb.errors import RlfbError
+
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DistributedContext",
+    "RankFailure",
     "agree",
     "all_reduce_gradients",
     "average_across_ranks",
@@ -54,7 +65,9 @@ __all__ = [
     "global_masked_mean",
     "global_masked_mean_var",
     "init_from_environment",
+    "launcher_stop_failure",
     "mean_across_ranks",
+    "pop_collective_seconds",
     "rank_seed",
     "token_share",
     "world_size",
@@ -62,6 +75,11 @@ __all__ = [
 
 # A collective that waits longer than this for a rank raises: a dead rank ends the job within a minute.
 DEFAULT_TIMEOUT_S = 60.0
+# Each rank bumps its heartbeat this often (a store round trip: ~0.1 ms).
+HEARTBEAT_S = 0.5
+# A rank whose heartbeat stays still this long has died or hung: ten beats, so a loaded machine's
+# scheduling delays never name a live rank. The survivors of a failed collective wait this long at most.
+HEARTBEAT_SILENCE_S = 5.0
 # Large enough that rank r's seed never collides with another run seed's rank 0 for r < 1000 ranks.
 _RANK_SEED_STRIDE = 1_000_003
 
@@ -92,6 +110,10 @@ class DistributedContext:
     def is_main(self) -> bool:
         """Rank 0 owns the run directory, the logs and the checkpoints."""
         return self.rank == 0
+
+
+class RankFailure(RlfbError, RuntimeError):
+    """A collective failed because a rank died or hung (or, with every rank alive, timed out)."""
 
 
 def active() -> bool:
@@ -135,7 +157,124 @@ def init_from_environment(device: str | torch.device, timeout_s: float = DEFAULT
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    _Heartbeat.start(dist.get_rank(), dist.get_world_size(), timeout_s)
     return DistributedContext.current()
+
+
+class _Heartbeat:
+    """This rank's heartbeat in the rendezvous store (``MASTER_ADDR:MASTER_PORT``) and the others' readings.
+
+    The store is the launcher's (torchrun's agent holds it, so it outlives any rank) or, launched by hand
+    with the env variables, rank 0's process's. The beats go through a client of their own, with a short
+    timeout, so that reading them never waits as long as a collective does.
+    """
+
+    current: _Heartbeat | None = None
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.store_held_by_rank_0 = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=HEARTBEAT_SILENCE_S), wait_for_workers=False)
+        # A launcher that restarts the ranks keeps its store: each attempt beats under keys of its own.
+        self.prefix = f"rlfb/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
+                      f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store.add(self.key(rank), 1)
+
+    @classmethod
+    def start(cls, rank: int, world_size: int, timeout_s: float) -> None:
+        if world_size == 1:
+            return
+        cls.current = heartbeat = cls(rank, world_size, timeout_s)
+        threading.Thread(target=heartbeat.beat, name="rlfb-heartbeat", daemon=True).start()
+
+    def key(self, rank: int) -> str:
+        return f"{self.prefix}{rank}"
+
+    def beat(self) -> None:
+        """Bump this rank's counter every HEARTBEAT_S until the store goes away (the job is over)."""
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self.store.add(self.key(self.rank), 1)
+            except RuntimeError:
+                return
+
+    def silent_ranks(self) -> list[int] | None:
+        """The other ranks whose counter did not move in HEARTBEAT_SILENCE_S (live ones move within a beat
+        or two); None when the store cannot be reached."""
+        others = [rank for rank in range(self.world_size) if rank != self.rank]
+        try:
+            first = {rank: self.store.add(self.key(rank), 0) for rank in others}
+            deadline = time.monotonic() + HEARTBEAT_SILENCE_S
+            silent = set(others)
+            while silent and time.monotonic() < deadline:
+                time.sleep(HEARTBEAT_S / 2)
+                silent = {rank for rank in silent if self.store.add(self.key(rank), 0) == first[rank]}
+        except RankFailure:  # raised by a SIGTERM while reading (see Trainer._graceful_interrupts): not the store's
+            raise
+        except RuntimeError:
+            return None
+        return sorted(silent)
+
+
+def _failure_message(collective: str, error: BaseException) -> str:
+    """One line: which ranks died or hung while this rank waited in ``collective``, read from their heartbeats."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    where = f"while rank {rank} waited in {collective}; every rank stops"
+    heartbeat = _Heartbeat.current
+    if heartbeat is None:  # a process group rlfb did not create: no heartbeats to read
+        return f"{collective} failed on rank {rank} of {world} ({cause}); every rank stops"
+    silent = heartbeat.silent_ranks()
+    if silent:
+        names = ", ".join(str(dead) for dead in silent)
+        return f"rank {names} of {world} died or hung (no heartbeat for {HEARTBEAT_SILENCE_S:g} s) {where}"
+    if silent is None and heartbeat.store_held_by_rank_0:
+        return f"rank 0 of {world} died or hung (the rendezvous store it holds is unreachable) {where}"
+    if silent is None:
+        return f"the launcher's rendezvous store is unreachable ({cause}) {where}"
+    return (f"every rank is alive but {collective} failed on rank {rank} of {world} ({cause}): a rank spent "
+            f"longer than the {heartbeat.timeout_s:g} s collective timeout between two collectives; every rank "
+            "stops")
+
+
+_waited_s = 0.0  # seconds this rank spent in collectives since the last pop_collective_seconds()
+
+
+def pop_collective_seconds() -> float:
+    """Seconds this rank spent in collectives (transfers, and waiting for slower ranks) since the last call."""
+    global _waited_s
+    waited, _waited_s = _waited_s, 0.0
+    return waited
+
+
+def launcher_stop_failure() -> RankFailure:
+    """The error of a rank its launcher stopped (SIGTERM: torchrun's agent stops every rank when one dies),
+    naming the ranks whose heartbeat stopped, read for at most HEARTBEAT_SILENCE_S."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    heartbeat = _Heartbeat.current
+    silent = heartbeat.silent_ranks() if heartbeat is not None else None
+    where = f"the launcher stopped rank {rank} (SIGTERM); every rank stops"
+    if silent:
+        names = ", ".join(str(dead) for dead in silent)
+        return RankFailure(f"rank {names} of {world} died or hung (no heartbeat for {HEARTBEAT_SILENCE_S:g} s) and "
+                           f"{where}")
+    return RankFailure(f"{where}, with every other rank's heartbeat going (a stop asked of the job, not a failed rank)")
+
+
+@contextlib.contextmanager
+def _collective(name: str) -> Iterator[None]:
+    """Run one collective, timed; turn its failure into a :class:`RankFailure` naming the ranks that died or
+    hung."""
+    global _waited_s
+    started = time.perf_counter()
+    try:
+        yield
+    except RuntimeError as error:
+        raise RankFailure(_failure_message(name, error)) from error
+    finally:
+        _waited_s += time.perf_counter() - started
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -144,20 +283,26 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + rank * _RANK_SEED_STRIDE
 
 
-def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter],
+                         riders: torch.Tensor | None = None) -> torch.Tensor | None:
     """Average the gradients of ``parameters`` over the ranks, in place (one flat all-reduce).
 
     A parameter without a gradient on this rank counts as a zero gradient, so every rank reduces the
-    same buffer shape.
+    same buffer shape. ``riders``, a 1-d tensor of statistics every rank holds, are averaged in the same
+    all-reduce (a collective saved: each one waits for the slowest rank) and returned, in float32;
+    ``riders`` itself with one process.
     """
     if not active() or dist.get_world_size() == 1:
-        return
+        return riders
     parameters = [parameter for parameter in parameters if parameter.requires_grad]
-    if not parameters:
-        return
     grads = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters]
-    flat = torch.cat([grad.reshape(-1).float() for grad in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    pieces = [grad.reshape(-1).float() for grad in grads] + ([riders.detach().reshape(-1).float()] if riders is not None
+                                                             else [])
+    if not pieces:
+        return riders
+    flat = torch.cat(pieces)
+    with _collective("all_reduce (gradients)"):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= dist.get_world_size()
     offset = 0
     for parameter in parameters:
@@ -168,6 +313,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
         else:
             parameter.grad.copy_(reduced)
         offset += count
+    return flat[offset:] if riders is not None else None
 
 
 def global_masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +324,8 @@ def global_masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[to
     weights = mask.to(values.dtype)
     moments = torch.stack([(values * weights).sum(), (values * values * weights).sum(), weights.sum()]).double()
     if active() and dist.get_world_size() > 1:
-        dist.all_reduce(moments, op=dist.ReduceOp.SUM)
+        with _collective("all_reduce (masked mean and variance)"):
+            dist.all_reduce(moments, op=dist.ReduceOp.SUM)
     total, squares, count = moments
     count = count.clamp(min=1.0)
     mean = total / count
@@ -208,7 +355,8 @@ def gather_objects(value: Any) -> list[Any]:
     if world_size() == 1:
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(gathered, value)
     return gathered
 
 
@@ -227,7 +375,8 @@ def broadcast_object(value: Any) -> Any:
     if world_size() == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    with _collective("broadcast_object_list"):
+        dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
 
@@ -235,7 +384,7 @@ def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Copy rank 0's values of ``parameters`` to every rank (the trainable weights start identical)."""
     if world_size() == 1:
         return
-    with torch.no_grad():
+    with torch.no_grad(), _collective("broadcast (parameters)"):
         for parameter in parameters:
             dist.broadcast(parameter.data, src=0)
 
@@ -245,7 +394,8 @@ def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return tensor
     total = tensor.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    with _collective("all_reduce (average)"):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
 
 
@@ -258,25 +408,29 @@ def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     total, count = (values * mask).sum(), mask.sum()
     if world_size() > 1:
         sums = torch.stack([total.detach(), count.to(total.dtype)])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        with _collective("all_reduce (masked mean)"):
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         total, count = sums[0], sums[1]
     return total / count.clamp(min=1)
 
 
-def token_share(mask: torch.Tensor) -> torch.Tensor | None:
-    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N.
+def token_share(mask: torch.Tensor, wish: bool = False) -> tuple[torch.Tensor | None, bool]:
+    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N, and
+    :func:`agree` on ``wish`` in the same all-reduce (a collective saved).
 
     A loss that is a masked mean over this rank's tokens, multiplied by it, has gradients whose average
     over the ranks (what :func:`all_reduce_gradients` computes) is the gradient of the masked mean over
     every rank's tokens: (1/W) sum_r (N_r W / N) (g_r / N_r) = sum_r g_r / N, whatever the ranks' token
-    counts. None with one process (nothing to scale).
+    counts. None with one process (nothing to scale), and ``wish`` itself.
     """
     if world_size() == 1:
-        return None
+        return None, wish
     local = mask.sum().to(torch.float64)
-    total = local.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return (local * dist.get_world_size() / total.clamp(min=1)).to(torch.float32)
+    # [N, number of ranks wishing]: the count of wishes is > 0 when any rank wishes.
+    totals = torch.stack([local, local.new_tensor(1.0 if wish else 0.0)])
+    with _collective("all_reduce (token count)"):
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return (local * dist.get_world_size() / totals[0].clamp(min=1)).to(torch.float32), bool(totals[1] > 0)
 
 
 def _collective_device() -> torch.device:
@@ -289,7 +443,8 @@ def _collective_device() -> torch.device:
 def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); nothing with one process."""
     if world_size() > 1:
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
 
 def agree(wish: bool) -> bool:
@@ -297,5 +452,6 @@ def agree(wish: bool) -> bool:
     if not active() or dist.get_world_size() == 1:
         return wish
     flag = torch.tensor([1.0 if wish else 0.0], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    with _collective("all_reduce (agreed decision)"):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)

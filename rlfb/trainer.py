@@ -28,9 +28,11 @@ Several ranks (``torchrun --nproc-per-node N -m rlfb train CONFIG``; docs/distri
 joins the process group the launcher describes. ``budget.num_envs`` is the global batch; each rank
 collects its share (whole groups) of the prompts one process would draw, with its own sampling stream
 (:func:`rlfb.distributed.rank_seed`); the agents average gradients and reduce batch-wide statistics over
-the ranks. Rank 0 alone creates the run directory, logs, writes checkpoints (holding every rank's RNG
-state) and evaluates; stop decisions (budget time, callbacks, Ctrl-C, unscored rollouts) are agreed, so
-every rank stops after the same update.
+the ranks (ES splits its population instead: each rank evaluates its members on full batches). Rank 0
+alone creates the run directory, logs, writes checkpoints (holding every rank's RNG state) and evaluates;
+stop decisions (budget time, callbacks, Ctrl-C, unscored rollouts) are agreed, so every rank stops after
+the same update. A rank that dies or hangs ends the others with a :class:`rlfb.distributed.RankFailure`
+naming it (rank 0 marks the run ``FAILED``); ``--resume`` continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import torch
 
 from rlfb import checkpoint as checkpointing
 from rlfb import distributed, run_directory
-from rlfb.agents.configs import agent_spec, check_world_size, run_agent
+from rlfb.agents.configs import POPULATION_AGENTS, agent_spec, check_world_size, run_agent
 from rlfb.agents.trajectory import last_action_index
 from rlfb.config import MODEL_DTYPES, RunConfig, load_config
 from rlfb.errors import ConfigError, RewardError
@@ -161,6 +163,9 @@ class Trainer:
         self.is_main_process = self.context.is_main and is_main_process()
         self.world_size = self.context.world_size
         self.group_size = self.run_agent.group_size
+        # ES ranks split the population (each evaluates its members on full batches), the others the batch.
+        self.rank_batch = config.budget.num_envs if config.agent.name in POPULATION_AGENTS \
+            else config.budget.num_envs // self.world_size
         self.import_trust = import_trust
         for reward in config.rewards:
             import_trust.check(reward.name)
@@ -244,7 +249,7 @@ class Trainer:
                 self.eval_venv = self._multi_turn_venv(min(config.eval.num_prompts, EVAL_BATCH), "eval")
         else:
             self.venv = gymnasium.make_vec(
-                "rlfb/TextGeneration-v0", num_envs=config.budget.num_envs // self.world_size,
+                "rlfb/TextGeneration-v0", num_envs=self.rank_batch,
                 vectorization_mode="vector_entry_point",
                 task=self.task, model=config.model.name, tokenizer=self.policy.tokenizer, rewards=self.reward_set,
                 group_size=self.group_size,
@@ -259,7 +264,7 @@ class Trainer:
         # Several ranks: every rank draws the global batch's prompts as one process's env would (same seed,
         # same call) and takes its slice; see :meth:`_prompt_indices`.
         self.prompt_rng = None
-        if self.world_size > 1:
+        if self.rank_batch < config.budget.num_envs:
             self.prompt_rng = gymnasium.utils.seeding.np_random(config.seed)[0]
             self._prompt_indices()  # the draw of the seeding reset above, as one process's env makes it
         self.eval_rows = [row for row in list(self.task.eval_rows())[: config.eval.num_prompts]
@@ -408,6 +413,10 @@ class Trainer:
                 self.logger.log_text("eval/comparison", f"```\n{table}\n```", self.step)
                 self._say(table)
             return TrainResult(self.run_dir, self.step, before, after, checkpoint=final)
+        except distributed.RankFailure as failure:
+            self._mark_failed(failure)
+            raise distributed.RankFailure(f"{failure}; continue from the last checkpoint with: rlfb train CONFIG "
+                                          f"--resume {self.run_dir} (on as many ranks)") from failure
         except Exception as error:
             self._mark_failed(error)
             raise
@@ -461,6 +470,8 @@ class Trainer:
                 metrics.update({f"rollout/{LOGGED_METRIC_PREFIX}{name}": value
                                 for name, value in reward_logs.metrics.items()})
                 tokens = float(rollout.action_mask.sum())  # sampled: the model's, not the environment's
+                if self.world_size > 1:  # of the rollout and the update (what the rows' gathering below costs aside)
+                    metrics["time/collective_s"] = distributed.pop_collective_seconds()
                 metrics.update({"time/rollout_s": rollout_s, "time/update_s": update_s,
                                 "time/tokens_per_s": tokens / max(rollout_s, 1e-9),
                                 "time/elapsed_s": self.elapsed_s})
@@ -606,7 +617,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _graceful_interrupts(self) -> Iterator[None]:
-        """First Ctrl-C: finish the current update, then stop and save. Second: stop now."""
+        """First Ctrl-C: finish the current update, then stop and save. Second: stop now.
+
+        Several ranks: a SIGTERM (torchrun's agent stopping the job because a rank died) raises a
+        :class:`rlfb.distributed.RankFailure` naming the dead rank, so that the run ends as when a collective
+        finds it (rank 0 marks it FAILED, one line); a second SIGTERM ends the process at once.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -616,11 +632,18 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
             self._say("Ctrl-C: stopping after this update and saving a checkpoint (Ctrl-C again to stop now)")
 
+        def stopped_by_launcher(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise distributed.launcher_stop_failure()
+
         previous = signal.signal(signal.SIGINT, request_stop)
+        previous_terminate = signal.signal(signal.SIGTERM, stopped_by_launcher) if self.world_size > 1 else None
         try:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            if previous_terminate is not None:
+                signal.signal(signal.SIGTERM, previous_terminate)
 
 
 def init_adapter(init_from: str | Path) -> Path:

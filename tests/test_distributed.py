@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,14 @@ import torch.multiprocessing as mp
 
 from rlfb import distributed
 from rlfb.distributed import (
+    HEARTBEAT_SILENCE_S,
     DistributedContext,
+    RankFailure,
     agree,
     all_reduce_gradients,
     global_masked_mean_var,
     rank_seed,
+    token_share,
 )
 
 
@@ -45,9 +51,11 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     # A gradient that differs by rank; rank 1 leaves one parameter without a gradient (counts as zero).
     weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))]
     (weights[0].sum() * (rank + 1) + (weights[1].sum() * 5 if rank == 0 else 0)).backward()
-    all_reduce_gradients(weights)
+    riders = all_reduce_gradients(weights, riders=torch.tensor([float(rank), 4.0 * rank]))
+    share, wished = token_share(mask, wish=rank == 1)
     result = {"context": (context.rank, context.world_size, context.backend, context.is_main),
-              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights],
+              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights], "riders": riders,
+              "share": share, "wished": wished, "unwished": token_share(mask)[1],
               "metrics": distributed.mean_across_ranks({"b": float(rank), "a": 10.0 * rank}),
               "agree_one": agree(rank == 1), "agree_none": agree(False)}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -68,6 +76,12 @@ def test_two_gloo_ranks_reduce_like_one_process_over_the_joined_batch(tmp_path: 
         torch.testing.assert_close(result["grads"][0], torch.full((2, 2), 1.5))
         torch.testing.assert_close(result["grads"][1], torch.full((3,), 2.5))
         assert result["metrics"] == {"a": 5.0, "b": 0.5}
+        torch.testing.assert_close(result["riders"], torch.tensor([0.5, 2.0]))  # averaged with the gradients
+        assert result["wished"] is True and result["unwished"] is False  # rank 1's wish, agreed
+    # N_r * W / N: each rank's share of the masked elements, times 2 ranks.
+    counts = [float(rank_values(rank)[1].sum()) for rank in range(2)]
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["share"], torch.tensor(counts[rank] * 2 / sum(counts)))
         assert result["agree_one"] is True and result["agree_none"] is False
 
 
@@ -79,6 +93,9 @@ def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(mean, values[mask.bool()].mean())
     torch.testing.assert_close(variance, values[mask.bool()].var(unbiased=False))
     assert agree(True) and not agree(False)
+    assert token_share(mask, wish=True) == (None, True) and token_share(mask) == (None, False)
+    riders = torch.tensor([1.0, 2.0])
+    assert all_reduce_gradients([torch.nn.Parameter(torch.ones(2))], riders) is riders
     assert [rank_seed(5, rank) for rank in range(3)] == [5, 5 + 1_000_003, 5 + 2_000_006]
 
 
@@ -88,3 +105,47 @@ def test_an_incomplete_launch_says_how_to_launch(monkeypatch: pytest.MonkeyPatch
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT is not set; launch with torchrun"):
         distributed.init_from_environment("cpu")
+
+
+def stalling_worker(rank: int, port: int, stall: str, out_dir: str) -> None:
+    """Rank 1 stalls before its second collective: ``stopped`` (SIGSTOP: it hangs, heartbeat and all) or
+    ``slow`` (alive, past the 3 s collective timeout); rank 0 reports the error it stopped with."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    distributed.init_from_environment("cpu", timeout_s=3)
+    agree(False)
+    if rank == 1:
+        (Path(out_dir) / "stalled_at").write_text(str(time.time()))
+        if stall == "stopped":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        time.sleep(3 + HEARTBEAT_SILENCE_S + 5)
+        os._exit(0)
+    try:
+        agree(False)
+    except RankFailure as failure:
+        (Path(out_dir) / "rank0.json").write_text(json.dumps({"error": str(failure), "failed_at": time.time()}))
+    os._exit(0)
+
+
+@pytest.mark.parametrize(("stall", "message"), [
+    ("stopped", "rank 1 of 2 died or hung (no heartbeat for 5 s) while rank 0 waited in all_reduce (agreed decision); "
+                "every rank stops"),
+    ("slow", "every rank is alive but all_reduce (agreed decision) failed on rank 0 of 2 ("),
+])
+def test_a_hung_or_slow_rank_ends_the_others_collective_at_the_timeout_with_a_line_saying_which(
+        tmp_path: Path, stall: str, message: str) -> None:
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    processes[0].join(timeout=60)
+    for process in processes:
+        process.kill()  # a stopped process ends on SIGKILL
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["error"].startswith(message)
+    # The 3 s timeout, then at most HEARTBEAT_SILENCE_S of heartbeat reading (and a loaded machine's delays).
+    seconds = report["failed_at"] - float((tmp_path / "stalled_at").read_text())
+    assert 3 <= seconds < 3 + HEARTBEAT_SILENCE_S + 10
+    if stall == "slow":
+        assert "a rank spent longer than the 3 s collective timeout between two collectives" in report["error"]

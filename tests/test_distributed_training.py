@@ -33,6 +33,8 @@ GREEDY = ("sampling.top_k=1", "budget.updates=5", "budget.num_envs=8", "checkpoi
 # rows per step as one process, not the same rows), equal in distribution but not number for number.
 PPO = (*GREEDY, "agent.num_minibatches=1")
 GRPO = (*GREEDY, "budget.group_size=4")
+# Sampled: ES's members draw from seeds of their own (common random numbers), whichever rank evaluates them.
+ES = ("agent.population_size=4", "budget.updates=3", "budget.num_envs=4", "checkpoint.every=2")
 # Two ranks average their gradients, whiten and reduce in another summation order and pad their
 # (smaller) batches differently than one process: float32 rounding, a few ulps per step, compounding
 # over 5 AdamW updates. Far below any difference a wrong reduction makes (>= 1e-2 relative).
@@ -119,6 +121,16 @@ def test_two_ranks_train_grpo_like_one_process_on_the_joined_batch(tiny_model_di
     assert_same_metrics(read_metrics(Path(results[0][0]["run_dir"])), read_metrics(one.run_dir))
 
 
+def test_two_ranks_split_an_es_population_and_take_one_process_s_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Each rank evaluates 2 of the 4 members on full batches: the same rollouts, number for number, as one
+    # process evaluating all 4 (common random numbers: a member's draws depend on its index alone).
+    results = two_ranks(tmp_path, tiny_model_dir, "es", ES)
+    one = Trainer(tiny_config(tiny_model_dir, tmp_path / "one", *ES, agent="es")).train()
+    rows, expected = read_metrics(Path(results[0][0]["run_dir"])), read_metrics(one.run_dir)
+    assert reproducible(rows) == reproducible(expected)  # exact: only the fitness values travel
+    assert [row["train/population_size"] for row in rows if "train/population_size" in row] == [4.0] * 3
+
+
 def test_rank_0_alone_writes_one_run_directory(ppo_two_ranks: tuple[Path, list]) -> None:
     tmp_path, results = ppo_two_ranks
     run_dirs = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
@@ -173,7 +185,10 @@ def test_one_rank_draws_the_prompts_the_env_draws(tiny_model_dir: Path, tmp_path
 
 
 @pytest.mark.parametrize(("overrides", "agent", "message"), [
-    ((), "es", "agent es does not support several ranks yet"),
+    (("agent.population_size=6",), "es", "'agent.population_size' is 6; with WORLD_SIZE=4 ranks it must be a "
+                                         "multiple of 4"),
+    (("agent.population_size=4", "agent.common_random_numbers=false"), "es",
+     "agent es on several ranks (WORLD_SIZE=4) needs common_random_numbers: true"),
     ((), "self_training", "agent self_training does not support several ranks yet"),
     (("reward_scale.normalize=true",), "ppo", "reward_scale.normalize does not support several ranks yet"),
     (("budget.num_envs=6",), "ppo", "'budget.num_envs' is 6, the global batch; with WORLD_SIZE=4 ranks and group "

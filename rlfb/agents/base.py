@@ -152,6 +152,7 @@ class GradientStepper:
         self.consecutive_skips = 0
         self.current_update_skipped = False
         self.last_grad_norm = 0.0
+        self.averaged_riders: torch.Tensor | None = None  # the last step's riders, averaged over the ranks
 
     @property
     def learning_rate(self) -> float:
@@ -166,26 +167,31 @@ class GradientStepper:
         for group in self.optimizer.param_groups:
             group["lr"] = self.peak_learning_rate * factor
 
-    def backward(self, loss: torch.Tensor) -> bool:
+    def backward(self, loss: torch.Tensor, nonfinite_somewhere: bool | None = None) -> bool:
         """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite.
 
         With several ranks the decision is agreed: a non-finite loss on any rank makes every rank skip
         (each rank calls :meth:`backward` as often as the others, so they stay in step).
+        ``nonfinite_somewhere`` is that decision when the caller agreed it already (in
+        :func:`rlfb.distributed.token_share`'s all-reduce); None agrees here.
         """
-        if agree(not bool(torch.isfinite(loss).all())):
+        if nonfinite_somewhere is None:
+            nonfinite_somewhere = agree(not bool(torch.isfinite(loss).all()))
+        if nonfinite_somewhere:
             self._mark_degenerate(f"loss is {loss.item()}" + (" here or on another rank" if world_size() > 1 else ""))
             return False
         loss.backward()
         return True
 
-    def step(self) -> bool:
+    def step(self, riders: torch.Tensor | None = None) -> bool:
         """Clip and apply the accumulated gradients; False (and skipped) when their norm is not finite.
 
         With several ranks the gradients are first averaged over the ranks (``all_reduce_gradients``), so
         the norm, the clipping and the finite check see the same gradient on every rank: a NaN on one rank
-        makes every rank skip the step together.
+        makes every rank skip the step together. ``riders`` (a 1-d tensor of statistics) are averaged over
+        the ranks in the same all-reduce, into :attr:`averaged_riders` (``riders`` with one process).
         """
-        all_reduce_gradients(self.parameters)
+        self.averaged_riders = all_reduce_gradients(self.parameters, riders)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
         if not math.isfinite(grad_norm):

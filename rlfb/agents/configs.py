@@ -674,20 +674,27 @@ def run_agent(config: RunConfig) -> RunAgent:
     return RunAgent(name, options, group_size)
 
 
-# Agents whose update reduces what is batch-wide over the ranks (rlfb/distributed.py): the others refuse
-# several ranks. REINFORCE's presets rloo and grpo are REINFORCE.
-DISTRIBUTED_AGENTS = ("ppo", "reinforce", "rloo", "grpo")
+# Agents whose update reduces what is batch-wide over the ranks (rlfb/distributed.py), and those whose
+# ranks split the population instead (each rank evaluates population_size / W members on full batches and
+# the ranks exchange fitness values only): the others refuse several ranks. REINFORCE's presets rloo and
+# grpo are REINFORCE.
+DATA_PARALLEL_AGENTS = ("ppo", "reinforce", "rloo", "grpo")
+POPULATION_AGENTS = ("es",)
+DISTRIBUTED_AGENTS = DATA_PARALLEL_AGENTS + POPULATION_AGENTS
 
 
 def check_world_size(config: RunConfig, world_size: int) -> None:
     """Check that a run can train data-parallel on ``world_size`` ranks (nothing to check for one), torch-free.
 
     ``budget.num_envs`` is the global batch B: each rank collects B / world_size rows, whole groups of the
-    group size (a group never spans ranks).
+    group size (a group never spans ranks). ES splits its population instead: ``population_size`` must be
+    a multiple of ``world_size``, and members are evaluated on common random numbers (what a member draws
+    then depends on its index alone, not on the rank that evaluates it).
 
     Raises:
         ConfigError: an agent, a multi-turn env or reward normalization that does not support several
-            ranks yet, or a batch that does not split into whole groups per rank.
+            ranks yet, a batch that does not split into whole groups per rank, or a population that does
+            not split over the ranks.
     """
     if world_size <= 1:
         return
@@ -701,9 +708,28 @@ def check_world_size(config: RunConfig, world_size: int) -> None:
     if config.reward_scale.normalize:
         raise ConfigError(f"reward_scale.normalize does not support several ranks yet (WORLD_SIZE={world_size}: "
                           "its running statistics would differ per rank); set reward_scale.normalize: false")
+    if name in POPULATION_AGENTS:
+        check_population_split(config.agent.params, world_size)
+        return
     group_size = config.budget.group_size or AGENTS[name].default_group_size
     batch = config.budget.num_envs
     if batch % (world_size * group_size):
         raise ConfigError(f"'budget.num_envs' is {batch}, the global batch; with WORLD_SIZE={world_size} ranks and "
                           f"group size {group_size} it must be a multiple of {world_size * group_size} (each rank "
                           "collects whole groups)")
+
+
+def check_population_split(params: Mapping[str, Any], world_size: int) -> None:
+    """ES on ``world_size`` ranks: the population splits evenly, and its members share their draws.
+
+    Raises:
+        ConfigError: ``population_size`` not a multiple of the ranks, or ``common_random_numbers`` off.
+    """
+    population = params.get("population_size", ESConfig.population_size)
+    if population % world_size:
+        raise ConfigError(f"'agent.population_size' is {population}; with WORLD_SIZE={world_size} ranks it must be "
+                          f"a multiple of {world_size} (each rank evaluates population_size / {world_size} members)")
+    if not params.get("common_random_numbers", ESConfig.common_random_numbers):
+        raise ConfigError(f"agent es on several ranks (WORLD_SIZE={world_size}) needs common_random_numbers: true "
+                          "(a member's draws then depend on its index, not on the rank evaluating it); set it, "
+                          "or train in one process")

@@ -21,8 +21,12 @@ turn rewards plus dense rewards, what REINFORCE calls R; no KL term). Two modes:
 
 Every random draw is a pure function of (seed, update, purpose, index) through NumPy's ``SeedSequence``,
 so the agent keeps no RNG stream: another process that knows the seed and the update number rebuilds every
-member from its index, and only the N fitness values need to travel (ready for multi-process training).
-The noise is drawn on the CPU, so it is the same on every device. Everything runs under ``no_grad``.
+member from its index, and only the N fitness values need to travel. On W ranks each rank evaluates its
+block of N / W members (rank r: members r N/W .. (r + 1) N/W - 1) and the ranks exchange their fitness
+values, nothing else: every rank then takes the same step, the one a single process takes (members
+share their draws under ``common_random_numbers``, which several ranks require, so a member's rollout
+does not depend on the rank that evaluates it). The noise is drawn on the CPU, so it is the same on
+every device. Everything runs under ``no_grad``.
 
 With ``common_random_numbers`` every member of an update sees the same prompts (the env reset with one
 seed) and the same sampler noise (one generator seed): the fitness differences are then the
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlfb import distributed
 from rlfb.agents.base import Agent, Collected, Sample
 from rlfb.agents.configs import ESConfig
 from rlfb.agents.trajectory import Rollout, concatenate_rollouts
@@ -155,13 +160,19 @@ class ESAgent(Agent):
             return self.population[member]
         return theta + self.config.sigma * self.member_noise(member)
 
+    def local_members(self) -> range:
+        """The members this rank evaluates: its block of N / W (every member with one process)."""
+        context = distributed.DistributedContext.current()
+        share = self.config.population_size // context.world_size
+        return range(context.rank * share, (context.rank + 1) * share)
+
     # ---------------------------------------------------------------- collect: one batch per member
     @torch.no_grad()
     def collect(self, sample: Sample) -> Collected:
-        """Evaluate every member on a batch of its own; the rows of member i are block i of the rollout.
+        """Evaluate this rank's members on a batch each; the rows of its k-th member are block k of the rollout.
 
         Returns:
-            The members' rollouts concatenated in member order (N * B rows), and the mean of their
+            The members' rollouts concatenated in member order (N / W * B rows), and the mean of their
             episode metrics (members have equal batches, so this is the metric over all rows).
         """
         c = self.config
@@ -170,7 +181,7 @@ class ESAgent(Agent):
         rollouts: list[Rollout] = []
         metrics: list[dict[str, float]] = []
         try:
-            for member in range(c.population_size):
+            for member in self.local_members():
                 self.set_theta(self.member_theta(member, theta))
                 if c.common_random_numbers:
                     generator = torch.Generator(device=self.policy.device).manual_seed(draws)
@@ -189,15 +200,17 @@ class ESAgent(Agent):
         return int(getattr(tokenizer, "pad_token_id", None) or 0)
 
     def fitness(self, rollout: Rollout) -> torch.Tensor:
-        """(N,) float64 F_i = mean over member i's rows of the return (score + turn rewards + dense rewards)."""
-        population = self.config.population_size
-        if rollout.batch_size % population:
-            raise ConfigError(f"a rollout of {rollout.batch_size} rows does not split into {population} members; "
+        """(N,) float64 F_i = mean over member i's rows of the return (score + turn rewards + dense rewards),
+        over every rank's members: this rank's from ``rollout``, the others' gathered (N / W numbers each)."""
+        members = len(self.local_members())
+        if rollout.batch_size % members:
+            raise ConfigError(f"a rollout of {rollout.batch_size} rows does not split into {members} members; "
                               "the ES agent's update reads the batch its own collect() returned")
         returns = rollout.scores.double() + rollout.turn_rewards.double().sum(1)
         if rollout.per_token_rewards is not None:
             returns = returns + (rollout.per_token_rewards.double() * rollout.action_mask).sum(1)
-        return returns.cpu().view(population, -1).mean(1)  # (N,) rows of member i are block i
+        local = returns.cpu().view(members, -1).mean(1)  # (N / W,) rows of this rank's k-th member are block k
+        return torch.cat(distributed.gather_objects(local))  # (N,) rank r's block r
 
     # ---------------------------------------------------------------- update
     @torch.no_grad()

@@ -311,27 +311,32 @@ class PPOAgent(Agent):
         entropy = masked_mean(forward.entropy, mask)
         # L = L_clip + c_v * L_V - c_H * H   (Schulman et al. 2017, eq. 9, as a loss to minimise)
         loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * entropy
+        ptx_loss = None
+        if self.real_text is not None:  # PPO-ptx: + gamma * L_LM(real text)  (Ouyang et al. 2022, eq. 2)
+            ptx_loss = real_text_loss(self.real_text, self.policy)
         # Several ranks: every term is a mean over this rank's tokens; scaled by N_r * W / N, the ranks'
         # averaged gradient (and the ranks' mean of each statistic) is that of the mean over all N tokens.
-        share = token_share(mask)
+        # The token count's all-reduce also agrees whether the loss is finite on every rank (one collective
+        # for both: each waits for the slowest rank).
+        finite_here = bool(torch.isfinite(loss).all()) and (ptx_loss is None or bool(torch.isfinite(ptx_loss)))
+        share, nonfinite_somewhere = token_share(mask, not finite_here)
         if share is not None:
             loss, policy_loss, value_loss, entropy = (term * share for term in (loss, policy_loss, value_loss, entropy))
             clip_fraction, value_clip_fraction, approx_kl = (
                 term * share for term in (clip_fraction, value_clip_fraction, approx_kl))
-        ptx_loss = None
-        if self.real_text is not None:  # PPO-ptx: + gamma * L_LM(real text)  (Ouyang et al. 2022, eq. 2)
-            ptx_loss = real_text_loss(self.real_text, self.policy)
+        if ptx_loss is not None:
             loss = loss + c.ptx_coef * ptx_loss
-        if not (self.stepper.backward(loss) and self.stepper.step()):
-            return None
-        # One device-to-host copy for all the statistics instead of one sync per scalar.
+        # One device-to-host copy for all the statistics instead of one sync per scalar; averaged over the
+        # ranks in the gradients' all-reduce: the batch's statistics, the same on every rank (so is the early
+        # stop on approx_kl, a decision every rank must take together).
         names = ("train/loss", "train/policy_loss", "train/value_loss", "train/entropy",
                  "train/clip_fraction", "train/value_clip_fraction", "train/approx_kl")  # fmt: skip
-        # Averaged over the ranks: the batch's statistics, the same on every rank (so is the early stop on
-        # approx_kl, a decision every rank must take together).
-        values = average_across_ranks(torch.stack(
-            [loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction, approx_kl]
-        ).detach()).tolist()
+        statistics = torch.stack([loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction,
+                                  approx_kl]).detach()
+        if not (self.stepper.backward(loss, nonfinite_somewhere) and self.stepper.step(riders=statistics)):
+            return None
+        assert self.stepper.averaged_riders is not None
+        values = self.stepper.averaged_riders.tolist()
         stats = {**dict(zip(names, values, strict=True)), "train/grad_norm": self.stepper.last_grad_norm}
         if ptx_loss is not None:
             stats["train/ptx_loss"] = float(ptx_loss.detach())

@@ -170,7 +170,7 @@ class ReinforceAgent(Agent):
         # ranks, N is every rank's tokens and each rank divides by N / W: the ranks' averaged gradient is
         # that of one process over the joined batch (and so are the ranks' mean loss terms).
         total_tokens = mask.sum().clamp(min=1)
-        share = token_share(mask)
+        share, _ = token_share(mask)
         if share is not None:  # N_r / (N_r W / N) = N / W
             total_tokens = total_tokens / share
         # (policy_loss, entropy, kl_loss) summed over chunks on the device, in float64 as Python floats would;

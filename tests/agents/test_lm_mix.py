@@ -105,9 +105,9 @@ def first_step_gradients(agent: Any, rollout: Any) -> tuple[list[torch.Tensor], 
     captured: list[list[torch.Tensor]] = []
     step = agent.stepper.step
 
-    def capturing_step() -> bool:
+    def capturing_step(riders: torch.Tensor | None = None) -> bool:
         captured.append([p.grad.clone() for p in agent.stepper.parameters])
-        return step()
+        return step(riders)
 
     agent.stepper.step = capturing_step
     metrics = agent.update(rollout)
