@@ -3,7 +3,7 @@
     python benchmarks/es.py                       # everything below, seeds 0 and 1
     python benchmarks/es.py --only train --seeds 0 1 2
     python benchmarks/es.py --only memory
-    python benchmarks/es.py --only scaling --population-sizes 10 20 40
+    python benchmarks/es.py --only scaling --population-sizes 10 20 40 --rounds 3
     python benchmarks/es.py --only train --seeds 0 --set agent.kl_coef=0.05   # a tuning run
 
 Targets (2 CPU cores, rlfb-tiny, configs/sentiment_es.yaml):
@@ -113,19 +113,43 @@ def memory_target() -> bool:
     return met
 
 
-def scaling_target(population_sizes: list[int]) -> bool:
-    per_member = []
-    for size in population_sizes:
-        run = in_subprocess(ES_CONFIG, 0, [f"agent.population_size={size}", f"budget.updates={SCALING_UPDATES}",
-                                           "eval.num_prompts=0", "eval.every=0", "checkpoint.every=0"])
-        seconds = statistics.median(run["update_s"][1:])
-        per_member.append(seconds / size)
-        print(f"population {size:3d}: {seconds:.2f} s per update (median of updates 2-{SCALING_UPDATES}), "
-              f"{1000 * seconds / size:.0f} ms per member")
+def linear_fit(sizes: list[float], seconds: list[float]) -> tuple[float, float, float]:
+    """Least squares seconds = a + b * N: (a, b, R^2).
+
+    Example:
+        >>> [round(value, 6) for value in linear_fit([10, 20, 40], [1.5, 2.5, 4.5])]
+        [0.5, 0.1, 1.0]
+    """
+    mean_n, mean_s = statistics.mean(sizes), statistics.mean(seconds)
+    slope = (sum((n - mean_n) * (t - mean_s) for n, t in zip(sizes, seconds, strict=True))
+             / sum((n - mean_n) ** 2 for n in sizes))
+    intercept = mean_s - slope * mean_n
+    residual = sum((t - intercept - slope * n) ** 2 for n, t in zip(sizes, seconds, strict=True))
+    total = sum((t - mean_s) ** 2 for t in seconds)
+    return intercept, slope, 1.0 - residual / total if total else 1.0
+
+
+def scaling_target(population_sizes: list[int], rounds: int) -> bool:
+    """Seconds per update at each population size, the sizes taking turns in ``rounds`` rounds (a load that
+    changes during the measurement then falls on every size alike); the median over rounds of each run's
+    median update (the first update of a run left out: warm-up)."""
+    timings: dict[int, list[float]] = {size: [] for size in population_sizes}
+    for _ in range(rounds):
+        for size in population_sizes:
+            run = in_subprocess(ES_CONFIG, 0, [f"agent.population_size={size}", f"budget.updates={SCALING_UPDATES}",
+                                               "eval.num_prompts=0", "eval.every=0", "checkpoint.every=0"])
+            timings[size].append(statistics.median(run["update_s"][1:]))
+    seconds = [statistics.median(timings[size]) for size in population_sizes]
+    for size, median in zip(population_sizes, seconds, strict=True):
+        print(f"population {size:3d}: {median:.2f} s per update (median over {rounds} rounds of the median of "
+              f"updates 2-{SCALING_UPDATES}; rounds: {', '.join(f'{value:.2f}' for value in timings[size])}), "
+              f"{1000 * median / size:.0f} ms per member")
+    intercept, slope, r_squared = linear_fit([float(size) for size in population_sizes], seconds)
+    per_member = [median / size for size, median in zip(population_sizes, seconds, strict=True)]
     spread = max(per_member) / min(per_member)
     met = spread <= 1.5
-    print(f"largest / smallest time per member: {spread:.2f} (linear: ~1; target <= 1.5): "
-          f"{'met' if met else 'NOT met'}")
+    print(f"fit: s per update = {intercept:.3f} + {slope:.4f} x N (R^2 {r_squared:.4f}); largest / smallest "
+          f"time per member: {spread:.2f} (linear: ~1; target <= 1.5): {'met' if met else 'NOT met'}")
     return met
 
 
@@ -134,6 +158,7 @@ def main() -> int:
     parser.add_argument("--only", choices=["train", "memory", "scaling"], action="append")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--population-sizes", type=int, nargs=3, default=[10, 20, 40])
+    parser.add_argument("--rounds", type=int, default=3, help="scaling: rounds in which the sizes take turns")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of configs/sentiment_es.yaml in the train runs (as rlfb train --set)")
     parser.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)  # one run in this process
@@ -150,7 +175,7 @@ def main() -> int:
     if "memory" in parts:
         results.append(memory_target())
     if "scaling" in parts:
-        results.append(scaling_target(args.population_sizes))
+        results.append(scaling_target(args.population_sizes, args.rounds))
     return 0 if all(results) else 1
 
 
