@@ -38,7 +38,7 @@ PPO_CONFIG = "configs/sentiment_ppo.yaml"
 TARGET_AFTER, TARGET_MINUTES = 0.5, 10.0
 MAX_KL, MAX_FLUENCY_DROP = 6.0, 1.0  # nats per completion (2 x PPO's target of 3); nats per token
 MEMORY_UPDATES = 20  # updates of the memory runs: the peak is reached in the first update of either agent
-SCALING_UPDATES = 4  # updates timed per population size (the first is left out: warm-up)
+SCALING_UPDATES = 5  # updates per run of the scaling measure (the first is left out: warm-up)
 
 
 def run_one(config_path: str, seed: int, overrides: list[str]) -> dict[str, Any]:
@@ -57,13 +57,19 @@ def run_one(config_path: str, seed: int, overrides: list[str]) -> dict[str, Any]
                                                  "logging.progress_bar=false", "logging.tensorboard=false",
                                                  *overrides])
         configure_threads(config.threads)
+        update_ends = [time.process_time()]  # this process's CPU seconds at the start and after each update
+
+        def mark(step: int, metrics: dict[str, float]) -> None:
+            update_ends.append(time.process_time())
+
         started = time.perf_counter()
-        result = Trainer(config).train()
+        result = Trainer(config, callbacks=[mark]).train()
         wall_s = time.perf_counter() - started
         rows = read_metrics(result.run_dir)
     update_s = [row["time/rollout_s"] + row["time/update_s"] for row in rows if "time/rollout_s" in row]
+    update_cpu_s = [end - start for start, end in zip(update_ends[1:-1], update_ends[2:], strict=True)]
     measures: dict[str, Any] = {"config": config_path, "seed": seed, "overrides": overrides, "wall_s": wall_s,
-                                "updates": result.step, "update_s": update_s,
+                                "updates": result.step, "update_s": update_s, "update_cpu_s": update_cpu_s,
                                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if result.before is not None and result.after is not None:
         measures["before"] = result.before.metrics()["eval/reward/sentiment"]
@@ -130,25 +136,30 @@ def linear_fit(sizes: list[float], seconds: list[float]) -> tuple[float, float, 
 
 
 def scaling_target(population_sizes: list[int], rounds: int) -> bool:
-    """Seconds per update at each population size, the sizes taking turns in ``rounds`` rounds (a load that
-    changes during the measurement then falls on every size alike); the median over rounds of each run's
-    median update (the first update of a run left out: warm-up)."""
-    timings: dict[int, list[float]] = {size: [] for size in population_sizes}
+    """Seconds per update at each population size, the sizes taking turns in ``rounds`` rounds.
+
+    The figure is CPU seconds of the one-thread training process per update (``time.process_time`` between
+    the trainer's update callbacks; updates 2 and later, the first being warm-up): on a machine other
+    processes load, wall time per update swings 3-5x within minutes, CPU time much less. Wall seconds are
+    printed beside it. Each size's figure is the median over every timed update of its rounds.
+    """
+    cpu: dict[int, list[float]] = {size: [] for size in population_sizes}
+    wall: dict[int, list[float]] = {size: [] for size in population_sizes}
     for _ in range(rounds):
         for size in population_sizes:
             run = in_subprocess(ES_CONFIG, 0, [f"agent.population_size={size}", f"budget.updates={SCALING_UPDATES}",
                                                "eval.num_prompts=0", "eval.every=0", "checkpoint.every=0"])
-            timings[size].append(statistics.median(run["update_s"][1:]))
-    seconds = [statistics.median(timings[size]) for size in population_sizes]
+            cpu[size] += run["update_cpu_s"]
+            wall[size] += run["update_s"][1:]
+    seconds = [statistics.median(cpu[size]) for size in population_sizes]
     for size, median in zip(population_sizes, seconds, strict=True):
-        print(f"population {size:3d}: {median:.2f} s per update (median over {rounds} rounds of the median of "
-              f"updates 2-{SCALING_UPDATES}; rounds: {', '.join(f'{value:.2f}' for value in timings[size])}), "
-              f"{1000 * median / size:.0f} ms per member")
+        print(f"population {size:3d}: {median:.3f} CPU s per update (median of {len(cpu[size])} updates over "
+              f"{rounds} rounds; wall {statistics.median(wall[size]):.2f} s), {1000 * median / size:.1f} ms per member")
     intercept, slope, r_squared = linear_fit([float(size) for size in population_sizes], seconds)
     per_member = [median / size for size, median in zip(population_sizes, seconds, strict=True)]
     spread = max(per_member) / min(per_member)
     met = spread <= 1.5
-    print(f"fit: s per update = {intercept:.3f} + {slope:.4f} x N (R^2 {r_squared:.4f}); largest / smallest "
+    print(f"fit: CPU s per update = {intercept:.3f} + {slope:.4f} x N (R^2 {r_squared:.4f}); largest / smallest "
           f"time per member: {spread:.2f} (linear: ~1; target <= 1.5): {'met' if met else 'NOT met'}")
     return met
 
