@@ -13,7 +13,7 @@ Targets (2 CPU cores, rlfb-tiny, configs/sentiment_es.yaml):
              (the base model's log-likelihood per token of the completions, before minus its lowest
              evaluation) <= 1 nat per token
     memory   peak resident memory of an ES run <= that of PPO on the same task (configs/sentiment_ppo.yaml)
-    scaling  seconds per update linear in the population size (three sizes; the ratio s / member is flat)
+    scaling  CPU seconds per update linear in the population size (three sizes; the ratio s / member is flat)
 
 Every run is a fresh subprocess (``--one``), so its peak RSS (``ru_maxrss``) is its own; the wall time of a
 run counts loading, the "before" and "after" evaluations and training. Timings depend on the machine's
