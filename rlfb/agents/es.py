@@ -31,7 +31,8 @@ is the mean return, as Qiu et al. 2025. Two modes:
 
 Every random draw is a pure function of (seed, update, purpose, index) through NumPy's ``SeedSequence``,
 so the agent keeps no RNG stream: another process that knows the seed and the update number rebuilds every
-member from its index, and only the N fitness values need to travel (ready for multi-process training).
+member from its index, and only the N fitness values need to travel (ready for multi-process training;
+with an adaptive beta also the N members' mean KL).
 The noise is drawn on the CPU, so it is the same on every device. Everything runs under ``no_grad``.
 
 With ``common_random_numbers`` every member of an update sees the same prompts (the env reset with one
