@@ -34,7 +34,9 @@ GREEDY = ("sampling.top_k=1", "budget.updates=5", "budget.num_envs=8", "checkpoi
 PPO = (*GREEDY, "agent.num_minibatches=1")
 GRPO = (*GREEDY, "budget.group_size=4")
 # Sampled: ES's members draw from seeds of their own (common random numbers), whichever rank evaluates them.
-ES = ("agent.population_size=4", "budget.updates=3", "budget.num_envs=4", "checkpoint.every=2")
+# An adaptive KL penalty: the members' fitness and the controller's measured KL both cross ranks.
+ES = ("agent.population_size=4", "budget.updates=3", "budget.num_envs=4", "checkpoint.every=2",
+      "agent.kl_coef=0.1", "agent.kl_target=1.0")
 # Two ranks average their gradients, whiten and reduce in another summation order and pad their
 # (smaller) batches differently than one process: float32 rounding, a few ulps per step, compounding
 # over 5 AdamW updates. Far below any difference a wrong reduction makes (>= 1e-2 relative).

@@ -70,22 +70,20 @@ def check_real_text(coef: float, source: str, batch_size: int, prefix: str) -> N
 
 
 # ------------------------------------------------------------------------------- regularization
-# Every gradient agent's options include these, with one meaning each (docs/algorithms.md, "Regularization").
-REGULARIZATION_OPTIONS = ("weight_decay", "entropy_coef", "kl_coef", "kl_target", "kl_horizon")
+# Every gradient agent's options include these, with one meaning each (docs/algorithms.md, "Regularization");
+# the KL options are also the evolution-strategies agent's, whose fitness they penalise.
+KL_OPTIONS = ("kl_coef", "kl_target", "kl_horizon")
+REGULARIZATION_OPTIONS = ("weight_decay", "entropy_coef", *KL_OPTIONS)
 # Names a user may write in the agent section for a regularizer that another section of the run config sets.
 SET_ELSEWHERE = {"lora_dropout": "lora.dropout", "dropout": "lora.dropout"}
 
 
 @dataclasses.dataclass
-class Regularization:
-    """The regularization every gradient agent shares: the same options, meanings and checks in each
-    (docs/algorithms.md, "Regularization"). LoRA dropout is the adapter's ``lora.dropout``.
+class KLPenalty:
+    """The KL penalty to the reference (the base model, adapter disabled): part of :class:`Regularization`,
+    and the one regularizer of the evolution-strategies agent, which takes no gradient steps.
 
     Attributes:
-        weight_decay: lambda of AdamW's decoupled weight decay: every optimizer step first multiplies each
-            trainable parameter by (1 - lr * lambda) (Loshchilov & Hutter 2019); 0 (the default): none.
-        entropy_coef: c_H of the entropy bonus, - c_H * H in the loss, H the mean entropy of the policy's
-            next-token distribution over the model tokens of the batch (Schulman et al. 2017, eq. 9).
         kl_coef: beta of the KL penalty to the reference (the base model, adapter disabled), or the adaptive
             controller's initial beta; 0 with ``kl_target: null``: no KL term.
         kl_target: Target KL in nats per completion of the adaptive controller (Ziegler et al. 2019); None:
@@ -94,21 +92,11 @@ class Regularization:
             controller acts within minutes; Ziegler et al. 2019 used 10000 with batches of 512).
     """
 
-    weight_decay: float = 0.0
-    entropy_coef: float = 0.0
     kl_coef: float = 0.1
     kl_target: float | None = 3.0
     kl_horizon: float = 2000.0
 
     def __post_init__(self) -> None:
-        learning_rate = getattr(self, "learning_rate", None)
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if learning_rate is not None and learning_rate * self.weight_decay >= 1:
-            raise ConfigError(f"weight_decay {self.weight_decay} x learning_rate {learning_rate} must be < 1: "
-                              "each step multiplies the parameters by 1 - lr * weight_decay")
-        if self.entropy_coef < 0:
-            raise ConfigError(f"entropy_coef must be >= 0 (the weight of a bonus), got {self.entropy_coef}")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_target is not None:
@@ -121,6 +109,34 @@ class Regularization:
             raise ConfigError(f"kl_horizon must be > 0 samples, got {self.kl_horizon}")
 
 
+@dataclasses.dataclass
+class Regularization(KLPenalty):
+    """The regularization every gradient agent shares: the same options, meanings and checks in each
+    (docs/algorithms.md, "Regularization"): the :class:`KLPenalty` options and those below. LoRA dropout is
+    the adapter's ``lora.dropout``.
+
+    Attributes:
+        weight_decay: lambda of AdamW's decoupled weight decay: every optimizer step first multiplies each
+            trainable parameter by (1 - lr * lambda) (Loshchilov & Hutter 2019); 0 (the default): none.
+        entropy_coef: c_H of the entropy bonus, - c_H * H in the loss, H the mean entropy of the policy's
+            next-token distribution over the model tokens of the batch (Schulman et al. 2017, eq. 9).
+    """
+
+    weight_decay: float = 0.0
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        learning_rate = getattr(self, "learning_rate", None)
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if learning_rate is not None and learning_rate * self.weight_decay >= 1:
+            raise ConfigError(f"weight_decay {self.weight_decay} x learning_rate {learning_rate} must be < 1: "
+                              "each step multiplies the parameters by 1 - lr * weight_decay")
+        if self.entropy_coef < 0:
+            raise ConfigError(f"entropy_coef must be >= 0 (the weight of a bonus), got {self.entropy_coef}")
+        super().__post_init__()
+
+
 def check_option_names(config_class: type, keys: Iterable[str], agent_name: str, section: str = "agent") -> None:
     """Raise ConfigError on an option that belongs elsewhere: a regularizer another section sets, or a
     regularization option given to an agent without gradient steps."""
@@ -128,9 +144,10 @@ def check_option_names(config_class: type, keys: Iterable[str], agent_name: str,
         if key in SET_ELSEWHERE:
             raise ConfigError(f"'{section}.{key}' is not an agent option: LoRA dropout is set by "
                               f"'{SET_ELSEWHERE[key]}' for every gradient agent (docs/algorithms.md, Regularization)")
-        if key in REGULARIZATION_OPTIONS and not issubclass(config_class, Regularization):
+        if key in REGULARIZATION_OPTIONS and key not in {field.name for field in dataclasses.fields(config_class)}:
+            kl_only = " (its KL penalty is kl_coef, kl_target, kl_horizon)" if issubclass(config_class, KLPenalty) else ""
             raise ConfigError(f"agent {agent_name!r} takes no gradient steps, so it has no regularization option "
-                              f"{key!r}; the gradient agents have them: "
+                              f"{key!r}{kl_only}; the gradient agents have them: "
                               f"{', '.join(name for name, spec in AGENTS.items() if spec.is_gradient_agent)}")
 
 
@@ -428,8 +445,10 @@ FITNESS_SHAPINGS = ("centered_ranks", "z_score", "none")
 
 
 @dataclasses.dataclass
-class ESConfig:
-    """Evolution-strategies hyper-parameters (rlfb/agents/es.py; docs/algorithms.md, "Evolution strategies").
+class ESConfig(KLPenalty):
+    """Evolution-strategies hyper-parameters (rlfb/agents/es.py; docs/algorithms.md, "Evolution strategies"),
+    and the :class:`KLPenalty` options: beta times each member's mean KL to the reference is taken off its
+    fitness (none by default). ES takes no gradient steps, so it has no other regularization option.
 
     Attributes:
         mode: "es" (a gradient estimate from a population of Gaussian perturbations; Salimans et al. 2017)
@@ -448,6 +467,8 @@ class ESConfig:
         num_parents: ("genetic") Members kept by truncation selection, the parents of the next generation.
         crossover_rate: ("genetic") Share of children made by uniform crossover of two parents; the others
             copy one parent. Every child but the elite is then mutated by sigma * eps.
+        temperature: Sampling temperature (``sampling.temperature``); the reference's logits are divided by
+            it too when the KL penalty compares them with the sampled log-probs.
         seed: Seed of the perturbations and draws (the run's ``seed``).
     """
 
@@ -461,7 +482,10 @@ class ESConfig:
     common_random_numbers: bool = True
     num_parents: int = 6
     crossover_rate: float = 0.5
+    temperature: float = 1.0
     seed: int = 0
+    kl_coef: float = 0.0
+    kl_target: float | None = None
 
     def __post_init__(self) -> None:
         for option, value, known in (("mode", self.mode, ES_MODES), ("optimizer", self.optimizer, ES_OPTIMIZERS),
@@ -480,6 +504,9 @@ class ESConfig:
                               f"got {self.num_parents}")
         if not 0.0 <= self.crossover_rate <= 1.0:
             raise ConfigError(f"crossover_rate must be in [0, 1], got {self.crossover_rate}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        super().__post_init__()
 
 
 register_agent(AgentSpec("es", ESConfig, "rlfb.agents.es:ESAgent",

@@ -1,8 +1,18 @@
 """Evolution strategies on the LoRA vector: no backprop, no activation memory.
 
 theta is the flat vector of the LoRA parameters. Each update evaluates a population of N members on one
-batch of completions each; member i's fitness F_i is the mean return of its completions (final score plus
-turn rewards plus dense rewards, what REINFORCE calls R; no KL term). Two modes:
+batch of completions each; member i's fitness is the mean over its B completions b of the return (final
+score plus turn rewards plus dense rewards, what REINFORCE calls R) less a KL penalty to the reference:
+
+    F_i = 1/B sum_b [ R_ib - beta * KL_ib ],   KL_ib = sum_t m_ibt [log pi_i(a_ibt | s_ibt) - log pi_ref(a_ibt | s_ibt)]
+
+over the model tokens t (mask m), with log pi_i the sampler's log-probs of the tokens member i drew (its
+own weights, at the sampling temperature: no extra pass) and log pi_ref those of the base model (adapter
+disabled, same temperature), one no-grad forward over the N * B rows per update. KL_ib is the k1 estimate
+of KL(pi_i || pi_ref) of the completion, the one PPO puts in its reward (Ziegler et al. 2019; rlfb/agents/kl.py).
+beta is ``kl_coef``, or adapted toward ``kl_target`` by the controller of Ziegler et al. 2019 from the
+population's mean KL (N * B samples per update). With beta = 0 (the default) no reference pass runs and F_i
+is the mean return, as Qiu et al. 2025. Two modes:
 
 ``mode: es`` (Salimans et al. 2017; Qiu et al. 2025 at LLM scale)
     members theta_i = theta + sigma * eps_i, eps_i ~ N(0, I) drawn from member i's seed; with
@@ -21,12 +31,12 @@ turn rewards plus dense rewards, what REINFORCE calls R; no KL term). Two modes:
 
 Every random draw is a pure function of (seed, update, purpose, index) through NumPy's ``SeedSequence``,
 so the agent keeps no RNG stream: another process that knows the seed and the update number rebuilds every
-member from its index, and only the N fitness values need to travel. On W ranks each rank evaluates its
-block of N / W members (rank r: members r N/W .. (r + 1) N/W - 1) and the ranks exchange their fitness
-values, nothing else: every rank then takes the same step, the one a single process takes (members
-share their draws under ``common_random_numbers``, which several ranks require, so a member's rollout
-does not depend on the rank that evaluates it). The noise is drawn on the CPU, so it is the same on
-every device. Everything runs under ``no_grad``.
+member from its index, and only the N fitness values need to travel (with an adaptive beta also each
+rank's mean KL). On W ranks each rank evaluates its block of N / W members (rank r: members
+r N/W .. (r + 1) N/W - 1) and the ranks exchange their fitness values, nothing else: every rank then takes
+the same step, the one a single process takes (members share their draws under ``common_random_numbers``,
+which several ranks require, so a member's rollout does not depend on the rank that evaluates it). The
+noise is drawn on the CPU, so it is the same on every device. Everything runs under ``no_grad``.
 
 With ``common_random_numbers`` every member of an update sees the same prompts (the env reset with one
 seed) and the same sampler noise (one generator seed): the fitness differences are then the
@@ -47,6 +57,8 @@ import torch
 from rlfb import distributed
 from rlfb.agents.base import Agent, Collected, Sample
 from rlfb.agents.configs import ESConfig
+from rlfb.agents.kl import make_kl_controller
+from rlfb.agents.rollout import rollout_reference_logprobs
 from rlfb.agents.trajectory import Rollout, concatenate_rollouts
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy
@@ -121,6 +133,7 @@ class ESAgent(Agent):
         self.size = sum(p.numel() for p in self.parameters)
         self.updates = 0
         c = self.config
+        self.kl_controller = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
         self.adam_mean: torch.Tensor | None = None  # Adam's moments of g (``optimizer: adam`` only)
         self.adam_square: torch.Tensor | None = None
         self.population: torch.Tensor | None = None  # (N, size) the genetic mode's members
@@ -199,9 +212,16 @@ class ESAgent(Agent):
         tokenizer = self.policy.tokenizer
         return int(getattr(tokenizer, "pad_token_id", None) or 0)
 
-    def fitness(self, rollout: Rollout) -> torch.Tensor:
-        """(N,) float64 F_i = mean over member i's rows of the return (score + turn rewards + dense rewards),
-        over every rank's members: this rank's from ``rollout``, the others' gathered (N / W numbers each)."""
+    def fitness(self, rollout: Rollout, kl_coef: float = 0.0,
+                sequence_kl: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) float64 F_i = mean over member i's rows of R - beta * KL (the module docstring), over every
+        rank's members: this rank's from ``rollout``, the others' gathered (N / W numbers each).
+
+        Args:
+            rollout: This rank's members' rows, its k-th member's in block k (what :meth:`collect` returned).
+            kl_coef: beta.
+            sequence_kl: (rows,) KL of each row to the reference (:meth:`sequence_kl`); None: no KL term.
+        """
         members = len(self.local_members())
         if rollout.batch_size % members:
             raise ConfigError(f"a rollout of {rollout.batch_size} rows does not split into {members} members; "
@@ -209,18 +229,35 @@ class ESAgent(Agent):
         returns = rollout.scores.double() + rollout.turn_rewards.double().sum(1)
         if rollout.per_token_rewards is not None:
             returns = returns + (rollout.per_token_rewards.double() * rollout.action_mask).sum(1)
+        if sequence_kl is not None:
+            returns = returns - kl_coef * sequence_kl.double()  # R - beta * KL, per row
         local = returns.cpu().view(members, -1).mean(1)  # (N / W,) rows of this rank's k-th member are block k
         return torch.cat(distributed.gather_objects(local))  # (N,) rank r's block r
+
+    def sequence_kl(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) float64 KL_b = sum_t m_bt (log pi(a_bt) - log pi_ref(a_bt)): the sampled log-probs (each row
+        under the weights of the member that drew it) against one no-grad pass of the reference."""
+        reference_logprobs = rollout_reference_logprobs(self.policy, rollout, self.config.temperature)
+        mask = rollout.action_mask.double()
+        return ((rollout.sampled_logprobs.double() - reference_logprobs.double()) * mask).sum(1).cpu()
 
     # ---------------------------------------------------------------- update
     @torch.no_grad()
     def update(self, rollout: Rollout) -> dict[str, float]:
-        fitness = self.fitness(rollout)
+        kl_coef = self.kl_controller.value
+        # beta = 0 (a fixed kl_coef of 0; an adaptive one never reaches 0): the plain mean return, no pass.
+        sequence_kl = self.sequence_kl(rollout) if kl_coef > 0 else None
+        fitness = self.fitness(rollout, kl_coef, sequence_kl)
         if self.config.mode == "genetic":
             metrics = self._genetic_step(fitness)
         else:
             metrics = self._es_step(fitness)
         self.updates += 1
+        if sequence_kl is not None:
+            # Every rank holds as many rows: the mean of the ranks' means is the population's mean KL.
+            observed_kl = float(distributed.average_across_ranks(sequence_kl.mean().reshape(1)))
+            self.kl_controller.update(observed_kl, rollout.batch_size * distributed.world_size())
+            metrics.update({"train/kl": observed_kl, "train/kl_coef": kl_coef})
         metrics.update({"train/fitness_mean": float(fitness.mean()),
                         "train/fitness_std": float(fitness.std(unbiased=False)),
                         "train/fitness_max": float(fitness.max()), "train/fitness_min": float(fitness.min()),
@@ -295,9 +332,10 @@ class ESAgent(Agent):
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        """theta, Adam's moments, the genetic population and the update count (which fixes every seed):
-        copies, so later updates do not change a state already taken."""
+        """theta, Adam's moments, the genetic population, the KL coefficient and the update count (which
+        fixes every seed): copies, so later updates do not change a state already taken."""
         return {"config": dataclasses.asdict(self.config), "updates": self.updates, "theta": self.theta(),
+                "kl_controller": self.kl_controller.state_dict(),
                 **{key: _copy(getattr(self, key)) for key in ("adam_mean", "adam_square", "population")}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -305,6 +343,8 @@ class ESAgent(Agent):
         self.set_theta(state["theta"])
         for key in ("adam_mean", "adam_square", "population"):
             setattr(self, key, _copy(state[key]))
+        if "kl_controller" in state:  # absent from checkpoints written before ES had a KL term
+            self.kl_controller.load_state_dict(state["kl_controller"])
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
-"""The evolution-strategies agent: the gradient estimate, antithetic pairs, rank shaping, the genetic mode,
-what an update touches, resume, and the collect hook the trainer calls (unchanged for the other agents)."""
+"""The evolution-strategies agent: the gradient estimate, antithetic pairs, rank shaping, the KL penalty in
+the fitness, the genetic mode, what an update touches, resume, and the collect hook the trainer calls
+(unchanged for the other agents)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import make_rollout, tiny_policy
 from rlfb.agents import make_agent
 from rlfb.agents.configs import ESConfig, agent_config
 from rlfb.agents.es import NOISE, ESAgent, centered_ranks, derived_seed, noise, shape_fitness
+from rlfb.agents.rollout import evaluate_rollout, rollout_reference_logprobs
 from rlfb.agents.trajectory import Rollout, concatenate_rollouts
 from rlfb.config import config_from_dict
 from rlfb.errors import ConfigError
@@ -203,6 +205,109 @@ def test_collect_then_update_improves_a_toy_fitness(mode: str) -> None:
         assert elite == sorted(elite)
 
 
+# ------------------------------------------------------------------------------- the KL penalty
+def kl_rollout(agent: ESAgent, scores: list[float], kl_per_token: list[float]) -> Rollout:
+    """Rows of 3 random model tokens whose sampled log-probs exceed the reference's by ``kl_per_token``."""
+    rows = len(scores)
+    completion_ids = torch.randint(1, 16, (rows, 3), generator=torch.Generator().manual_seed(5))
+    rollout = make_rollout(completion_ids, torch.ones(rows, 3, dtype=torch.long), torch.tensor(scores))
+    reference = rollout_reference_logprobs(agent.policy, rollout)
+    return rollout._replace(sampled_logprobs=reference + torch.tensor(kl_per_token).unsqueeze(1))
+
+
+def test_the_kl_penalty_reorders_the_members_and_so_the_step() -> None:
+    # Member 0 scores more but strays: KL 3 x 2/3 = 2 nats per completion; member 1 stays on the reference.
+    # F = mean(R - beta KL): beta 0 gives (0.9, 0.5), beta 0.5 gives (0.9 - 1.0, 0.5) = (-0.1, 0.5).
+    scores, kl_per_token = [0.9, 0.9, 0.5, 0.5], [2 / 3, 2 / 3, 0.0, 0.0]  # 2 rows per member
+    pair_0 = noise(derived_seed(0, 0, NOISE, 0), 256)
+    for kl_coef, fitness, direction in ((0.0, [0.9, 0.5], 1.0), (0.5, [-0.1, 0.5], -1.0)):
+        agent = es_agent(population_size=2, sigma=0.1, fitness_shaping="none", optimizer="sgd", kl_coef=kl_coef)
+        rollout = kl_rollout(agent, scores, kl_per_token)
+        if kl_coef:
+            assert agent.sequence_kl(rollout).tolist() == pytest.approx([2.0, 2.0, 0.0, 0.0], abs=1e-5)
+        theta = agent.theta()
+        metrics = agent.update(rollout)
+        assert metrics["train/fitness_max"] == pytest.approx(max(fitness), abs=1e-5)
+        assert metrics["train/fitness_min"] == pytest.approx(min(fitness), abs=1e-5)
+        assert cosine(agent.theta() - theta, pair_0) == pytest.approx(direction, abs=1e-5)  # toward the fitter
+
+
+def test_beta_0_is_the_mean_return_exactly_and_runs_no_reference_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    scores = [0.31, -0.2, 0.57, 0.1]
+    with_kl = es_agent(population_size=2, sigma=0.1, kl_coef=0.3)
+    rollout = kl_rollout(with_kl, scores, [0.0] * 4)  # no KL: the penalised fitness is the plain one
+    penalised = with_kl.fitness(rollout, 0.3, with_kl.sequence_kl(rollout))
+    assert torch.allclose(penalised, torch.tensor([0.055, 0.335], dtype=torch.float64), atol=1e-6)
+
+    def no_reference(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("beta = 0 must not run the reference")
+
+    monkeypatch.setattr("rlfb.agents.es.rollout_reference_logprobs", no_reference)
+    agent = es_agent(population_size=2, sigma=0.1)  # kl_coef 0, kl_target null: the default
+    plain = agent.fitness(rollout)
+    assert torch.equal(plain, rollout.scores.double().view(2, 2).mean(1))
+    gradient = agent.gradient_estimate(plain)
+    expected = agent.theta() + 0.02 * gradient / (gradient.abs() + 1e-8)  # Adam's first step
+    metrics = agent.update(rollout)
+    assert "train/kl" not in metrics and "train/kl_coef" not in metrics
+    assert torch.allclose(agent.theta(), expected, atol=1e-7)
+
+
+def test_an_adaptive_beta_moves_toward_the_target_and_resumes() -> None:
+    agent = es_agent(population_size=2, kl_coef=0.1, kl_target=1.0, kl_horizon=40.0)
+    rollout = kl_rollout(agent, [0.3, 0.1, 0.2, 0.0], [1.0, 1.0, 1.0, 1.0])  # 3 nats per completion
+    metrics = agent.update(rollout)
+    assert metrics["train/kl"] == pytest.approx(3.0, abs=1e-5) and metrics["train/kl_coef"] == 0.1
+    # e = clip(3 / 1 - 1, -0.2, 0.2) = 0.2; beta <- 0.1 * (1 + 0.2 * 4 / 40)
+    assert agent.kl_controller.value == pytest.approx(0.1 * 1.02)
+    resumed = es_agent(population_size=2, kl_coef=0.1, kl_target=1.0, kl_horizon=40.0)
+    resumed.load_state_dict(agent.state_dict())
+    assert resumed.kl_controller.value == agent.kl_controller.value
+
+
+def test_on_several_ranks_the_controller_is_fed_every_rank_s_mean_kl_and_samples(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 0 of 2 holds 3 nats per completion; the other rank (standing in: the all-reduce average) 1 nat.
+    from rlfb import distributed
+
+    agent = es_agent(population_size=2, kl_coef=0.1, kl_target=2.2, kl_horizon=40.0)
+    rollout = kl_rollout(agent, [0.3, 0.1, 0.2, 0.0], [1.0, 1.0, 1.0, 1.0])
+    averaged: list[float] = []
+
+    def average_with_the_other_rank(tensor: torch.Tensor) -> torch.Tensor:
+        averaged.append(float(tensor))
+        return (tensor + 1.0) / 2
+
+    monkeypatch.setattr(distributed, "average_across_ranks", average_with_the_other_rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value])  # this rank's members only
+    monkeypatch.setattr(agent, "local_members", lambda: [0, 1])
+    metrics = agent.update(rollout)
+    assert averaged == [pytest.approx(3.0, abs=1e-5)] and metrics["train/kl"] == pytest.approx(2.0, abs=1e-5)
+    # e = clip(2 / 2.2 - 1, -0.2, 0.2) over both ranks' 8 rows; beta <- 0.1 * (1 + e * 8 / 40)
+    assert agent.kl_controller.value == pytest.approx(0.1 * (1 + (2 / 2.2 - 1) * 8 / 40))
+
+
+def test_the_kl_of_each_member_is_that_of_its_own_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The oracle: PPO's k1 from full-sequence passes, member i's rows under theta_i, at the sampling temperature.
+    trainer = Trainer(tiny_es_config(tiny_model_dir, tmp_path, "agent.kl_coef=0.1", "agent.sigma=0.5",
+                                     "sampling.temperature=0.7"))
+    trainer._build()
+    agent = trainer.agent
+    assert isinstance(agent, ESAgent)
+    rollout, _ = agent.collect(trainer._collect)
+    trainer._close_envs()
+    theta, expected = agent.theta(), []
+    for member in range(4):
+        block = rollout.select(torch.arange(3 * member, 3 * member + 3))
+        agent.set_theta(agent.member_theta(member, theta))
+        evaluation = evaluate_rollout(agent.policy, block, temperature=0.7)
+        expected += ((evaluation.logprobs - evaluation.reference_logprobs) * block.action_mask).sum(1).tolist()
+    agent.set_theta(theta)
+    assert max(abs(value) for value in expected) > 0.1  # the members are far enough from the reference to tell
+    assert agent.sequence_kl(rollout).tolist() == pytest.approx(expected, abs=1e-4)
+
+
 # ------------------------------------------------------------------------------- the genetic mode
 def test_genetic_children_are_mutated_crossovers_of_the_fittest_and_the_policy_holds_the_elite() -> None:
     agent = es_agent(mode="genetic", population_size=8, num_parents=3, crossover_rate=0.5, sigma=0.05)
@@ -258,10 +363,13 @@ def reproducible(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if not key.startswith("time/")} for row in rows]
 
 
-@pytest.mark.parametrize("mode", ["es", "genetic"])
+@pytest.mark.parametrize("mode", ["es", "genetic", "es with an adaptive KL"])
 def test_trainer_interrupt_then_resume_matches_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path,
                                                                     mode: str) -> None:
-    straight = Trainer(tiny_es_config(tiny_model_dir, tmp_path / "straight", f"agent.mode={mode}")).train()
+    options = [f"agent.mode={mode.split()[0]}"]
+    if mode.endswith("KL"):
+        options += ["agent.kl_coef=0.5", "agent.kl_target=0.01", "agent.kl_horizon=10"]
+    straight = Trainer(tiny_es_config(tiny_model_dir, tmp_path / "straight", *options)).train()
     rows = read_metrics(straight.run_dir)
     assert [row["train/population_size"] for row in rows if "train/population_size" in row] == [4.0] * 4
 
@@ -269,7 +377,9 @@ def test_trainer_interrupt_then_resume_matches_an_uninterrupted_run(tiny_model_d
         if step == 2:
             raise KeyboardInterrupt
 
-    config = tiny_es_config(tiny_model_dir, tmp_path / "resumed", f"agent.mode={mode}")
+    if mode.endswith("KL"):  # beta moved, so a resume that lost it would differ
+        assert len({row["train/kl_coef"] for row in rows if "train/kl_coef" in row}) == 4
+    config = tiny_es_config(tiny_model_dir, tmp_path / "resumed", *options)
     interrupted = Trainer(config, callbacks=[ctrl_c_after_update_2]).train()
     assert interrupted.interrupted and interrupted.step == 2
     resumed = Trainer(config, resume_from=interrupted.run_dir).train()

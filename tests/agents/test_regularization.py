@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlfb.agents import make_agent
 from rlfb.agents.base import Agent, GradientStepper
-from rlfb.agents.configs import AGENTS, REGULARIZATION_OPTIONS, DistillationConfig, run_agent
+from rlfb.agents.configs import AGENTS, KL_OPTIONS, REGULARIZATION_OPTIONS, DistillationConfig, run_agent
 from rlfb.agents.distillation import DistillationAgent
 from rlfb.agents.rollout import Rollout
 from rlfb.config import config_from_dict
@@ -120,13 +120,13 @@ def sequence_kl(policy: Policy, rollout: Rollout) -> float:
 
 
 # ------------------------------------------------------------------------------- the options, torch-free
-def test_every_gradient_agent_has_every_regularization_option_and_es_none() -> None:
+def test_every_gradient_agent_has_every_regularization_option_and_es_the_kl_penalty_alone() -> None:
     for name, spec in AGENTS.items():
         fields = {field.name for field in dataclasses.fields(spec.config_class)}
         if spec.is_gradient_agent:
             assert set(REGULARIZATION_OPTIONS) <= fields, name
         else:
-            assert not set(REGULARIZATION_OPTIONS) & fields, name
+            assert set(REGULARIZATION_OPTIONS) & fields == set(KL_OPTIONS), name
     assert {name for name, spec in AGENTS.items() if not spec.is_gradient_agent} == {"es"}
 
 
@@ -140,8 +140,8 @@ MISTAKES = {  # agent section, lora section, the error's words
     "es regularized": (
         {"name": "es", "entropy_coef": 0.01},
         {},
-        r"agent 'es' takes no gradient steps, so it has no regularization option 'entropy_coef'; "
-        r"the gradient agents have them: ppo, reinforce",
+        r"agent 'es' takes no gradient steps, so it has no regularization option 'entropy_coef' \(its KL "
+        r"penalty is kl_coef, kl_target, kl_horizon\); the gradient agents have them: ppo, reinforce",
     ),
     "es with dropout": (
         {"name": "es"},
