@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --model-size tiny --updates 6
     python benchmarks/throughput.py --model-size gpt2-small --updates 3 --rounds 1
+    python benchmarks/throughput.py --model-size llama-small --pairs grpo --updates 3 --rounds 1
     python benchmarks/throughput.py --pairs grpo --device cuda
 
 Two pairs, each run in turns (rlfb, TRL, rlfb, TRL, ... for ``--rounds``), every run in its own
@@ -13,7 +14,7 @@ subprocess so peak memory is that run's alone:
 Identical on both sides: the model (weights on disk), the sentiment task's training prompts, completions
 per prompt (``num_generations`` = ``budget.group_size``), completions per update (``num_envs`` =
 ``per_device_train_batch_size``, one optimizer pass per generation batch), completion length cap, sampling
-temperature 1, learning rate (constant), LoRA (r, alpha, on ``c_attn``), the KL coefficient (as a k3 loss
+temperature 1, learning rate (constant), LoRA (r, alpha, on ``c_attn``; q, k, v for the Llama), the KL coefficient (as a k3 loss
 term for GRPO, as TRL does; in the reward for PPO/RLOO), the reward (VADER), the number of updates and
 the number of torch threads. ``--ppo-epochs`` sets PPO's passes over each batch and TRL's
 ``num_iterations`` alike (default 1 for both: the same number of optimizer steps).
@@ -29,6 +30,8 @@ the neighbours too, CPU time much less so); and peak memory: the process's peak 
 ``--model-size gpt2-small`` builds a randomly initialized GPT-2 small (124M parameters,
 ``GPT2Config()``) and, since nothing is downloaded, a tokenizer of GPT-2's size: the built-in model's BPE
 plus placeholder tokens up to 50,257. Completions are random text, which is fine for a speed measurement.
+``--model-size llama-small`` is the same with a random Llama of that shape (12 layers of width 768, 12
+heads, a gated MLP of 2,048, tied embeddings: 124M parameters), sampled by rlfb's Llama decoder.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ PAIRS = {"grpo": ("rlfb-grpo", "trl-grpo"), "ppo": ("rlfb-ppo", "trl-rloo")}
 # --------------------------------------------------------------------------------------------- settings
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings both sides share (also used by benchmarks/time_to_target.py)."""
-    parser.add_argument("--model-size", choices=("tiny", "gpt2-small"), default="tiny",
-                        help="tiny: the built-in rlfb-tiny; gpt2-small: a random 124M GPT-2 built from its config")
+    parser.add_argument("--model-size", choices=("tiny", "gpt2-small", "llama-small"), default="tiny",
+                        help="tiny: the built-in rlfb-tiny; gpt2-small: a random 124M GPT-2 built from its config; "
+                             "llama-small: a random Llama of GPT-2 small's width, depth and size")
     parser.add_argument("--model", default="rlfb-tiny",
                         help="the built-in model name or a directory (its tokenizer is used for gpt2-small too)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -72,16 +76,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_path(args: argparse.Namespace, workdir: Path) -> str:
-    """The model directory both sides load: the built-in model, or a random GPT-2 small saved once."""
+    """The model directory both sides load: the built-in model, or a random 124M model saved once."""
     from rlfb.models.loading import resolve_model_path
 
     base = resolve_model_path(args.model)
     if args.model_size == "tiny":
         return base
-    path = workdir / "gpt2-small-random"
+    path = workdir / f"{args.model_size}-random"
     if not (path / "config.json").is_file():
         import torch
-        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+        from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         # GPT-2's 50,257-token vocabulary (no download): the built-in BPE plus placeholder tokens, so every
@@ -89,11 +93,22 @@ def model_path(args: argparse.Namespace, workdir: Path) -> str:
         tokenizer.add_tokens([f"<gpt2_{index}>" for index in range(GPT2_VOCAB_SIZE - len(tokenizer))])
         eos = tokenizer.eos_token_id
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))  # 124M
+        if args.model_size == "gpt2-small":
+            model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))  # 124M
+        else:  # GPT-2 small's shape as a Llama: 12 layers of width 768, a gated MLP of 2,048 (124M, tied)
+            model = LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+                tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
         model.generation_config.pad_token_id = eos
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+def lora_targets(args: argparse.Namespace) -> list[str]:
+    """The LoRA modules of both sides: rlfb's rule for the family (GPT-2: c_attn; Llama: q, k, v)."""
+    return ["q_proj", "k_proj", "v_proj"] if args.model_size == "llama-small" else ["c_attn"]
 
 
 def train_prompts() -> list[str]:
@@ -124,7 +139,7 @@ def rlfb_trainer(args: argparse.Namespace, agent: str, model: str, output_dir: P
         agent_params.update(epochs=args.ppo_epochs, num_minibatches=args.ppo_minibatches)
     config = config_from_dict({
         "task": "sentiment", "model": model, "rewards": ["sentiment"], "agent": agent_params,
-        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": ["c_attn"]},
+        "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": lora_targets(args)},
         "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
         "budget": {"updates": updates, "time_limit_s": time_limit_s, "num_envs": args.num_envs,
                    "group_size": args.group_size if agent == "grpo" else None},
@@ -161,7 +176,7 @@ def trl_trainer(args: argparse.Namespace, kind: str, model: str, output_dir: Pat
         config, trainer_class = RLOOConfig(**common), RLOOTrainer
     tokenizer = load_tokenizer(model)
     policy = AutoModelForCausalLM.from_pretrained(model)
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=["c_attn"],
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules=lora_targets(args),
                       task_type="CAUSAL_LM")
     dataset = Dataset.from_dict({"prompt": train_prompts()})
     return trainer_class(model=policy, reward_funcs=vader_reward, args=config, train_dataset=dataset,
