@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -180,21 +181,32 @@ class _Heartbeat:
         self.prefix = f"rlfb/heartbeat/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/" \
                       f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
         self.store.add(self.key(rank), 1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="rlfb-heartbeat", daemon=True)
+
+    def stop(self) -> None:
+        """End the beats and wait for the thread (at most one store timeout, if a beat is in flight)."""
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=HEARTBEAT_SILENCE_S + 1)
 
     @classmethod
     def start(cls, rank: int, world_size: int, timeout_s: float) -> None:
         if world_size == 1:
             return
         cls.current = heartbeat = cls(rank, world_size, timeout_s)
-        threading.Thread(target=heartbeat.beat, name="rlfb-heartbeat", daemon=True).start()
+        heartbeat.thread.start()
+        # Stopped before the interpreter finalizes: a daemon thread caught inside the store's C++ client at
+        # that moment is ended by pthread_exit, which aborts the process (SIGABRT, "terminate called without
+        # an active exception"), seen when a rank exits while the store's server is going away.
+        atexit.register(heartbeat.stop)
 
     def key(self, rank: int) -> str:
         return f"{self.prefix}{rank}"
 
     def beat(self) -> None:
-        """Bump this rank's counter every HEARTBEAT_S until the store goes away (the job is over)."""
-        while True:
-            time.sleep(HEARTBEAT_S)
+        """Bump this rank's counter every HEARTBEAT_S until stopped or the store goes away (the job is over)."""
+        while not self.stopped.wait(HEARTBEAT_S):
             try:
                 self.store.add(self.key(self.rank), 1)
             except RuntimeError:
