@@ -23,6 +23,12 @@ Targets (on 2 CPU cores, the base model already built):
     sentiment_ppo        <= 5 min; sentiment >= 0.7; KL <= 4 nats; distinct-2 >= 0.6x the base model's
     sentiment_reinforce  <= 5 min; sentiment >= 0.6
     arithmetic_grpo      <= 10 min; exact-match accuracy +15 points or more
+    calculator_grpo      <= 10 min; held-out exact match +20 points (tool use printed before and after)
+    calculator_ppo       <= 10 min; the same with PPO
+    guess_number_grpo    <= 10 min; share of games solved +30% relative
+    reasoning_gym_grpo   <= 10 min; reasoning-gym's score +10 points (needs the reasoning-gym extra)
+
+For a multi-turn config the measure is the share of held-out episodes the protocol ended with a success.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Target:
     max_minutes: float
     min_after: float | None = None  # held-out mean of the main reward component after training
     min_gain: float | None = None  # after - before
+    min_relative_gain: float | None = None  # (after - before) / before
     max_kl: float | None = None  # nats per completion
     min_distinct2_ratio: float | None = None  # distinct-2 after / before
 
@@ -63,6 +70,11 @@ TARGETS = {
     "sentiment_ppo": Target(max_minutes=5, min_after=0.7, max_kl=4.0, min_distinct2_ratio=0.6),
     "sentiment_reinforce": Target(max_minutes=5, min_after=0.6),
     "arithmetic_grpo": Target(max_minutes=10, min_gain=0.15),
+    # Issue 12 (multi-turn), on rlfb-tiny-multiturn: held-out exact match (the calculator), games solved.
+    "calculator_grpo": Target(max_minutes=10, min_gain=0.20),
+    "calculator_ppo": Target(max_minutes=10, min_gain=0.20),
+    "guess_number_grpo": Target(max_minutes=10, min_relative_gain=0.30),
+    "reasoning_gym_grpo": Target(max_minutes=10, min_gain=0.10),
 }
 
 
@@ -76,16 +88,19 @@ def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]
     result = Trainer(config).train()
     wall_s = time.perf_counter() - started
     assert result.before is not None and result.after is not None, "the config evaluates no prompts"
-    component = config.rewards[0].label or config.rewards[0].name
     rows = read_metrics(result.run_dir)
     train_kl = [row["train/kl"] for row in rows if "train/kl" in row]
     fluency = [row["eval/fluency"] for row in rows if "eval/fluency" in row]
     eval_kl = [row["eval/kl"] for row in rows if "eval/kl" in row]
     kl_target = config.agent.params.get("kl_target", 3.0)
+    before, after = main_measure(config, result.before), main_measure(config, result.after)
     return {
-        "before": result.before.rewards[component],
-        "after": result.after.rewards[component],
-        "gain": result.after.rewards[component] - result.before.rewards[component],
+        "before": before,
+        "after": after,
+        "gain": after - before,
+        # The share of held-out episodes that called a tool (NaN where the protocol has no tool).
+        "tool_use_before": result.before.episodes.get("tool_use", float("nan")),
+        "tool_use_after": result.after.episodes.get("tool_use", float("nan")),
         "kl": result.after.kl,
         # Undefined where completions are too short to have bigrams (arithmetic answers).
         "distinct2_ratio": (result.after.distinct_2 / result.before.distinct_2 if result.before.distinct_2
@@ -102,13 +117,24 @@ def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]
     }
 
 
+def main_measure(config: Any, evaluation: Any) -> float:
+    """The figure a config's target is about: the held-out mean of its first reward component, or for a
+    multi-turn run the share of held-out episodes the protocol ended with a success (a right final answer,
+    a solved game)."""
+    if config.env.kind == "multi_turn":
+        return evaluation.episodes["success_rate"]
+    return evaluation.rewards[config.rewards[0].label or config.rewards[0].name]
+
+
 def _moving_average(values: list[float], window: int) -> list[float]:
     return [sum(values[i - window:i]) / window for i in range(window, len(values) + 1)]
 
 
 def summarize(name: str, runs: list[dict[str, Any]], target: Target | None, stability: bool) -> bool:
-    keys = ["before", "after", "gain", "kl", "distinct2_ratio", "fluency_drop", "max_eval_kl",
-            "max_train_kl_avg10", "updates", "train_s", "wall_s"]
+    keys = ["before", "after", "gain", "relative_gain", "tool_use_before", "tool_use_after", "kl",
+            "distinct2_ratio", "fluency_drop", "max_eval_kl", "max_train_kl_avg10", "updates", "train_s", "wall_s"]
+    for run in runs:
+        run["relative_gain"] = run["gain"] / run["before"] if run["before"] else float("nan")
     print(f"\n== {name}: {len(runs)} seed(s)")
     for key in keys:
         values = [run[key] for run in runs]
@@ -132,6 +158,9 @@ def summarize(name: str, runs: list[dict[str, Any]], target: Target | None, stab
             checks.append((f"after {mean['after']:.3f} >= {target.min_after}", mean["after"] >= target.min_after))
         if target.min_gain is not None:
             checks.append((f"gain {mean['gain']:.3f} >= {target.min_gain}", mean["gain"] >= target.min_gain))
+        if target.min_relative_gain is not None:
+            checks.append((f"relative gain {mean['relative_gain']:.1%} >= {target.min_relative_gain:.0%}",
+                           mean["relative_gain"] >= target.min_relative_gain))
         if target.max_kl is not None:
             checks.append((f"KL {mean['kl']:.2f} <= {target.max_kl}", mean["kl"] <= target.max_kl))
         if target.min_distinct2_ratio is not None:

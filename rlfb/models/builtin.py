@@ -88,6 +88,13 @@ class TinyModelRecipe:
             depends on it, and bit-identical weights need the same order. One thread: the matrices are too
             small to gain from more, and on a busy machine two threads that wait for each other at every
             operation made a step 13x slower (8.0 s vs 0.63 s at load average 16 on 2 cores).
+        game_share: Fraction of the documents that are guess-the-number games (:mod:`rlfb.models.corpus`).
+        tool_share: Fraction of the sum documents that are calculator calls.
+        question_share: Fraction of the sum documents that are questions ("Calculate 17 + 25.").
+        careful_share: Fraction of the games played by the careful player.
+
+    The last four are the transcripts of ``rlfb-tiny-multiturn``; at their defaults (no transcripts) they
+    are left out of :meth:`fingerprint`, so recipes from before them keep their hash and their cache entry.
     """
 
     grammar_seed: int = 0
@@ -106,14 +113,47 @@ class TinyModelRecipe:
     weight_decay: float = 0.01
     seed: int = 0
     num_threads: int = 1
+    game_share: float = 0.0
+    tool_share: float = 0.0
+    question_share: float = 0.0
+    careful_share: float = 0.3
+
+    @property
+    def has_transcripts(self) -> bool:
+        """Whether the corpus holds transcripts (calculator calls, questions, games)."""
+        return bool(self.game_share or self.tool_share or self.question_share)
+
+    def fields(self) -> dict[str, Any]:
+        """The recipe's fields as recorded in ``rlfb_build.json`` (the transcript shares only when used)."""
+        fields = dataclasses.asdict(self)
+        if not self.has_transcripts:
+            for name in _TRANSCRIPT_FIELDS:
+                del fields[name]
+        return fields
 
     def fingerprint(self) -> str:
         """Returns the sha256 hex digest of the recipe and the build format version."""
-        payload = json.dumps({"format": BUILD_FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload = json.dumps({"format": BUILD_FORMAT_VERSION, **self.fields()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    def corpus(self) -> list[corpus.Document]:
+        """The pretraining documents this recipe draws from the grammar."""
+        return corpus.pretraining_corpus(
+            self.n_documents, self.grammar_seed, self.arithmetic_share, self.forgotten_carry_share,
+            game_share=self.game_share, tool_share=self.tool_share, question_share=self.question_share,
+            careful_share=self.careful_share)
 
-BUILTIN_RECIPES: dict[str, TinyModelRecipe] = {"rlfb-tiny": TinyModelRecipe()}
+
+_TRANSCRIPT_FIELDS = ("game_share", "tool_share", "question_share", "careful_share")
+
+BUILTIN_RECIPES: dict[str, TinyModelRecipe] = {
+    "rlfb-tiny": TinyModelRecipe(),
+    # rlfb-tiny's recipe plus transcripts of the multi-turn environments' formats, for the calculator, the
+    # guess-the-number game and reasoning-gym's basic_arithmetic (docs/models.md): 20,000 more documents and
+    # 400 more steps for the new kinds. rlfb-tiny stays as it was, so every figure measured on it still holds.
+    "rlfb-tiny-multiturn": TinyModelRecipe(n_documents=80_000, steps=1600, game_share=0.2, tool_share=0.15,
+                                           question_share=0.2),
+}
 
 
 # ------------------------------------------------------------------------------------- shipped copy
@@ -396,17 +436,16 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
 
     output_dir = Path(output_dir)
     started = time.perf_counter()
-    documents = corpus.pretraining_corpus(recipe.n_documents, recipe.grammar_seed, recipe.arithmetic_share,
-                                          recipe.forgotten_carry_share)
-    tokenizer = train_tokenizer(documents, recipe.vocab_size)
+    documents = recipe.corpus()
+    tokenizer = train_tokenizer([corpus.document_text(document) for document in documents], recipe.vocab_size)
     eos_id = tokenizer.eos_token_id
     # Each document is its own row starting at position 0, exactly like a prompt at sampling time, and
     # ends with end-of-text so that sampling stops by itself.
-    encoded = [ids[: recipe.n_positions - 1] + [eos_id] for ids in tokenizer(documents)["input_ids"]]
-    # A batch holds one kind of document: sums are ~10 tokens and reviews ~20, so a mixed batch would pad
-    # every sum to review length and spend most of its compute on padding.
-    pools = [[ids for ids, text in zip(encoded, documents, strict=True) if corpus.is_arithmetic(text) == kind]
-             for kind in (True, False)]
+    encoded = _encode_documents(documents, tokenizer, recipe.n_positions)
+    # A batch holds one kind of document: sums are ~10 tokens and reviews ~20 (games ~30), so a mixed batch
+    # would pad every sum to review length and spend most of its compute on padding.
+    pools = [[ids for ids, document in zip(encoded, documents, strict=True) if _kind(document) == kind]
+             for kind in ("sums", "reviews", "games")]
 
     with torch_threads(recipe.num_threads):
         torch.manual_seed(recipe.seed)
@@ -446,7 +485,7 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     tokenizer.save_pretrained(output_dir)
     record = {
         "name": name,
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": recipe.fields(),
         "recipe_hash": recipe.fingerprint(),
         "build_format_version": BUILD_FORMAT_VERSION,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -463,12 +502,50 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
     return record
 
 
+def _kind(document: corpus.Document) -> str:
+    if not corpus.is_arithmetic(document):
+        return "games" if isinstance(document, corpus.Transcript) else "reviews"
+    return "sums"
+
+
+def _encode_documents(documents: list[corpus.Document], tokenizer: Any, n_positions: int) -> list[list[int]]:
+    """Token ids per document, end-of-text last; a transcript tokenized part by part as the environment does.
+
+    A transcript's model turns each end with end-of-text (the turn's end at sampling time), and its replies
+    are rendered with the environment's plain template (``"\\n{reply}\\n"``).
+    """
+    from rlfb.envs.conversation import DEFAULT_REPLY_TEMPLATE
+
+    eos_id = tokenizer.eos_token_id
+    texts = [document for document in documents if isinstance(document, str)]
+    encoded_texts = iter(tokenizer(texts)["input_ids"]) if texts else iter(())
+    encoded: list[list[int]] = []
+    for document in documents:
+        if isinstance(document, str):
+            ids = next(encoded_texts)[: n_positions - 1] + [eos_id]
+        else:
+            ids = tokenizer(document.opening)["input_ids"]
+            for index, turn in enumerate(document.turns):
+                ids += tokenizer(turn)["input_ids"] + [eos_id]
+                if index < len(document.replies):
+                    ids += tokenizer(DEFAULT_REPLY_TEMPLATE.format(reply=document.replies[index]))["input_ids"]
+            if len(document.replies) == len(document.turns):  # ends on a reply: the document still ends
+                ids.append(eos_id)
+            ids = ids[:n_positions]
+        encoded.append(ids)
+    return encoded
+
+
 def _draw_batch(pools: list[list[list[int]]], recipe: TinyModelRecipe, generator: torch.Generator,
                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A right-padded batch of sums (with probability ``arithmetic_share``) or of review sentences."""
+    """A right-padded batch of games (with probability ``game_share``), else of sums (with probability
+    ``arithmetic_share``) or of review sentences."""
     import torch
 
-    arithmetic, reviews = pools
+    arithmetic, reviews, games = pools
+    if games and torch.rand((), generator=generator) < recipe.game_share:
+        return _pad_right([games[row] for row in torch.randint(len(games), (recipe.batch_size,),
+                                                                generator=generator).tolist()], pad_id)
     use_sums = bool(arithmetic) and (not reviews or torch.rand((), generator=generator) < recipe.arithmetic_share)
     pool = arithmetic if use_sums else reviews
     rows = torch.randint(len(pool), (recipe.batch_size,), generator=generator).tolist()

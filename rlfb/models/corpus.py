@@ -15,6 +15,21 @@ Two kinds of documents, one per line of the pretraining corpus, each later close
   sums shown right gives reinforcement learning correct answers to find. A fixed set of operand pairs is
   held out: those sums never appear in any pretraining corpus and form the ``"eval"`` split.
 
+Three more kinds, off in ``rlfb-tiny``'s recipe and on in ``rlfb-tiny-multiturn``'s, are *transcripts*
+(:class:`Transcript`): conversations in the plain rendering of ``rlfb/MultiTurn-v0`` (docs/envs.md), so
+the multi-turn environments' formats are not new to that model:
+
+* **Calculator calls**: ``"17+25="``, the model's turn ``"<calc>17+25</calc>"``, the tool's reply ``"42"``,
+  then the final answer ``"42"`` (always right: the model copies the tool's result).
+* **Sums as questions**: ``"Calculate 17 + 25."`` answered ``" 42"``, with the same forgotten carry as the
+  sum lines (the wording of reasoning-gym's ``basic_arithmetic``, so one of that library's datasets is
+  not foreign to the model).
+* **Guess-the-number games**: ``"Guess 1-20:"``, guesses answered ``"higher"`` / ``"lower"`` until the
+  secret is guessed (``"correct"``) or :data:`MAX_GAME_GUESSES` guesses are made. A *careful* player guesses within the
+  middle half of the range the replies still allow; a careless one guesses any number not tried yet. The
+  corpus mixes both, so a model that learned it plays in between and reinforcement learning has a better
+  strategy to find.
+
 Everything here is pure Python and deterministic for a given seed (``random.Random``, no global state),
 so tasks, tests and the model build agree on the data without sharing files.
 
@@ -31,6 +46,7 @@ import itertools
 import random
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
@@ -280,11 +296,6 @@ def wrong_answer(rng: random.Random, a: int, b: int) -> int:
 _SUM_LINE = re.compile(r"^\d+\+\d+=\d+$")
 
 
-def is_arithmetic(document: str) -> bool:
-    """Whether a corpus document is a sum line (``"17+25=42"``) rather than a review sentence."""
-    return bool(_SUM_LINE.match(document))
-
-
 def arithmetic_line(rng: random.Random, a: int, b: int, forgotten_carry_share: float) -> str:
     """Formats one sum as ``"a+b=c"``; if its ones digits carry, ``c`` forgets the carry with probability
     ``forgotten_carry_share`` (a sum without a carry is always right)."""
@@ -292,30 +303,151 @@ def arithmetic_line(rng: random.Random, a: int, b: int, forgotten_carry_share: f
     return f"{a}+{b}={answer}"
 
 
+# ------------------------------------------------------------------------------------------ transcripts
+CALL_FORMAT = "<calc>{expression}</calc>"  # the calculator protocol's tool call (rlfb/envs/builtin_protocols.py)
+QUESTION_FORMAT = "Calculate {a} + {b}."  # reasoning-gym's basic_arithmetic wording of a two-term sum
+GAME_RANGES = ((1, 20), (1, 20), (1, 20), (1, 10), (1, 30))  # drawn uniformly: 1-20 (the task's default) most
+MAX_GAME_GUESSES = 8
+HIGHER, LOWER, CORRECT = "higher", "lower", "correct"  # the guess_number protocol's replies
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A conversation of the corpus: an opening, then the model's turns with the environment's replies between.
+
+    The build tokenizes every part on its own, as ``rlfb/MultiTurn-v0`` does, and ends every model turn
+    with end-of-text; ``replies[i]`` follows ``turns[i]`` (so there is one reply fewer than turns, or as
+    many when the conversation ends on a reply), each rendered with the environment's plain reply template.
+
+    Attributes:
+        opening: The first text (a prompt).
+        turns: The model's turns.
+        replies: The environment's replies (raw texts, before the template).
+    """
+
+    opening: str
+    turns: tuple[str, ...]
+    replies: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """All parts joined with newlines (what the tokenizer is trained on)."""
+        parts = [self.opening]
+        for index, turn in enumerate(self.turns):
+            parts.append(turn)
+            if index < len(self.replies):
+                parts.append(self.replies[index])
+        return "\n".join(parts)
+
+
+Document = str | Transcript
+
+
+def guess_opening(low: int, high: int) -> str:
+    """The opening of a guess-the-number game: ``"Guess 1-20:"`` (the ``guess_number`` task's prompt)."""
+    return f"Guess {low}-{high}:"
+
+
+def calculator_transcript(a: int, b: int) -> Transcript:
+    """``a+b=``, a tool call for ``a+b``, the tool's result, and the result as the final answer."""
+    result = str(a + b)
+    return Transcript(f"{a}+{b}=", (CALL_FORMAT.format(expression=f"{a}+{b}"), result), (result,))
+
+
+def question_sum(rng: random.Random, a: int, b: int, forgotten_carry_share: float) -> Transcript:
+    """``"Calculate a + b."`` answered like a sum line (the carry forgotten as often)."""
+    answer = arithmetic_line(rng, a, b, forgotten_carry_share).rsplit("=", 1)[1]
+    return Transcript(QUESTION_FORMAT.format(a=a, b=b), (f" {answer}",))
+
+
+def guess_game(rng: random.Random, low: int, high: int, careful: bool) -> Transcript:
+    """One game of guess-the-number, played carefully or carelessly (see the module docstring).
+
+    Example:
+        >>> game = guess_game(random.Random(0), 1, 20, careful=True)
+        >>> game.opening, game.replies[-1], len(game.turns) == len(game.replies)
+        ('Guess 1-20:', 'correct', True)
+    """
+    secret = rng.randint(low, high)
+    possible_low, possible_high = low, high
+    tried: set[int] = set()
+    turns: list[str] = []
+    replies: list[str] = []
+    while True:
+        if careful:
+            quarter = (possible_high - possible_low) / 4
+            guess = rng.randint(round(possible_low + quarter), round(possible_high - quarter))
+        else:
+            guess = rng.choice([number for number in range(low, high + 1) if number not in tried])
+        tried.add(guess)
+        turns.append(str(guess))
+        if guess == secret:
+            return Transcript(guess_opening(low, high), tuple(turns), (*replies, CORRECT))
+        if len(turns) == MAX_GAME_GUESSES:
+            return Transcript(guess_opening(low, high), tuple(turns), tuple(replies))
+        if guess < secret:
+            replies.append(HIGHER)
+            possible_low = max(possible_low, guess + 1)
+        else:
+            replies.append(LOWER)
+            possible_high = min(possible_high, guess - 1)
+
+
+def is_arithmetic(document: Document) -> bool:
+    """Whether a corpus document is about sums (a sum line, a calculator call, a question) or not."""
+    if isinstance(document, Transcript):
+        return not document.opening.startswith("Guess ")
+    return bool(_SUM_LINE.match(document))
+
+
+def document_text(document: Document) -> str:
+    """A document as one text (a transcript's parts joined by newlines)."""
+    return document.text() if isinstance(document, Transcript) else document
+
+
 # ----------------------------------------------------------------------------------------------- corpus
 def pretraining_corpus(n_documents: int, seed: int, arithmetic_share: float = 0.5,
-                       forgotten_carry_share: float = 0.7) -> list[str]:
+                       forgotten_carry_share: float = 0.7, *, game_share: float = 0.0, tool_share: float = 0.0,
+                       question_share: float = 0.0, careful_share: float = 0.3) -> list[Document]:
     """Generates the pretraining documents of the built-in model.
 
     Review sentences cycle through positive, negative and neutral sentiment so the three are balanced
-    exactly; arithmetic lines use only "train" operand pairs.
+    exactly; sums use only "train" operand pairs. With every transcript share at 0 (``rlfb-tiny``) the
+    corpus is a list of strings, the same for a seed as before transcripts existed.
 
     Args:
-        n_documents: How many documents (lines) to generate.
+        n_documents: How many documents to generate.
         seed: Seeds the grammar; the same seed gives the same corpus.
-        arithmetic_share: Fraction of documents that are arithmetic lines.
-        forgotten_carry_share: Fraction of the arithmetic lines with a carry that forget it.
+        arithmetic_share: Fraction of the documents other than games that are about sums.
+        forgotten_carry_share: Fraction of the sums with a carry that forget it.
+        game_share: Fraction of all documents that are guess-the-number games.
+        tool_share: Fraction of the sum documents that are calculator calls.
+        question_share: Fraction of the sum documents that are questions ("Calculate 17 + 25.").
+        careful_share: Fraction of the games played carefully.
 
     Returns:
-        The documents, shuffled, without end-of-text markers.
+        The documents (strings and :class:`Transcript`), shuffled, without end-of-text markers.
     """
     rng = random.Random(seed)
-    n_arithmetic = round(n_documents * arithmetic_share)
+    n_games = round(n_documents * game_share)
+    n_arithmetic = round((n_documents - n_games) * arithmetic_share)
     train_pairs = _sum_splits()["train"]
-    documents = [arithmetic_line(rng, *rng.choice(train_pairs), forgotten_carry_share)
-                 for _ in range(n_arithmetic)]
+    documents: list[Document] = []
+    # Transcripts draw from a generator of their own, so a recipe without them gets the same corpus as before.
+    transcript_rng = random.Random(f"{seed}:transcripts")
+    for _ in range(n_arithmetic):
+        pair = rng.choice(train_pairs)
+        roll = transcript_rng.random() if tool_share or question_share else 1.0
+        if roll < tool_share:
+            documents.append(calculator_transcript(*pair))
+        elif roll < tool_share + question_share:
+            documents.append(question_sum(transcript_rng, *pair, forgotten_carry_share))
+        else:
+            documents.append(arithmetic_line(rng, *pair, forgotten_carry_share))
+    for _ in range(n_games):
+        low, high = transcript_rng.choice(GAME_RANGES)
+        documents.append(guess_game(transcript_rng, low, high, transcript_rng.random() < careful_share))
     sentiments = itertools.cycle(SENTIMENTS)
-    documents += [review_sentence(rng, next(sentiments)) for _ in range(n_documents - n_arithmetic)]
+    documents += [review_sentence(rng, next(sentiments)) for _ in range(n_documents - n_arithmetic - n_games)]
     rng.shuffle(documents)
     return documents
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 BUILTIN_MODELS: dict[str, str] = {
     "rlfb-tiny": "GPT-2 (~1M parameters) pretrained offline by rlfb on its own review sentences and sums; "
                  "shipped inside the package (`rlfb models build rlfb-tiny` rebuilds it from its recipe)",
+    "rlfb-tiny-multiturn": "rlfb-tiny's recipe plus transcripts of the multi-turn formats (calculator calls, "
+                           "guess-the-number games, sums as questions); shipped inside the package",
 }
 
 # A hub id: "name" or "org/name", letters, digits and -_. only (see huggingface_hub's repo id rules).

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlfb.cli import main
 from rlfb.errors import ModelNotFoundError
-from rlfb.models import builtin
+from rlfb.models import builtin, corpus
 
 TINY = builtin.TinyModelRecipe(n_documents=400, vocab_size=300, n_layer=1, n_embd=16, n_head=2,
                                n_positions=48, steps=12, batch_size=8, warmup_steps=3, learning_rate=1e-2)
@@ -172,15 +172,22 @@ def test_rlfb_tiny_loads_the_shipped_copy_with_no_build(rlfb_home: Path, monkeyp
     assert not rlfb_home.exists()  # nothing was written to the cache
 
 
-def test_shipped_copy_is_a_build_of_the_registered_recipe_with_its_recorded_weights() -> None:
-    shipped = builtin.shipped_path("rlfb-tiny")
-    recipe = builtin.BUILTIN_RECIPES["rlfb-tiny"]
+@pytest.mark.parametrize("name", sorted(builtin.BUILTIN_RECIPES))
+def test_shipped_copy_is_a_build_of_the_registered_recipe_with_its_recorded_weights(name: str) -> None:
+    shipped = builtin.shipped_path(name)
+    recipe = builtin.BUILTIN_RECIPES[name]
     record = builtin.read_marker(shipped)
     assert record is not None and record["recipe_hash"] == recipe.fingerprint()
-    assert record["recipe"] == dataclasses.asdict(recipe) and record["torch_version"]
+    assert record["recipe"] == recipe.fields() and record["torch_version"]
     assert builtin.weights_sha256(shipped) == record["weights_sha256"]
     assert builtin.verify_entry(shipped, recipe) is None
     assert builtin.directory_size(shipped) < 5e6  # a few MB of package data
+
+
+def test_every_builtin_model_is_listed_with_a_description() -> None:
+    from rlfb.models.loading import BUILTIN_MODELS
+
+    assert set(BUILTIN_MODELS) == set(builtin.BUILTIN_RECIPES)
 
 
 def test_build_goes_to_the_cache_not_the_package_and_says_it_matches(
@@ -257,3 +264,38 @@ def test_damaged_shipped_copy_is_reported_not_loaded(rlfb_home: Path, shipped_ti
 def test_cli_unknown_model_lists_the_builtins(rlfb_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "build", "rlfb-huge"]) == 1
     assert "unknown built-in model 'rlfb-huge'; built-in models: rlfb-tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["calculator", "game"])
+def test_transcripts_are_tokenized_as_the_multi_turn_environment_renders_them(kind: str) -> None:
+    # rlfb-tiny-multiturn learns the formats of rlfb/MultiTurn-v0 only if its corpus rows are token for token
+    # what the environment shows a model: each part tokenized alone, EOS closing each model turn.
+    import random
+
+    import gymnasium as gym
+    import numpy as np
+
+    from rlfb.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("rlfb-tiny-multiturn")
+    if kind == "calculator":
+        transcript = corpus.calculator_transcript(17, 25)
+        options = {"protocol": "calculator"}
+        row = {"prompt": transcript.opening, "answer": "42"}
+    else:
+        transcript = corpus.guess_game(random.Random(3), 1, 20, careful=True)
+        options = {"protocol": "guess_number", "task": "guess_number"}
+        secret = int(transcript.turns[-1])  # a range of one number fixes the secret; the replies are the game's
+        row = {"prompt": transcript.opening, "low": secret, "high": secret}
+    assert len(transcript.turns) >= 2
+    [expected] = builtin._encode_documents([transcript], tokenizer, 64)
+    env = gym.make("rlfb/MultiTurn-v0", model="rlfb-tiny-multiturn", max_turns=8, max_turn_tokens=16, **options)
+    env.reset(seed=0, options={"prompt": row})
+    for turn in transcript.turns:
+        observation, _, terminated, truncated, _ = env.step(
+            np.array(tokenizer(turn)["input_ids"] + [tokenizer.eos_token_id]))
+    assert terminated and not truncated
+    tokens = observation["input_ids"][observation["attention_mask"] == 1].tolist()
+    # A game ends on the "correct" reply, after which the corpus row closes with end-of-text.
+    closing = [tokenizer.eos_token_id] if kind == "game" else []
+    assert tokens + closing == expected, (tokenizer.decode(tokens), tokenizer.decode(expected))

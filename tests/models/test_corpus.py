@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import statistics
 
 import pytest
@@ -103,3 +105,69 @@ def test_is_arithmetic_tells_sums_from_reviews() -> None:
     documents = corpus.pretraining_corpus(300, seed=2, arithmetic_share=0.5)
     assert sum(map(corpus.is_arithmetic, documents)) == 150
     assert corpus.is_arithmetic("17+25=41") and not corpus.is_arithmetic("The plot was 17+25=42 great.")
+
+
+# ------------------------------------------------------------------------------------------ transcripts
+def _operands(text: str) -> tuple[int, int]:
+    a, b = (int(number) for number in re.findall(r"\d+", text)[:2])
+    return a, b
+
+
+def test_transcripts_keep_the_eval_sums_held_out_and_are_seeded() -> None:
+    options = {"arithmetic_share": 1.0, "tool_share": 0.3, "question_share": 0.3}
+    documents = corpus.pretraining_corpus(6000, seed=0, **options)
+    assert documents == corpus.pretraining_corpus(6000, seed=0, **options)
+    assert documents != corpus.pretraining_corpus(6000, seed=1, **options)
+    eval_pairs = {_operands(prompt) for prompt, _ in corpus.arithmetic_problems("eval")}
+    seen = {_operands(corpus.document_text(document)) for document in documents}
+    assert len(seen) > 1000 and not seen & eval_pairs
+    calls = [d for d in documents if isinstance(d, corpus.Transcript) and d.opening.endswith("=")]
+    questions = [d for d in documents if isinstance(d, corpus.Transcript) and d.opening.startswith("Calculate ")]
+    assert 1500 < len(calls) < 2100 and 1500 < len(questions) < 2100
+    for call in calls:  # the call names the prompt's sum and the final answer copies the tool's result
+        a, b = _operands(call.opening)
+        assert call.turns == (f"<calc>{a}+{b}</calc>", str(a + b)) and call.replies == (str(a + b),)
+
+
+def test_questions_forget_carries_like_sum_lines() -> None:
+    documents = corpus.pretraining_corpus(4000, seed=2, arithmetic_share=1.0, question_share=1.0)
+    forgotten = carry = 0
+    for question in documents:
+        assert isinstance(question, corpus.Transcript) and question.opening.startswith("Calculate ")
+        a, b = _operands(question.opening)
+        answer = int(question.turns[0])
+        assert question.turns[0].startswith(" ") and answer in (a + b, corpus.forgotten_carry(a, b))
+        if corpus.carries(a, b):
+            carry += 1
+            forgotten += answer != a + b
+    assert 0.65 < forgotten / carry < 0.75
+
+
+def test_games_follow_the_rules_and_careful_players_win_more_often() -> None:
+    rng = random.Random(0)
+    wins = {True: 0, False: 0}
+    for index in range(2000):
+        careful = index % 2 == 0
+        game = corpus.guess_game(rng, 1, 20, careful)
+        guesses = [int(turn) for turn in game.turns]
+        assert game.opening == "Guess 1-20:" and len(guesses) <= corpus.MAX_GAME_GUESSES
+        solved = game.replies[-1:] == (corpus.CORRECT,)
+        assert len(game.replies) == len(guesses) - (not solved) and len(set(guesses)) == len(guesses)
+        assert solved or len(guesses) == corpus.MAX_GAME_GUESSES
+        low, high = 1, 20
+        for guess, reply in zip(guesses, game.replies, strict=False):
+            # the replies bracket the secret; a careful guess stays within what they still allow
+            if careful:
+                assert low <= guess <= high
+            if reply != corpus.CORRECT:
+                low, high = (guess + 1, high) if reply == corpus.HIGHER else (low, guess - 1)
+        assert low <= guesses[-1] <= high or not careful
+        wins[careful] += solved and len(guesses) <= 5
+    assert wins[True] > 0.85 * 1000 and 0.15 * 1000 < wins[False] < 0.35 * 1000
+
+
+def test_a_corpus_without_transcripts_is_the_one_from_before_them() -> None:
+    # rlfb-tiny's recipe has no transcripts: its corpus (and so its shipped build) must not change.
+    documents = corpus.pretraining_corpus(500, seed=0, arithmetic_share=0.7, forgotten_carry_share=0.7)
+    assert all(isinstance(document, str) for document in documents)
+    assert hashlib.sha256("\n".join(documents).encode()).hexdigest()[:16] == "64f58e86ef149753"
