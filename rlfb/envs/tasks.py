@@ -317,7 +317,9 @@ def guess_number_task(low: int = 1, high: int = 20) -> Task:
     """
     if low > high:
         raise ConfigError(f"guess_number: low ({low}) must not exceed high ({high})")
-    row = {"prompt": f"Guess {low}-{high}:", "low": low, "high": high}
+    from rlfb.models.corpus import guess_opening  # the wording rlfb-tiny-multiturn's games were played in
+
+    row = {"prompt": guess_opening(low, high), "low": low, "high": high}
     return Task("guess_number", train=(row,), eval=(dict(row),),
                 description="a number range for the guess_number protocol of rlfb/MultiTurn-v0")
 

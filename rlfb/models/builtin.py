@@ -150,9 +150,9 @@ BUILTIN_RECIPES: dict[str, TinyModelRecipe] = {
     "rlfb-tiny": TinyModelRecipe(),
     # rlfb-tiny's recipe plus transcripts of the multi-turn environments' formats, for the calculator, the
     # guess-the-number game and reasoning-gym's basic_arithmetic (docs/models.md): 20,000 more documents and
-    # 400 more steps for the new kinds. rlfb-tiny stays as it was, so every figure measured on it still holds.
-    "rlfb-tiny-multiturn": TinyModelRecipe(n_documents=80_000, steps=1600, game_share=0.2, tool_share=0.15,
-                                           question_share=0.2),
+    # 800 more steps for the new kinds. rlfb-tiny stays as it was, so every figure measured on it still holds.
+    "rlfb-tiny-multiturn": TinyModelRecipe(n_documents=80_000, steps=2000, game_share=0.25, tool_share=0.15,
+                                           question_share=0.35, careful_share=0.4),
 }
 
 

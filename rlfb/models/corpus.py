@@ -25,10 +25,10 @@ the multi-turn environments' formats are not new to that model:
   sum lines (the wording of reasoning-gym's ``basic_arithmetic``, so one of that library's datasets is
   not foreign to the model).
 * **Guess-the-number games**: ``"Guess 1-20:"``, guesses answered ``"higher"`` / ``"lower"`` until the
-  secret is guessed (``"correct"``) or :data:`MAX_GAME_GUESSES` guesses are made. A *careful* player guesses within the
-  middle half of the range the replies still allow; a careless one guesses any number not tried yet. The
-  corpus mixes both, so a model that learned it plays in between and reinforcement learning has a better
-  strategy to find.
+  secret is guessed (``"correct"``) or :data:`MAX_GAME_GUESSES` guesses are made. A *careful* player
+  guesses about halfway through the range the replies still allow (a binary search, one off now and
+  then); a careless one guesses any number not tried yet. The corpus mixes both, so a model that learned
+  it plays in between and reinforcement learning has a better strategy to find.
 
 Everything here is pure Python and deterministic for a given seed (``random.Random``, no global state),
 so tasks, tests and the model build agree on the data without sharing files.
@@ -373,9 +373,9 @@ def guess_game(rng: random.Random, low: int, high: int, careful: bool) -> Transc
     turns: list[str] = []
     replies: list[str] = []
     while True:
-        if careful:
-            quarter = (possible_high - possible_low) / 4
-            guess = rng.randint(round(possible_low + quarter), round(possible_high - quarter))
+        if careful:  # about halfway through what the replies still allow (a binary search, one off at times)
+            middle = (possible_low + possible_high) // 2 + rng.choice((-1, 0, 0, 1))
+            guess = min(max(middle, possible_low), possible_high)
         else:
             guess = rng.choice([number for number in range(low, high + 1) if number not in tried])
         tried.add(guess)

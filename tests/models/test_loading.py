@@ -27,7 +27,7 @@ def rlfb_home(rlfb_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_missing_path_says_the_path_does_not_exist(name: str) -> None:
     with pytest.raises(ModelNotFoundError, match=rf"model path '{name}' does not exist \(looked for "
                                                  rf"{Path(name).expanduser().absolute()}\); name an existing model "
-                                                 r"directory, a hub id \(org/name\) or a built-in model \(rlfb-tiny\)"):
+                                                 r"directory, a hub id \(org/name\) or a built-in model \(rlfb-tiny, rlfb-tiny-multiturn\)"):
         loading.resolve_model_path(name)
 
 
