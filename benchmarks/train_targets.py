@@ -2,6 +2,7 @@
 
     python benchmarks/train_targets.py                         # all three configs, seeds 0 1 2
     python benchmarks/train_targets.py configs/sentiment_ppo.yaml --seeds 0
+    python benchmarks/train_targets.py configs/calculator_grpo.yaml --seeds 0 1 --jobs 2 --threads 1   # in parallel
     python benchmarks/train_targets.py configs/sentiment_ppo.yaml --minutes 20 --seeds 0   # stability run
     python benchmarks/train_targets.py configs/sentiment_ppo.yaml --stability-updates 4000 --seeds 0   # the same,
                                                # as a number of updates (what 20 quiet minutes fit): load-proof
@@ -34,6 +35,8 @@ For a multi-turn config the measure is the share of held-out episodes the protoc
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default: the config's `threads` key, as rlfb train)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output-dir", default=None, help="where runs go (default: a temporary directory)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds trained at a time, each in its own process (2 on 2 cores with threads=1)")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.threads is not None:
@@ -208,12 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     for config_path in args.configs:
         name = Path(config_path).stem
         runs = []
-        for seed in args.seeds:
-            measures = run_once(config_path, seed, output_dir, overrides)
-            print(f"{name} seed {seed}: " + ", ".join(
-                f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-                for key, value in measures.items()), flush=True)
-            runs.append(measures)
+        # spawn, not fork: each seed trains in a fresh interpreter, not in a copy of this one's torch state
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(run_once, *zip(*[(config_path, seed, output_dir, overrides) for seed in args.seeds],
+                                              strict=True))
+            for seed, measures in zip(args.seeds, results, strict=True):
+                print(f"{name} seed {seed}: " + ", ".join(
+                    f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in measures.items()), flush=True)
+                runs.append(measures)
         all_ok &= summarize(name, runs, TARGETS.get(name), stability=stability)
     return 0 if all_ok else 1
 
