@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import statistics
 import sys
@@ -141,6 +142,8 @@ def summarize(name: str, runs: list[dict[str, Any]], target: Target | None, stab
     print(f"\n== {name}: {len(runs)} seed(s)")
     for key in keys:
         values = [run[key] for run in runs]
+        if any(math.isnan(value) for value in values):  # not measured for this config (a protocol without tools)
+            continue
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         per_seed = "  ".join(f"{value:.3f}" for value in values)
         print(f"{key:>20}: mean {statistics.mean(values):8.3f}  std {spread:7.3f}   seeds: {per_seed}")
