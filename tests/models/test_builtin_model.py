@@ -6,7 +6,6 @@ Every test builds a much smaller variant of the recipe (a few seconds), never th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
