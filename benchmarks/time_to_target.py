@@ -9,8 +9,11 @@ LoRA, KL coefficient and torch threads (see benchmarks/throughput.py, whose sett
 each in its own subprocess, taking turns. Every ``--eval-every`` updates the policy is evaluated on the
 same held-out prompts with the same code and sampling seed (:func:`rlfb.evaluation.evaluate_policy`,
 one completion per prompt); the clock stops when the mean VADER reaches ``--threshold``. The clock runs
-from the start of ``train()`` (for rlfb this includes loading the model, for TRL it does not) and
-excludes the evaluations themselves. A side that does not reach the threshold within ``--max-seconds``
+from before the trainer is constructed, so both sides pay for loading the model and wrapping it with
+LoRA (TRL's GRPOTrainer does it in its constructor, rlfb's Trainer at the start of ``train()``; until
+session 7 the clock started after construction, which charged the loading to rlfb alone), and it
+excludes the evaluations themselves. The updates to the threshold vary with the seed (110-175 for either
+side over seeds 0-2), so compare over several ``--seed`` values. A side that does not reach the threshold within ``--max-seconds``
 of training time is reported as "not reached" with its best held-out reward.
 """
 
@@ -92,6 +95,9 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
     model = model_path(args, workdir)
     clock = TargetClock(args)
     with tempfile.TemporaryDirectory(dir=workdir) as output_dir:
+        # The clock starts before either trainer is made: TRL's GRPOTrainer loads the model and wraps it with
+        # LoRA when it is constructed, rlfb's Trainer when train() starts; both pay it on the clock.
+        clock.start()
         if side.startswith("rlfb"):
             trainer: Any = None
 
@@ -103,7 +109,6 @@ def worker(args: argparse.Namespace, side: str) -> dict[str, Any]:
         else:
             trainer = trl_trainer(args, side.split("-")[1], model, Path(output_dir), updates=100_000,
                                   callbacks=[trl_target_callback(clock, args)])
-        clock.start()
         trainer.train()
     return clock.report(side)
 
