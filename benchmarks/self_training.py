@@ -3,6 +3,7 @@
     python benchmarks/self_training.py                       # configs/arithmetic_self_training.yaml, seeds 0 1,
                                                              # lm_coef (lambda) 0.5 as shipped and 0
     python benchmarks/self_training.py --seeds 0 --lm-coefs 0.5 0.2 0
+    python benchmarks/self_training.py --lm-coefs 0 --set budget.time_limit_s=270   # longer: more drift
 
 Each run trains the config (its ``budget``), then measures:
 
@@ -74,10 +75,11 @@ def review_nll(policy: Policy) -> float:
                             for _ in range(REVIEW_SENTENCES // 64))
 
 
-def run_once(config_path: Path, seed: int, lm_coef: float, output_dir: Path) -> dict[str, Any]:
+def run_once(config_path: Path, seed: int, lm_coef: float, output_dir: Path,
+             overrides: list[str] | None = None) -> dict[str, Any]:
     """Train one seed at one lambda; return its measures."""
     config = load_config(config_path, [f"seed={seed}", f"agent.lm_coef={lm_coef}", f"output_dir={output_dir}",
-                                       "logging.progress_bar=false", "logging.tensorboard=false"])
+                                       "logging.progress_bar=false", "logging.tensorboard=false", *(overrides or [])])
     configure_threads(config.threads)
     started = time.perf_counter()
     trainer = Trainer(config)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lm-coefs", type=float, nargs="+", default=[0.5, 0.0],
                         help="lambda values; the first > 0 is compared with 0")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set budget.time_limit_s=270")
     args = parser.parse_args(argv)
     config_path = ROOT / args.config if not Path(args.config).exists() else Path(args.config)
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as output_dir:
         for lm_coef in args.lm_coefs:
             for seed in args.seeds:
-                run = run_once(config_path, seed, lm_coef, Path(output_dir))
+                run = run_once(config_path, seed, lm_coef, Path(output_dir), args.overrides)
                 run["fluency_drop"] = base_fluency - run["review_fluency"]
                 run["nll_rise"] = run["review_nll"] - base_nll
                 runs.append(run)
