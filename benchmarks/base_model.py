@@ -79,7 +79,7 @@ def measure(path: Path, num_threads: int) -> dict[str, object]:
     from rlfb.models.loading import load_model
 
     model, tokenizer = load_model(str(path), device="cpu")
-    with builtin._torch_threads(num_threads):
+    with builtin.torch_threads(num_threads):
         vocabulary_rate, mean_compound, samples = review_quality(model, tokenizer)
         accuracy = arithmetic_accuracy(model, tokenizer)
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocabulary_rate": vocabulary_rate,
