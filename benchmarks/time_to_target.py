@@ -13,8 +13,8 @@ from before the trainer is constructed, so both sides pay for loading the model 
 LoRA (TRL's GRPOTrainer does it in its constructor, rlfb's Trainer at the start of ``train()``; until
 session 7 the clock started after construction, which charged the loading to rlfb alone), and it
 excludes the evaluations themselves. The updates to the threshold vary with the seed (110-175 for either
-side over seeds 0-2), so compare over several ``--seed`` values. A side that does not reach the threshold within ``--max-seconds``
-of training time is reported as "not reached" with its best held-out reward.
+side over seeds 0-2), so compare over several ``--seed`` values. A side that does not reach the threshold
+within ``--max-seconds`` of training time is reported as "not reached" with its best held-out reward.
 """
 
 from __future__ import annotations

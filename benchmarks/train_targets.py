@@ -102,6 +102,7 @@ def run_once(config_path: str, seed: int, output_dir: Path, overrides: list[str]
         "before": before,
         "after": after,
         "gain": after - before,
+        "relative_gain": (after - before) / before if before else float("nan"),
         # The share of held-out episodes that called a tool (NaN where the protocol has no tool).
         "tool_use_before": result.before.episodes.get("tool_use", float("nan")),
         "tool_use_after": result.after.episodes.get("tool_use", float("nan")),
@@ -137,8 +138,6 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def summarize(name: str, runs: list[dict[str, Any]], target: Target | None, stability: bool) -> bool:
     keys = ["before", "after", "gain", "relative_gain", "tool_use_before", "tool_use_after", "kl",
             "distinct2_ratio", "fluency_drop", "max_eval_kl", "max_train_kl_avg10", "updates", "train_s", "wall_s"]
-    for run in runs:
-        run["relative_gain"] = run["gain"] / run["before"] if run["before"] else float("nan")
     print(f"\n== {name}: {len(runs)} seed(s)")
     for key in keys:
         values = [run[key] for run in runs]

@@ -38,6 +38,7 @@ import numpy as np
 
 from rlfb.envs.protocol import MultiTurnProtocol, Reply, register_protocol
 from rlfb.errors import DatasetError
+from rlfb.models import corpus
 
 __all__ = ["Calculator", "CalculatorState", "GuessNumber", "GuessState", "evaluate_expression"]
 
@@ -128,7 +129,8 @@ class GuessNumber(MultiTurnProtocol[GuessState]):
     """
 
     default_task = "guess_number"
-    HIGHER, LOWER, CORRECT, NOT_A_NUMBER = "higher", "lower", "correct", "number?"
+    # The same words as rlfb-tiny-multiturn's corpus games (rlfb/models/corpus.py), so its model knows them.
+    HIGHER, LOWER, CORRECT, NOT_A_NUMBER = corpus.HIGHER, corpus.LOWER, corpus.CORRECT, "number?"
 
     def __init__(self, success_reward: float = 1.0, low: int = 1, high: int = 20) -> None:
         self.success_reward = success_reward

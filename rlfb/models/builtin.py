@@ -503,9 +503,9 @@ def build_model(recipe: TinyModelRecipe, output_dir: str | Path, *, name: str = 
 
 
 def _kind(document: corpus.Document) -> str:
-    if not corpus.is_arithmetic(document):
-        return "games" if isinstance(document, corpus.Transcript) else "reviews"
-    return "sums"
+    if isinstance(document, corpus.Transcript) and document.kind == "game":
+        return "games"
+    return "sums" if corpus.is_arithmetic(document) else "reviews"
 
 
 def _encode_documents(documents: list[corpus.Document], tokenizer: Any, n_positions: int) -> list[list[int]]:
@@ -524,11 +524,12 @@ def _encode_documents(documents: list[corpus.Document], tokenizer: Any, n_positi
         if isinstance(document, str):
             ids = next(encoded_texts)[: n_positions - 1] + [eos_id]
         else:
-            ids = tokenizer(document.opening)["input_ids"]
-            for index, turn in enumerate(document.turns):
-                ids += tokenizer(turn)["input_ids"] + [eos_id]
-                if index < len(document.replies):
-                    ids += tokenizer(DEFAULT_REPLY_TEMPLATE.format(reply=document.replies[index]))["input_ids"]
+            ids = []
+            for role, text in document.parts():
+                if role == "reply":
+                    ids += tokenizer(DEFAULT_REPLY_TEMPLATE.format(reply=text))["input_ids"]
+                else:
+                    ids += tokenizer(text)["input_ids"] + ([eos_id] if role == "turn" else [])
             if len(document.replies) == len(document.turns):  # ends on a reply: the document still ends
                 ids.append(eos_id)
             ids = ids[:n_positions]

@@ -308,7 +308,9 @@ CALL_FORMAT = "<calc>{expression}</calc>"  # the calculator protocol's tool call
 QUESTION_FORMAT = "Calculate {a} + {b}."  # reasoning-gym's basic_arithmetic wording of a two-term sum
 GAME_RANGES = ((1, 20), (1, 20), (1, 20), (1, 10), (1, 30))  # drawn uniformly: 1-20 (the task's default) most
 MAX_GAME_GUESSES = 8
-HIGHER, LOWER, CORRECT = "higher", "lower", "correct"  # the guess_number protocol's replies
+HIGHER, LOWER, CORRECT = "higher", "lower", "correct"  # the guess_number protocol's replies (it uses these)
+TranscriptKind = Literal["calculator", "question", "game"]
+Role = Literal["opening", "turn", "reply"]
 
 
 @dataclass(frozen=True)
@@ -320,23 +322,28 @@ class Transcript:
     many when the conversation ends on a reply), each rendered with the environment's plain reply template.
 
     Attributes:
+        kind: Which format it shows: a calculator call, a sum as a question, or a game.
         opening: The first text (a prompt).
         turns: The model's turns.
         replies: The environment's replies (raw texts, before the template).
     """
 
+    kind: TranscriptKind
     opening: str
     turns: tuple[str, ...]
     replies: tuple[str, ...] = ()
 
+    def parts(self) -> Iterator[tuple[Role, str]]:
+        """The opening, then each turn followed by its reply, in conversation order."""
+        yield "opening", self.opening
+        for index, turn in enumerate(self.turns):
+            yield "turn", turn
+            if index < len(self.replies):
+                yield "reply", self.replies[index]
+
     def text(self) -> str:
         """All parts joined with newlines (what the tokenizer is trained on)."""
-        parts = [self.opening]
-        for index, turn in enumerate(self.turns):
-            parts.append(turn)
-            if index < len(self.replies):
-                parts.append(self.replies[index])
-        return "\n".join(parts)
+        return "\n".join(text for _, text in self.parts())
 
 
 Document = str | Transcript
@@ -350,13 +357,13 @@ def guess_opening(low: int, high: int) -> str:
 def calculator_transcript(a: int, b: int) -> Transcript:
     """``a+b=``, a tool call for ``a+b``, the tool's result, and the result as the final answer."""
     result = str(a + b)
-    return Transcript(f"{a}+{b}=", (CALL_FORMAT.format(expression=f"{a}+{b}"), result), (result,))
+    return Transcript("calculator", f"{a}+{b}=", (CALL_FORMAT.format(expression=f"{a}+{b}"), result), (result,))
 
 
 def question_sum(rng: random.Random, a: int, b: int, forgotten_carry_share: float) -> Transcript:
     """``"Calculate a + b."`` answered like a sum line (the carry forgotten as often)."""
     answer = arithmetic_line(rng, a, b, forgotten_carry_share).rsplit("=", 1)[1]
-    return Transcript(QUESTION_FORMAT.format(a=a, b=b), (f" {answer}",))
+    return Transcript("question", QUESTION_FORMAT.format(a=a, b=b), (f" {answer}",))
 
 
 def guess_game(rng: random.Random, low: int, high: int, careful: bool) -> Transcript:
@@ -381,9 +388,9 @@ def guess_game(rng: random.Random, low: int, high: int, careful: bool) -> Transc
         tried.add(guess)
         turns.append(str(guess))
         if guess == secret:
-            return Transcript(guess_opening(low, high), tuple(turns), (*replies, CORRECT))
+            return Transcript("game", guess_opening(low, high), tuple(turns), (*replies, CORRECT))
         if len(turns) == MAX_GAME_GUESSES:
-            return Transcript(guess_opening(low, high), tuple(turns), tuple(replies))
+            return Transcript("game", guess_opening(low, high), tuple(turns), tuple(replies))
         if guess < secret:
             replies.append(HIGHER)
             possible_low = max(possible_low, guess + 1)
@@ -395,7 +402,7 @@ def guess_game(rng: random.Random, low: int, high: int, careful: bool) -> Transc
 def is_arithmetic(document: Document) -> bool:
     """Whether a corpus document is about sums (a sum line, a calculator call, a question) or not."""
     if isinstance(document, Transcript):
-        return not document.opening.startswith("Guess ")
+        return document.kind != "game"
     return bool(_SUM_LINE.match(document))
 
 
