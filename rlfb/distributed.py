@@ -42,7 +42,7 @@ import datetime
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ __all__ = [
     "mean_across_ranks",
     "pop_collective_seconds",
     "rank_seed",
-    "token_share",
+    "token_shares",
     "world_size",
 ]
 
@@ -301,15 +301,18 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter],
 
     A parameter without a gradient on this rank counts as a zero gradient, so every rank reduces the
     same buffer shape. ``riders``, a 1-d tensor of statistics every rank holds, are averaged in the same
-    all-reduce (a collective saved: each one waits for the slowest rank) and returned, in float32;
-    ``riders`` itself with one process.
+    all-reduce (a collective saved: each one waits for the slowest rank) and returned, in float64 when
+    they are float64 (the gradients then reduced in float64 too), float32 otherwise; ``riders`` itself
+    with one process.
     """
     if not active() or dist.get_world_size() == 1:
         return riders
     parameters = [parameter for parameter in parameters if parameter.requires_grad]
     grads = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter) for parameter in parameters]
-    pieces = [grad.reshape(-1).float() for grad in grads] + ([riders.detach().reshape(-1).float()] if riders is not None
-                                                             else [])
+    # float64 when the riders are (statistics summed in float64 stay so; LoRA gradients are few numbers)
+    dtype = torch.float64 if riders is not None and riders.dtype == torch.float64 else torch.float32
+    pieces = [grad.reshape(-1).to(dtype) for grad in grads] + ([riders.detach().reshape(-1).to(dtype)]
+                                                               if riders is not None else [])
     if not pieces:
         return riders
     flat = torch.cat(pieces)
@@ -426,23 +429,22 @@ def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return total / count.clamp(min=1)
 
 
-def token_share(mask: torch.Tensor, wish: bool = False) -> tuple[torch.Tensor | None, bool]:
-    """This rank's share of the batch's masked elements times the number of ranks, N_r * W / N, and
-    :func:`agree` on ``wish`` in the same all-reduce (a collective saved).
+def token_shares(masks: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Each of ``masks``' share of the batch's masked elements times the number of ranks, N_r,k * W / N_k
+    (one per mask, e.g. per minibatch of an epoch), from one all-reduce of this rank's counts.
 
-    A loss that is a masked mean over this rank's tokens, multiplied by it, has gradients whose average
-    over the ranks (what :func:`all_reduce_gradients` computes) is the gradient of the masked mean over
-    every rank's tokens: (1/W) sum_r (N_r W / N) (g_r / N_r) = sum_r g_r / N, whatever the ranks' token
-    counts. None with one process (nothing to scale), and ``wish`` itself.
+    A loss that is a masked mean over this rank's tokens, multiplied by its share, has gradients whose
+    average over the ranks (what :func:`all_reduce_gradients` computes) is the gradient of the masked mean
+    over every rank's tokens: (1/W) sum_r (N_r W / N) (g_r / N_r) = sum_r g_r / N, whatever the ranks' token
+    counts. None with one process (nothing to scale).
     """
     if world_size() == 1:
-        return None, wish
-    local = mask.sum().to(torch.float64)
-    # [N, number of ranks wishing]: the count of wishes is > 0 when any rank wishes.
-    totals = torch.stack([local, local.new_tensor(1.0 if wish else 0.0)])
-    with _collective("all_reduce (token count)"):
+        return None
+    local = torch.stack([mask.sum() for mask in masks]).to(torch.float64)
+    totals = local.clone()
+    with _collective("all_reduce (token counts)"):
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return (local * dist.get_world_size() / totals[0].clamp(min=1)).to(torch.float32), bool(totals[1] > 0)
+    return (local * dist.get_world_size() / totals.clamp(min=1)).to(torch.float32)
 
 
 def _collective_device() -> torch.device:

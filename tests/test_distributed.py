@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from rlfb.distributed import (
     all_reduce_gradients,
     global_masked_mean_var,
     rank_seed,
-    token_share,
+    token_shares,
 )
 
 
@@ -52,10 +53,10 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))]
     (weights[0].sum() * (rank + 1) + (weights[1].sum() * 5 if rank == 0 else 0)).backward()
     riders = all_reduce_gradients(weights, riders=torch.tensor([float(rank), 4.0 * rank]))
-    share, wished = token_share(mask, wish=rank == 1)
+    shares = token_shares([mask, mask[:1]])
     result = {"context": (context.rank, context.world_size, context.backend, context.is_main),
               "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights], "riders": riders,
-              "share": share, "wished": wished, "unwished": token_share(mask)[1],
+              "shares": shares,
               "metrics": distributed.mean_across_ranks({"b": float(rank), "a": 10.0 * rank}),
               "agree_one": agree(rank == 1), "agree_none": agree(False)}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -77,12 +78,45 @@ def test_two_gloo_ranks_reduce_like_one_process_over_the_joined_batch(tmp_path: 
         torch.testing.assert_close(result["grads"][1], torch.full((3,), 2.5))
         assert result["metrics"] == {"a": 5.0, "b": 0.5}
         torch.testing.assert_close(result["riders"], torch.tensor([0.5, 2.0]))  # averaged with the gradients
-        assert result["wished"] is True and result["unwished"] is False  # rank 1's wish, agreed
-    # N_r * W / N: each rank's share of the masked elements, times 2 ranks.
-    counts = [float(rank_values(rank)[1].sum()) for rank in range(2)]
+    # N_r * W / N: each rank's share of each mask's elements, times 2 ranks (the whole mask, its first row).
+    counts = [[float(rank_values(rank)[1].sum()), float(rank_values(rank)[1][:1].sum())] for rank in range(2)]
     for rank, result in enumerate(results):
-        torch.testing.assert_close(result["share"], torch.tensor(counts[rank] * 2 / sum(counts)))
+        expected_shares = [counts[rank][k] * 2 / (counts[0][k] + counts[1][k]) for k in range(2)]
+        torch.testing.assert_close(result["shares"], torch.tensor(expected_shares))
         assert result["agree_one"] is True and result["agree_none"] is False
+
+
+def nonfinite_worker(rank: int, port: int, out_dir: str) -> None:
+    """Step 1: rank 1's loss is NaN, rank 0's finite; step 2: both finite (the ranks must still be in step)."""
+    from rlfb.agents.base import GradientStepper
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init_from_environment("cpu", timeout_s=30)
+    weight = torch.nn.Parameter(torch.ones(3))
+    stepper = GradientStepper([weight], learning_rate=0.1)
+    taken = []
+    for loss_scale in (float("nan") if rank == 1 else 1.0, 1.0):
+        finite_here = stepper.backward(weight.sum() * loss_scale)
+        with pytest.warns(RuntimeWarning, match="another rank") if len(taken) == 0 else contextlib.nullcontext():
+            taken.append((finite_here, stepper.step(riders=torch.tensor([float(rank)]))))
+        taken.append(weight.detach().clone())
+        taken.append(stepper.averaged_riders)
+    torch.save(taken, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(nonfinite_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for rank, (first, weight_after_first, riders_first, second, weight_after_second, _) in enumerate(results):
+        assert first == (rank == 0, False)  # rank 1's loss was NaN: neither rank steps
+        torch.testing.assert_close(weight_after_first, torch.ones(3))
+        torch.testing.assert_close(riders_first, torch.tensor([0.5]))  # the riders still averaged
+        assert second == (True, True)  # the next step, finite on both, is taken together
+        assert bool((weight_after_second < 1.0).all())
+    torch.testing.assert_close(results[0][4], results[1][4])
 
 
 def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,7 +127,7 @@ def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(mean, values[mask.bool()].mean())
     torch.testing.assert_close(variance, values[mask.bool()].var(unbiased=False))
     assert agree(True) and not agree(False)
-    assert token_share(mask, wish=True) == (None, True) and token_share(mask) == (None, False)
+    assert token_shares([mask]) is None
     riders = torch.tensor([1.0, 2.0])
     assert all_reduce_gradients([torch.nn.Parameter(torch.ones(2))], riders) is riders
     assert [rank_seed(5, rank) for rank in range(3)] == [5, 5 + 1_000_003, 5 + 2_000_006]

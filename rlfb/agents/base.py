@@ -22,7 +22,7 @@ from torch import nn
 
 from rlfb.agents.configs import agent_config, agent_spec, check_learning_rate
 from rlfb.agents.rollout import Rollout
-from rlfb.distributed import agree, all_reduce_gradients, global_masked_mean, world_size
+from rlfb.distributed import all_reduce_gradients, global_masked_mean, world_size
 from rlfb.errors import RlfbError
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class GradientStepper:
         self.current_update_skipped = False
         self.last_grad_norm = 0.0
         self.averaged_riders: torch.Tensor | None = None  # the last step's riders, averaged over the ranks
+        self._nonfinite_loss: str | None = None  # what the last non-finite loss since the last step was
 
     @property
     def learning_rate(self) -> float:
@@ -167,31 +168,46 @@ class GradientStepper:
         for group in self.optimizer.param_groups:
             group["lr"] = self.peak_learning_rate * factor
 
-    def backward(self, loss: torch.Tensor, nonfinite_somewhere: bool | None = None) -> bool:
+    def backward(self, loss: torch.Tensor) -> bool:
         """Backpropagate ``loss`` (accumulating gradients); False, and nothing done, if it is not finite.
 
-        With several ranks the decision is agreed: a non-finite loss on any rank makes every rank skip
-        (each rank calls :meth:`backward` as often as the others, so they stay in step).
-        ``nonfinite_somewhere`` is that decision when the caller agreed it already (in
-        :func:`rlfb.distributed.token_share`'s all-reduce); None agrees here.
+        A non-finite loss is remembered, and the next :meth:`step` skips (every caller steps after its
+        backward passes, whatever they returned). With several ranks that decision is agreed in the
+        step's gradient all-reduce: a non-finite loss on any rank makes every rank skip together, with
+        no collective of its own.
         """
-        if nonfinite_somewhere is None:
-            nonfinite_somewhere = agree(not bool(torch.isfinite(loss).all()))
-        if nonfinite_somewhere:
-            self._mark_degenerate(f"loss is {loss.item()}" + (" here or on another rank" if world_size() > 1 else ""))
+        if not bool(torch.isfinite(loss).all()):
+            self._nonfinite_loss = self._nonfinite_loss or f"loss is {loss.item()}"
             return False
         loss.backward()
         return True
 
     def step(self, riders: torch.Tensor | None = None) -> bool:
-        """Clip and apply the accumulated gradients; False (and skipped) when their norm is not finite.
+        """Clip and apply the accumulated gradients; False (and skipped) when a loss since the last step
+        was not finite, or their norm is not.
 
         With several ranks the gradients are first averaged over the ranks (``all_reduce_gradients``), so
         the norm, the clipping and the finite check see the same gradient on every rank: a NaN on one rank
         makes every rank skip the step together. ``riders`` (a 1-d tensor of statistics) are averaged over
-        the ranks in the same all-reduce, into :attr:`averaged_riders` (``riders`` with one process).
+        the ranks in the same all-reduce, into :attr:`averaged_riders` (``riders`` with one process), and so
+        is whether any rank's loss was not finite.
         """
-        self.averaged_riders = all_reduce_gradients(self.parameters, riders)
+        nonfinite_here, self._nonfinite_loss = self._nonfinite_loss, None
+        if world_size() == 1:
+            self.averaged_riders = riders
+            nonfinite_somewhere = nonfinite_here is not None
+        else:
+            dtype = riders.dtype if riders is not None else torch.float32
+            flag = torch.tensor([0.0 if nonfinite_here is None else 1.0], dtype=dtype, device=self._device())
+            pieces = [flag] if riders is None else [riders.detach().reshape(-1).to(flag.device), flag]
+            averaged = all_reduce_gradients(self.parameters, torch.cat(pieces))
+            assert averaged is not None
+            nonfinite_somewhere = bool(averaged[-1] > 0)
+            self.averaged_riders = averaged[:-1] if riders is not None else None
+        if nonfinite_somewhere:
+            self._mark_degenerate((nonfinite_here or "a loss is not finite") +
+                                  (" here or on another rank" if world_size() > 1 else ""))
+            return False
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
         if not math.isfinite(grad_norm):
@@ -201,6 +217,9 @@ class GradientStepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _device(self) -> torch.device:
+        return self.parameters[0].device if self.parameters else torch.device("cpu")
 
     def _mark_degenerate(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)

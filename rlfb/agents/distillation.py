@@ -194,7 +194,6 @@ class DistillationAgent(Agent):
         # token, then the KL to the reference: k3 per model token and k1 per completion.
         sums = torch.zeros(7, dtype=torch.float64, device=mask.device)
         for epoch in range(c.epochs):
-            finite = True
             for first in range(0, rollout.batch_size, chunk):
                 rows = torch.arange(first, min(first + chunk, rollout.batch_size), device=mask.device)
                 batch = rollout if chunk >= rollout.batch_size else rollout.select(rows)
@@ -213,11 +212,9 @@ class DistillationAgent(Agent):
                             -1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
                         sums[6] += ((student_token - reference_rows) * batch.action_mask).sum().double()
                 if not self.stepper.backward(loss):
-                    finite = False
                     break
-            if not finite:
+            if not self.stepper.step():  # a loss here or on another rank, or the gradient, was not finite
                 break
-            self.stepper.step()
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
         divergence, reverse_kl, forward_kl, entropy, teacher_logprob, kl_loss, kl_sum = sums.tolist()

@@ -36,7 +36,7 @@ from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.agents.trajectory import last_action_index
-from rlfb.distributed import average_across_ranks, global_masked_mean, token_share, world_size
+from rlfb.distributed import average_across_ranks, global_masked_mean, token_shares, world_size
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -240,14 +240,16 @@ class PPOAgent(Agent):
         stop = False
         for _ in range(c.epochs):
             order = torch.randperm(batch_size, generator=self.generator).to(mask.device)
-            for first in range(0, batch_size, minibatch_size):
-                rows = order[first : first + minibatch_size]
+            minibatches = [order[first : first + minibatch_size] for first in range(0, batch_size, minibatch_size)]
+            # Several ranks: each minibatch's share of the tokens over the ranks, one all-reduce per epoch.
+            shares = token_shares([mask[rows] for rows in minibatches])
+            for index, rows in enumerate(minibatches):
                 forward = None
                 if first_forward is not None:  # the pass that gave pi_old, over the batch in its own order
                     rows, forward, first_forward = torch.arange(batch_size, device=mask.device), first_forward, None
                 stats = self._minibatch_step(
                     rollout.select(rows), old_logprobs[rows], old_values[rows], advantages[rows], returns[rows],
-                    forward,
+                    forward, None if shares is None else shares[index],
                 )  # fmt: skip
                 if stats is None:  # degenerate: abandon this update
                     stop = True
@@ -295,9 +297,11 @@ class PPOAgent(Agent):
         advantages: torch.Tensor,
         returns: torch.Tensor,
         forward: PolicyForward | None = None,
+        share: torch.Tensor | None = None,
     ) -> dict[str, float] | None:
-        """One gradient step on a minibatch (``forward``: its forward pass, if already run); None when it was
-        degenerate and skipped."""
+        """One gradient step on a minibatch (``forward``: its forward pass, if already run; ``share``: its
+        token share over the ranks, :func:`rlfb.distributed.token_shares`); None when it was degenerate and
+        skipped."""
         c = self.config
         mask = batch.action_mask.float()
         forward = forward if forward is not None else self._forward(batch)
@@ -316,10 +320,6 @@ class PPOAgent(Agent):
             ptx_loss = real_text_loss(self.real_text, self.policy)
         # Several ranks: every term is a mean over this rank's tokens; scaled by N_r * W / N, the ranks'
         # averaged gradient (and the ranks' mean of each statistic) is that of the mean over all N tokens.
-        # The token count's all-reduce also agrees whether the loss is finite on every rank (one collective
-        # for both: each waits for the slowest rank).
-        finite_here = bool(torch.isfinite(loss).all()) and (ptx_loss is None or bool(torch.isfinite(ptx_loss)))
-        share, nonfinite_somewhere = token_share(mask, not finite_here)
         if share is not None:
             loss, policy_loss, value_loss, entropy = (term * share for term in (loss, policy_loss, value_loss, entropy))
             clip_fraction, value_clip_fraction, approx_kl = (
@@ -328,12 +328,14 @@ class PPOAgent(Agent):
             loss = loss + c.ptx_coef * ptx_loss
         # One device-to-host copy for all the statistics instead of one sync per scalar; averaged over the
         # ranks in the gradients' all-reduce: the batch's statistics, the same on every rank (so is the early
-        # stop on approx_kl, a decision every rank must take together).
+        # stop on approx_kl, a decision every rank must take together; and so is the skip of a step whose
+        # loss was not finite on some rank, agreed in the same all-reduce).
         names = ("train/loss", "train/policy_loss", "train/value_loss", "train/entropy",
                  "train/clip_fraction", "train/value_clip_fraction", "train/approx_kl")  # fmt: skip
         statistics = torch.stack([loss, policy_loss, value_loss, entropy, clip_fraction, value_clip_fraction,
                                   approx_kl]).detach()
-        if not (self.stepper.backward(loss, nonfinite_somewhere) and self.stepper.step(riders=statistics)):
+        self.stepper.backward(loss)
+        if not self.stepper.step(riders=statistics):
             return None
         assert self.stepper.averaged_riders is not None
         values = self.stepper.averaged_riders.tolist()

@@ -27,6 +27,7 @@ Shao et al. 2024; Schulman 2020). One gradient step per rollout: the samples are
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ from rlfb.agents.configs import ReinforceConfig
 from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
-from rlfb.distributed import average_across_ranks, global_masked_mean_var, token_share, world_size
+from rlfb.distributed import token_shares, world_size
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -82,15 +83,16 @@ def check_groups(rollout: Rollout, group_size: int) -> None:
             )
 
 
-def advantage_statistics(advantages: torch.Tensor) -> dict[str, float]:
+def advantage_statistics(advantages: torch.Tensor, mean: float, square_mean: float) -> dict[str, float]:
     """``train/advantage_mean`` and ``train/advantage_std`` (sample std, n - 1) of the batch's advantages,
-    over every rank's rows when several ranks train together."""
+    over every rank's rows when several ranks train together (``mean`` and ``square_mean``: the joined
+    batch's mean of A and of A^2, averaged over the ranks)."""
     if world_size() == 1:
         return {"train/advantage_mean": float(advantages.mean()),
                 "train/advantage_std": float(advantages.std()) if advantages.numel() > 1 else 0.0}
-    mean, variance = global_masked_mean_var(advantages, torch.ones_like(advantages))
     count = advantages.numel() * world_size()
-    return {"train/advantage_mean": float(mean), "train/advantage_std": float((variance * count / (count - 1)).sqrt())}
+    variance = max(square_mean - mean * mean, 0.0)
+    return {"train/advantage_mean": mean, "train/advantage_std": math.sqrt(variance * count / (count - 1))}
 
 
 # ------------------------------------------------------------------------------- the agent
@@ -170,9 +172,9 @@ class ReinforceAgent(Agent):
         # ranks, N is every rank's tokens and each rank divides by N / W: the ranks' averaged gradient is
         # that of one process over the joined batch (and so are the ranks' mean loss terms).
         total_tokens = mask.sum().clamp(min=1)
-        share, _ = token_share(mask)
-        if share is not None:  # N_r / (N_r W / N) = N / W
-            total_tokens = total_tokens / share
+        shares = token_shares([mask])
+        if shares is not None:  # N_r / (N_r W / N) = N / W
+            total_tokens = total_tokens / shares[0]
         # (policy_loss, entropy, kl_loss) summed over chunks on the device, in float64 as Python floats would;
         # read back once after the loop rather than synchronising on every chunk.
         sums = torch.zeros(3, dtype=torch.float64, device=mask.device)
@@ -193,7 +195,7 @@ class ReinforceAgent(Agent):
                 log_ratio = (reference_logprobs[rows] - forward.logprobs) * batch_mask
                 kl_loss = ((torch.exp(log_ratio) - log_ratio - 1.0) * batch_mask).sum() / total_tokens
                 loss = loss + kl_coef * kl_loss
-            if not self.stepper.backward(loss):
+            if not self.stepper.backward(loss):  # the step below skips
                 finite = False
                 break
             sums += torch.stack([policy_loss, entropy, kl_loss]).detach().double()
@@ -201,27 +203,29 @@ class ReinforceAgent(Agent):
         if finite and self.real_text is not None:  # + gamma * L_LM(real text), its gradient accumulated
             ptx_loss = real_text_loss(self.real_text, self.policy)
             finite = self.stepper.backward(c.ptx_coef * ptx_loss)
-        if finite:
-            self.stepper.step()
-
-        sums = average_across_ranks(sums)
-        mean_return = float(average_across_ranks(returns.mean()))  # ranks hold as many rows each
+        # The batch's statistics ride in the step's gradient all-reduce (averaged over the ranks, each holding
+        # as many rows: the means of the joined batch) rather than in collectives of their own.
+        riders = torch.cat([sums, torch.stack([returns.mean(), sequence_kl.mean(), advantages.mean(),
+                                               (advantages * advantages).mean()]).detach().double()])
+        self.stepper.step(riders=riders)  # skipped, on every rank, when a loss or the gradient is not finite
+        assert self.stepper.averaged_riders is not None
+        averaged = self.stepper.averaged_riders.tolist()
+        sums_list, (mean_return, mean_sequence_kl, advantage_mean, advantage_square_mean) = averaged[:3], averaged[3:]
         baseline_used = self.baseline_value
         if c.baseline == "ema":
             # Updated after use: b_{n+1} = d * b_n + (1 - d) * mean(R_n)
             self.baseline_value = c.baseline_decay * self.baseline_value + (1 - c.baseline_decay) * mean_return
-        mean_sequence_kl = float(average_across_ranks(sequence_kl.mean()))
         self.kl_controller.update(mean_sequence_kl, rollout.batch_size * world_size())
         learning_rate = self.stepper.learning_rate
         self.stepper.finish_update()
 
-        metrics = dict(zip(("train/policy_loss", "train/entropy", "train/kl_loss"), sums.tolist(), strict=True))
+        metrics = dict(zip(("train/policy_loss", "train/entropy", "train/kl_loss"), sums_list, strict=True))
         metrics.update(
             {
                 "train/kl": mean_sequence_kl,
                 "train/kl_coef": kl_coef,
                 "train/return_mean": mean_return,
-                **advantage_statistics(advantages),
+                **advantage_statistics(advantages, advantage_mean, advantage_square_mean),
                 "train/grad_norm": self.stepper.last_grad_norm,
                 "train/learning_rate": learning_rate,
                 "train/skipped_updates": float(self.stepper.skipped_updates),

@@ -204,7 +204,8 @@ class SelfTrainingAgent(Agent):
             lm_loss = real_text_loss(self.real_text, self.policy)
             loss = loss + c.lm_coef * lm_loss
             terms.append(lm_loss)
-        if not (self.stepper.backward(loss) and self.stepper.step()):
+        self.stepper.backward(loss)
+        if not self.stepper.step():  # skipped when the loss (here or on another rank) or the gradient is not finite
             return None
         return dict(zip(self.loss_names(), torch.stack([loss, *terms]).tolist(), strict=True))
 
