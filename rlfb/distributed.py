@@ -7,8 +7,8 @@ process with a batch of B would:
 
 * :func:`all_reduce_gradients` averages the trainable parameters' gradients (the LoRA and value-head
   parameters are a small fraction of the model, so one flat buffer per step is cheap);
-* :func:`global_masked_mean_var` gives the mean and variance of a masked tensor over every rank's
-  elements (advantage whitening, reward normalization), from all-reduced sums, counts and squares;
+* :func:`global_masked_moments` gives the means and variances of masked tensors over every rank's
+  elements (advantage whitening, a batch's statistics), from two all-reduces of sums and counts;
 * :func:`mean_across_ranks` averages logged scalars (a rank's metrics are means over its share);
 * :func:`agree` turns per-rank stop wishes (time limit, Ctrl-C, a callback returning False) into one
   decision every rank takes, so that no rank waits forever in a collective another has left;
@@ -63,8 +63,7 @@ __all__ = [
     "broadcast_parameters",
     "gather_objects",
     "gather_rows",
-    "global_masked_mean",
-    "global_masked_mean_var",
+    "global_masked_moments",
     "init_from_environment",
     "launcher_stop_failure",
     "mean_across_ranks",
@@ -331,21 +330,35 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter],
     return flat[offset:] if riders is not None else None
 
 
-def global_masked_mean_var(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (biased) variance of ``values`` where ``mask`` is 1, over every rank's elements.
+def global_masked_moments(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The mean and (biased) variance of each ``(values, mask)`` pair's ``values`` where its ``mask`` is 1,
+    over every rank's elements.
 
-    With one process this is the masked mean and variance of ``values`` itself.
+    Two passes, as one process computes them (the mean, then the mean square deviation from it), each one
+    all-reduce for every pair together: a batch's statistics cost two collectives, however many there are
+    (each collective waits for the slowest rank). With one process exactly ``masked_mean(values, mask)``
+    and ``masked_mean((values - mean) ** 2, mask)`` of rlfb/agents/base.py, in ``values``' dtype.
     """
-    weights = mask.to(values.dtype)
-    moments = torch.stack([(values * weights).sum(), (values * values * weights).sum(), weights.sum()]).double()
-    if active() and dist.get_world_size() > 1:
-        with _collective("all_reduce (masked mean and variance)"):
-            dist.all_reduce(moments, op=dist.ReduceOp.SUM)
-    total, squares, count = moments
-    count = count.clamp(min=1.0)
-    mean = total / count
-    variance = (squares / count - mean * mean).clamp(min=0.0)
-    return mean.to(values.dtype), variance.to(values.dtype)
+    weights = [mask.to(values.dtype) for values, mask in pairs]
+    totals = [(values * weight).sum() for (values, _), weight in zip(pairs, weights, strict=True)]
+    counts = [weight.sum() for weight in weights]
+    if world_size() > 1:
+        sums = torch.stack(totals + counts).detach().double()
+        with _collective("all_reduce (masked means)"):
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        totals, counts = list(sums[: len(pairs)]), list(sums[len(pairs) :])
+    means = [(total / count.clamp(min=1)).to(values.dtype)
+             for total, count, (values, _) in zip(totals, counts, pairs, strict=True)]
+    squares = [(((values - mean) ** 2) * weight).sum()
+               for (values, _), mean, weight in zip(pairs, means, weights, strict=True)]
+    if world_size() > 1:
+        summed = torch.stack(squares).detach().double()
+        with _collective("all_reduce (masked variances)"):
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        squares = list(summed)
+    variances = [(square / count.clamp(min=1)).to(values.dtype)
+                 for square, count, (values, _) in zip(squares, counts, pairs, strict=True)]
+    return list(zip(means, variances, strict=True))
 
 
 def mean_across_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -412,21 +425,6 @@ def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     with _collective("all_reduce (average)"):
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
-
-
-def global_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` where ``mask`` is 1 over every rank's elements (no gradient across ranks).
-
-    With one process exactly ``(values * mask).sum() / mask.sum().clamp(min=1)``, the masked mean of
-    rlfb/agents/base.py; with several, the numerator and the count are all-reduced first.
-    """
-    total, count = (values * mask).sum(), mask.sum()
-    if world_size() > 1:
-        sums = torch.stack([total.detach(), count.to(total.dtype)])
-        with _collective("all_reduce (masked mean)"):
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        total, count = sums[0], sums[1]
-    return total / count.clamp(min=1)
 
 
 def token_shares(masks: Sequence[torch.Tensor]) -> torch.Tensor | None:

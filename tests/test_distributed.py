@@ -22,7 +22,7 @@ from rlfb.distributed import (
     RankFailure,
     agree,
     all_reduce_gradients,
-    global_masked_mean_var,
+    global_masked_moments,
     rank_seed,
     token_shares,
 )
@@ -48,14 +48,16 @@ def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     context = distributed.init_from_environment("auto", timeout_s=30)  # a config's default device: gloo on CPU
     values, mask = rank_values(rank)
-    mean, variance = global_masked_mean_var(values, mask)
+    # Two pairs in the same all-reduces: the masked values, and every value of the first row doubled.
+    moments = global_masked_moments([(values, mask), (2 * values[0], torch.ones_like(values[0]))])
+    (mean, variance), (row_mean, row_variance) = moments
     # A gradient that differs by rank; rank 1 leaves one parameter without a gradient (counts as zero).
     weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))]
     (weights[0].sum() * (rank + 1) + (weights[1].sum() * 5 if rank == 0 else 0)).backward()
     riders = all_reduce_gradients(weights, riders=torch.tensor([float(rank), 4.0 * rank]))
     shares = token_shares([mask, mask[:1]])
     result = {"context": (context.rank, context.world_size, context.backend, context.is_main),
-              "mean": mean, "variance": variance, "grads": [weight.grad for weight in weights], "riders": riders,
+              "mean": mean, "variance": variance, "row_moments": (row_mean, row_variance), "grads": [weight.grad for weight in weights], "riders": riders,
               "shares": shares,
               "metrics": distributed.mean_across_ranks({"b": float(rank), "a": 10.0 * rank}),
               "agree_one": agree(rank == 1), "agree_none": agree(False)}
@@ -73,6 +75,8 @@ def test_two_gloo_ranks_reduce_like_one_process_over_the_joined_batch(tmp_path: 
     for result in results:
         torch.testing.assert_close(result["mean"], expected.mean(), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(result["variance"], expected.var(unbiased=False), atol=1e-6, rtol=1e-6)
+        rows = 2 * torch.cat([rank_values(rank)[0][0] for rank in range(2)])
+        torch.testing.assert_close(result["row_moments"], (rows.mean(), rows.var(unbiased=False)), atol=1e-6, rtol=1e-6)
         # d/dw of sum(w) * (r + 1), averaged over r = 0, 1: 1.5; the second parameter: (5 + 0) / 2.
         torch.testing.assert_close(result["grads"][0], torch.full((2, 2), 1.5))
         torch.testing.assert_close(result["grads"][1], torch.full((3,), 2.5))
@@ -123,7 +127,7 @@ def test_one_process_is_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init_from_environment("cpu") == DistributedContext.single()
     values, mask = rank_values(0)
-    mean, variance = global_masked_mean_var(values, mask)
+    ((mean, variance),) = global_masked_moments([(values, mask)])
     torch.testing.assert_close(mean, values[mask.bool()].mean())
     torch.testing.assert_close(variance, values[mask.bool()].var(unbiased=False))
     assert agree(True) and not agree(False)

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlfb.agents.configs import agent_config, agent_spec, check_learning_rate
 from rlfb.agents.rollout import Rollout
-from rlfb.distributed import all_reduce_gradients, global_masked_mean, world_size
+from rlfb.distributed import all_reduce_gradients, global_masked_moments, world_size
 from rlfb.errors import RlfbError
 
 logger = logging.getLogger(__name__)
@@ -94,15 +94,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; masked-out entries become 0.
 
     The mean and the (biased) variance are the batch's: over every rank's masked entries when several
-    ranks train together (two passes, each all-reduced, as one process computes them), so N ranks whiten
-    as one process whitening the joined batch.
+    ranks train together (:func:`rlfb.distributed.global_masked_moments`, two passes as one process
+    computes them), so N ranks whiten as one process whitening the joined batch. ``moments``: that
+    mean and variance, when the caller computed them already (with other statistics, in the same
+    all-reduces).
     """
-    mean = global_masked_mean(values, mask)
-    variance = global_masked_mean((values - mean) ** 2, mask)
+    mean, variance = moments if moments is not None else global_masked_moments([(values, mask)])[0]
     return (values - mean) * torch.rsqrt(variance + eps) * mask
 
 

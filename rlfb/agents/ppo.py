@@ -36,7 +36,7 @@ from rlfb.agents.kl import make_kl_controller
 from rlfb.agents.lm_mix import real_text_batches, real_text_loss
 from rlfb.agents.rollout import Rollout, evaluate_rollout, forward_rollout, rollout_reference_logprobs
 from rlfb.agents.trajectory import last_action_index
-from rlfb.distributed import average_across_ranks, global_masked_mean, token_shares, world_size
+from rlfb.distributed import global_masked_moments, token_shares, world_size
 from rlfb.errors import ConfigError
 from rlfb.models.policy import Policy, PolicyForward
 
@@ -156,12 +156,9 @@ def clipped_value_loss(
     return loss, clip_fraction
 
 
-def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(target - predicted) / Var(target) over masked entries (1 is perfect, <= 0 is useless);
-    over every rank's entries when several ranks train together."""
-    target_variance = global_masked_mean((target - global_masked_mean(target, mask)) ** 2, mask)
-    residual = target - predicted
-    residual_variance = global_masked_mean((residual - global_masked_mean(residual, mask)) ** 2, mask)
+def explained_variance(residual_variance: torch.Tensor, target_variance: torch.Tensor) -> float:
+    """1 - Var(target - predicted) / Var(target) (1 is perfect, <= 0 is useless), from the two variances
+    (over every rank's entries when several ranks train together: :func:`global_masked_moments`)."""
     return float(1.0 - residual_variance / target_variance.clamp(min=1e-8))
 
 
@@ -228,10 +225,16 @@ class PPOAgent(Agent):
         )  # fmt: skip
 
         # 3. GAE over the model tokens, then whitening of the advantages over the whole batch's model tokens.
+        #    The batch's moments (over every rank's tokens and episodes) come together: two all-reduces in all.
         advantages, returns = generalized_advantages(rewards, old_values, mask, c.gamma, c.gae_lambda)
-        raw_advantage_mean = float(global_masked_mean(advantages, mask))  # before whitening, which zeroes it
+        sequence_kls = kl.sum(1)  # sum_t kl_t over each episode's model tokens
+        moments = global_masked_moments([(advantages, mask), (returns, mask), (returns - old_values, mask),
+                                         (old_values, mask), (sequence_kls, torch.ones_like(sequence_kls))])
+        advantage_moments, (return_mean, return_variance), (_, residual_variance), (value_mean, _), \
+            (sequence_kl_tensor, _) = moments
+        raw_advantage_mean = float(advantage_moments[0])  # before whitening, which zeroes it
         if c.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, moments=advantage_moments)
 
         # 4. Epochs x minibatches of clipped-surrogate steps.
         sums: dict[str, float] = {}
@@ -265,8 +268,7 @@ class PPOAgent(Agent):
                 break
 
         # 5. The KL coefficient follows the observed KL (mean over episodes of sum_t kl_t, t model tokens;
-        #    over every rank's episodes: each rank holds as many, so the mean of the ranks' means).
-        sequence_kl_tensor = average_across_ranks(kl.sum(1).mean())
+        #    over every rank's episodes, from step 3).
         sequence_kl = float(sequence_kl_tensor)
         self.kl_controller.update(sequence_kl, batch_size * world_size())
         learning_rate = self.stepper.learning_rate
@@ -279,9 +281,9 @@ class PPOAgent(Agent):
                 "train/kl_coef": kl_coef,
                 "train/kl_penalty": float(-kl_coef * sequence_kl_tensor),
                 "train/advantage_mean": raw_advantage_mean,
-                "train/return_mean": float(global_masked_mean(returns, mask)),
-                "train/value_mean": float(global_masked_mean(old_values, mask)),
-                "train/explained_variance": explained_variance(old_values, returns, mask),
+                "train/return_mean": float(return_mean),
+                "train/value_mean": float(value_mean),
+                "train/explained_variance": explained_variance(residual_variance, return_variance),
                 "train/learning_rate": learning_rate,
                 "train/epochs": float(epochs_done),
                 "train/skipped_updates": float(self.stepper.skipped_updates),

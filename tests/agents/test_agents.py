@@ -190,9 +190,9 @@ def test_reinforce_minibatches_accumulate_the_whole_batch_gradient(kl_penalty: s
         captured: list[torch.Tensor] = []
         apply_gradients = agent.stepper.step
 
-        def capture_then_step() -> bool:
+        def capture_then_step(riders: torch.Tensor | None = None) -> bool:
             captured.extend(p.grad.clone() for p in agent.stepper.parameters)
-            return apply_gradients()
+            return apply_gradients(riders)
 
         agent.stepper.step = capture_then_step
         return captured, agent.update(rollout)

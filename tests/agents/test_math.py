@@ -80,7 +80,9 @@ def test_masked_statistics_ignore_masked_entries() -> None:
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     assert masked_mean(values, mask).item() == 2.0
     torch.testing.assert_close(masked_whiten(values, mask), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
-    assert explained_variance(values, values, mask) == pytest.approx(1.0)
+    # 1 - Var(residual) / Var(target): a perfect prediction explains all, predicting the mean nothing.
+    assert explained_variance(torch.tensor(0.0), torch.tensor(4.0)) == 1.0
+    assert explained_variance(torch.tensor(4.0), torch.tensor(4.0)) == 0.0
 
 
 def test_rloo_and_grpo_advantages_on_hand_made_groups() -> None:

@@ -64,9 +64,9 @@ def recorded_losses(agent: Agent) -> list[float]:
     losses: list[float] = []
     backward = agent.stepper.backward  # type: ignore[attr-defined]
 
-    def record(loss: torch.Tensor, nonfinite_somewhere: bool | None = None) -> bool:
+    def record(loss: torch.Tensor) -> bool:
         losses.append(float(loss.detach()))
-        return backward(loss, nonfinite_somewhere)
+        return backward(loss)
 
     agent.stepper.backward = record  # type: ignore[attr-defined]
     return losses
