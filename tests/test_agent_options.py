@@ -169,6 +169,8 @@ def test_ppo_returns_values_and_explained_variance_match_a_hand_computation() ->
     # gamma = lambda = 1 and no KL: every token's return is its row's score.
     rollout = uneven_rollout()
     agent = agent_for("ppo", {"gamma": 1.0, "gae_lambda": 1.0, **FIXED_KL, **ONE_STEP})
+    with torch.no_grad():  # a value head that predicts something (zero-initialised, every value is 0)
+        agent.policy.value_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
     values = policy_values(agent, rollout)
     mask = rollout.completion_mask.bool()
     returns = rollout.scores[:, None].expand_as(values)[mask].double()
@@ -178,6 +180,7 @@ def test_ppo_returns_values_and_explained_variance_match_a_hand_computation() ->
     assert metrics["train/value_mean"] == pytest.approx(float(predicted.mean()), rel=1e-4, abs=1e-6)
     residual = returns - predicted
     explained = 1 - residual.var(unbiased=False) / returns.var(unbiased=False)
+    assert abs(float(explained)) > 0.5  # far from the 0 of a head that predicts nothing
     assert metrics["train/explained_variance"] == pytest.approx(float(explained), rel=1e-4)
 
 
