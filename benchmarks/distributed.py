@@ -112,6 +112,7 @@ def main() -> None:
     load_before = os.getloadavg()
     rates: dict[tuple[str, int], list[float]] = {}
     waits: dict[str, list[float]] = {}
+    ceilings: dict[str, list[float]] = {}  # --independent: N single processes at once
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             for agent in args.agents:
@@ -129,7 +130,7 @@ def main() -> None:
                     output_dir.mkdir()
                     rate = run_independent(args.ranks, agent, args, output_dir)
                     one = rates[(agent, 1)][-1]
-                    rates.setdefault((agent, 0), []).append(rate)
+                    ceilings.setdefault(agent, []).append(rate)
                     print(f"round {round_index + 1} {agent} {args.ranks} independent processes: {rate:.1f} "
                           f"completions/s in all, {rate / one:.2f}x the 1-rank run (load {os.getloadavg()[0]:.1f})",
                           flush=True)
@@ -143,7 +144,7 @@ def main() -> None:
               f"(target >= {TARGET}x: {verdict}); {args.ranks} ranks in collectives "
               f"{statistics.median(waits[agent]):.0%} of the time")
         if args.independent:
-            ceiling = statistics.median(rates[(agent, 0)])
+            ceiling = statistics.median(ceilings[agent])
             print(f"{agent}: {args.ranks} independent processes at once {ceiling:.1f}/s: {ceiling / one:.2f}x "
                   "(what this machine allows, with no collectives)")
 
