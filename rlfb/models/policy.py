@@ -131,6 +131,32 @@ def dropout_in_gradient_passes(model: nn.Module) -> int:
     return replaced
 
 
+# Encode a prompt once for the rows that share it only when that saves at least this share of a pass's
+# token columns: the split costs a second model call. benchmarks/shared_prompts.py (rlfb-tiny, 16 rows,
+# one thread, forward and backward): 6-column prompts (17-20% saved) 0.96-1.18x between runs, 20-column
+# ones (38-44%) 1.25-1.29x, 40-column ones (50-58%) 1.40-1.66x.
+MIN_SHARED_PROMPT_SAVING = 0.25
+
+
+def _shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int) -> torch.Tensor | None:
+    """(B,) the index of each row's prompt among the distinct prompts (columns before ``completion_start``,
+    ids and mask), or None when encoding each once would save less than ``MIN_SHARED_PROMPT_SAVING`` of the
+    batch's columns.
+
+    >>> ids = torch.tensor([[5, 6, 1], [5, 6, 2], [7, 8, 3], [5, 6, 4]])
+    >>> _shared_prompts(ids, torch.ones_like(ids), 2)  # 2 of 4 prompts encoded: 4 of 12 columns saved
+    tensor([0, 0, 1, 0])
+    >>> _shared_prompts(ids, torch.ones_like(ids), 1) is None  # [5] and [7]: 2 of 12 columns saved
+    True
+    """
+    rows, width = input_ids.shape
+    prompts = torch.cat([input_ids[:, :completion_start], attention_mask[:, :completion_start].long()], 1)
+    distinct, copies = torch.unique(prompts, dim=0, return_inverse=True)
+    if (rows - len(distinct)) * completion_start < MIN_SHARED_PROMPT_SAVING * rows * width:
+        return None
+    return copies
+
+
 class PolicyForward(NamedTuple):
     """Per-completion-token outputs of one forward pass; every tensor is (B, T) float32.
 
@@ -317,6 +343,7 @@ class Policy:
         with_values: bool = True,
         with_entropy: bool = True,
         entropy_grad: bool = True,
+        share_prompts: bool = True,
     ) -> PolicyForward:
         """Log-probs, values and entropies of the completion tokens in one forward pass.
 
@@ -331,6 +358,9 @@ class Policy:
             entropy_grad: Let gradients flow through the entropies. False computes them detached, for a
                 metric: with an entropy bonus of 0, the (B, T, V) entropy graph would cost memory and a
                 backward pass for nothing.
+            share_prompts: Rows whose prompt columns are equal (the k completions of a group) encode their
+                prompt once when that saves enough (:func:`_shared_prompts`): the same values to float
+                rounding, with 1 / k of the prompts' compute. False: one pass over every row's sequence.
 
         Returns:
             A :class:`PolicyForward` of (B, T) tensors. Gradients flow unless called under ``no_grad``.
@@ -344,18 +374,25 @@ class Policy:
         want_values = with_values and self.value_head is not None
         # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        copies = _shared_prompts(input_ids, attention_mask, completion_start) if share_prompts else None
         with self.autocast():
-            output = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                output_hidden_states=want_values,
-                use_cache=False,
-                # The logits at P-1 .. L-2 predict the completion tokens; keep only those (plus the last,
-                # dropped below) instead of materialising (B, L, V).
-                logits_to_keep=num_completion + 1,
-            )
-        logits = output.logits[:, :-1].float()  # (B, T, V)
+            if copies is None:
+                output = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    output_hidden_states=want_values,
+                    use_cache=False,
+                    # The logits at P-1 .. L-2 predict the completion tokens; keep only those (plus the last,
+                    # dropped below) instead of materialising (B, L, V).
+                    logits_to_keep=num_completion + 1,
+                )
+                logits, hidden = output.logits[:, :-1], output.hidden_states[-1] if want_values else None
+            else:
+                logits, hidden = self._forward_shared_prompts(
+                    input_ids, attention_mask, position_ids, completion_start, copies, want_values
+                )
+        logits = logits.float()  # (B, T, V)
         if temperature != 1.0:  # dividing by 1 would copy (B, T, V) floats for an identical result
             logits = logits / temperature
         log_distribution = torch.log_softmax(logits, dim=-1)  # (B, T, V)
@@ -367,10 +404,57 @@ class Policy:
                 entropy = -(log_distribution.exp() * log_distribution).sum(-1)  # (B, T)
         values = None
         if want_values:
-            assert self.value_head is not None
-            hidden = output.hidden_states[-1][:, completion_start - 1 : -1].float()  # (B, T, H)
-            values = self.value_head(hidden).squeeze(-1)  # (B, T)
+            assert self.value_head is not None and hidden is not None
+            if copies is None:
+                hidden = hidden[:, completion_start - 1 : -1]
+            values = self.value_head(hidden.float()).squeeze(-1)  # (B, T) from the (B, T, H) states
         return PolicyForward(logprobs, values, entropy)
+
+    def _forward_shared_prompts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        completion_start: int,
+        copies: torch.Tensor,
+        want_values: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (B, T, V) logits predicting the completion tokens, and the (B, T, H) last hidden states of the
+        same positions (None unless ``want_values``), encoding each distinct prompt once.
+
+        Pass 1 runs the distinct prompts (D rows) and keeps their keys and values; the cache rows are then
+        repeated to the B rows (``copies`` (B,) indexes the distinct prompts; indexing is differentiable, so
+        each prompt's gradient is the sum over the rows that share it); pass 2 runs the completion columns
+        on top. The position before the first completion token is the prompt's last, whose outputs come
+        from pass 1. The model's own forward both times, with its own cache; only the attention's
+        arithmetic is split in two, which rounds in the last bits differently from one pass.
+        """
+        prompt = torch.zeros(copies.max() + 1, dtype=torch.long, device=copies.device)
+        prompt[copies] = torch.arange(len(copies), device=copies.device)  # a row holding each distinct prompt
+        P = completion_start
+        encoded = self.model(
+            input_ids=input_ids[prompt, :P],
+            attention_mask=attention_mask[prompt, :P],
+            position_ids=position_ids[prompt, :P],
+            output_hidden_states=want_values,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = encoded.cache
+        cache.reorder_cache(copies)  # (D, ...) -> (B, ...)
+        continued = self.model(
+            input_ids=input_ids[:, P:],
+            attention_mask=attention_mask,
+            position_ids=position_ids[:, P:],
+            cache=cache,
+            output_hidden_states=want_values,
+            use_cache=True,
+        )
+        logits = torch.cat([encoded.logits[copies], continued.logits[:, :-1]], 1)
+        if not want_values:
+            return logits, None
+        last = encoded.hidden_states[-1][copies, -1:]
+        return logits, torch.cat([last, continued.hidden_states[-1][:, :-1]], 1)
 
     @torch.no_grad()
     def reference_logprobs(

@@ -225,3 +225,57 @@ def test_describe_names_the_adapted_modules_and_the_sampling_path() -> None:
         word_embed_proj_dim=16, pad_token_id=0, bos_token_id=0, eos_token_id=0))
     described = Policy(opt, tokenizer=None, lora=LoraSettings(r=2), value_head=False, device="cpu").describe()
     assert described.startswith("LoRA r=2 on k_proj, q_proj, v_proj of opt") and described.endswith("own forward (slower)")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # peft's note on fan_in_fan_out for Conv1D
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "gpt_neox", "opt"])
+def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradients(model_type: str) -> None:
+    """Six rows from two prompts (one left-padded): log-probs, values, entropies and the LoRA and value-head
+    gradients of the shared-prompt pass equal the one-pass forward's, and the prompt pass sees two rows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2},
+             "opt": {"hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "word_embed_proj_dim": 16}}.get(model_type, {
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1 if model_type != "gpt_neox" else 2})
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                  **sizes)
+    policy = Policy(AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, lora=LoraSettings(r=2),
+                    device="cpu")
+    for parameter in policy.trainable_parameters():  # B starts at 0: give every LoRA factor a gradient
+        nn.init.normal_(parameter, std=0.3)
+    prompts = torch.tensor([[0, 3, 4], [5, 6, 7]])
+    prompt_masks = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    rows = torch.tensor([0, 1, 0, 1, 1, 0])
+    completions = torch.randint(1, VOCAB, (6, 4))
+    completion_masks = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0],
+                                     [1, 1, 1, 1]])
+    input_ids = torch.cat([prompts[rows], completions], 1)
+    attention_mask = torch.cat([prompt_masks[rows], completion_masks], 1)
+    batch_sizes: list[int] = []
+    hook = policy.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+
+    def outputs(share: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for parameter in policy.trainable_parameters():
+            parameter.grad = None
+        forward = policy.forward_logprobs_values(input_ids, attention_mask, 3, share_prompts=share)
+        mask = completion_masks.float()
+        ((forward.logprobs + forward.values + forward.entropy) * mask).sum().backward()
+        parameters = policy.trainable_parameters()
+        return ([forward.logprobs * mask, forward.values * mask, forward.entropy * mask],
+                [parameter.grad.clone() for parameter in parameters])
+
+    one_pass, one_pass_grads = outputs(share=False)
+    assert batch_sizes == [6]
+    shared, shared_grads = outputs(share=True)
+    hook.remove()
+    assert batch_sizes[1:] == [2, 6]  # the two distinct prompts, then every row's completion
+    # float32 rounding (the attention's sums split in two passes, a prompt's gradient summed over its rows),
+    # on the scale of the largest output or gradient; a row given another row's prompt is off by far more
+    for got_group, expected_group in ((shared, one_pass), (shared_grads, one_pass_grads)):
+        scale = max(float(expected.abs().max()) for expected in expected_group)
+        for got, expected in zip(got_group, expected_group, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
