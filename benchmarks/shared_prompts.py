@@ -5,8 +5,8 @@
 
 A GRPO batch holds k completions per prompt. ``Policy.forward_logprobs_values`` can encode each distinct
 prompt once and run the completions on its repeated keys and values (``share_prompts``, see
-docs/algorithms.md); it does so when that saves at least ``MIN_SHARED_PROMPT_SAVING`` of the pass's
-columns. This script times one training pass (forward with the log-probs' gradient, then backward) of
+docs/algorithms.md); by default it does so when the prompt tokens saved times the model's parameters
+reach ``MIN_SHARED_PROMPT_WORK``. This script times one training pass (forward with the log-probs' gradient, then backward) of
 ``--rows`` rows with random prompt and completion tokens, both ways, taking turns, and prints the median
 milliseconds of each and their ratio, with the share of columns saved and whether the default rule shares.
 """
@@ -42,13 +42,14 @@ def main() -> None:
 
     import torch
 
-    from rlfb.models.policy import MIN_SHARED_PROMPT_SAVING, Policy, _shared_prompts
+    from rlfb.models.policy import MIN_SHARED_PROMPT_WORK, Policy, _shared_prompts
 
     torch.set_num_threads(args.threads)
     policy = Policy.from_pretrained(args.model, value_head=False, device="cpu")
     vocab = policy.model.get_input_embeddings().num_embeddings
     print(f"{args.model}, {args.rows} rows, completions of {args.completion_width} columns, "
-          f"{args.threads} thread(s); shared by default when >= {MIN_SHARED_PROMPT_SAVING:.0%} of columns saved")
+          f"{args.threads} thread(s); shared by default when prompt tokens saved x parameters >= "
+          f"{MIN_SHARED_PROMPT_WORK:.0e}")
     print(f"{'prompt cols':>11} {'per prompt':>10} {'saved':>6} {'default':>8} {'whole ms':>9} {'shared ms':>10} "
           f"{'speed-up':>9}")
     generator = torch.Generator().manual_seed(args.seed)
@@ -73,7 +74,7 @@ def main() -> None:
             whole, shared = statistics.median(times[False]), statistics.median(times[True])
             rows, columns = input_ids.shape
             saved = (rows - len(prompts)) * width / (rows * columns)
-            default = _shared_prompts(input_ids, attention_mask, width) is not None
+            default = _shared_prompts(input_ids, attention_mask, width, policy._parameter_count) is not None
             print(f"{width:>11} {group:>10} {saved:>6.0%} {'shared' if default else 'whole':>8} {whole:>9.1f} "
                   f"{shared:>10.1f} {whole / shared:>8.2f}x")
 

@@ -131,28 +131,33 @@ def dropout_in_gradient_passes(model: nn.Module) -> int:
     return replaced
 
 
-# Encode a prompt once for the rows that share it only when that saves at least this share of a pass's
-# token columns: the split costs a second model call. benchmarks/shared_prompts.py (rlfb-tiny, 16 rows,
-# one thread, forward and backward): 6-column prompts (17-20% saved) 0.96-1.18x between runs, 20-column
-# ones (38-44%) 1.25-1.29x, 40-column ones (50-58%) 1.40-1.66x.
-MIN_SHARED_PROMPT_SAVING = 0.25
+# Encode a prompt once for the rows that share it only when the prompt tokens saved, times the model's
+# parameters (what each token costs), reach this: the split costs a second model call, whose fixed cost on
+# a small model is what a forward of about 170 tokens of rlfb-tiny's 0.87M parameters costs (on CPU, one
+# thread: 16 rows x 26 columns in 17 ms, one row in 5 ms). benchmarks/shared_prompts.py (rlfb-tiny, 16 rows,
+# forward and backward): 72-84 prompt tokens saved (6-column prompts) 0.96-1.18x between runs, so left
+# whole; 240-280 (20 columns) 1.25-1.29x; 480-560 (40 columns) 1.40-1.66x. At 124M parameters every saved
+# token pays.
+MIN_SHARED_PROMPT_WORK = 2e8  # prompt tokens saved x parameters
 
 
-def _shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int) -> torch.Tensor | None:
+def _shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_start: int,
+                    parameters: int | None) -> torch.Tensor | None:
     """(B,) the index of each row's prompt among the distinct prompts (columns before ``completion_start``,
-    ids and mask), or None when encoding each once would save less than ``MIN_SHARED_PROMPT_SAVING`` of the
-    batch's columns.
+    ids and mask), or None when no prompt repeats or encoding each once would save less than
+    ``MIN_SHARED_PROMPT_WORK`` (prompt tokens saved x ``parameters``; ``parameters=None``: any saving).
 
     >>> ids = torch.tensor([[5, 6, 1], [5, 6, 2], [7, 8, 3], [5, 6, 4]])
-    >>> _shared_prompts(ids, torch.ones_like(ids), 2)  # 2 of 4 prompts encoded: 4 of 12 columns saved
+    >>> _shared_prompts(ids, torch.ones_like(ids), 2, parameters=10**8)  # 2 of 4 prompts: 4 tokens saved
     tensor([0, 0, 1, 0])
-    >>> _shared_prompts(ids, torch.ones_like(ids), 1) is None  # [5] and [7]: 2 of 12 columns saved
+    >>> _shared_prompts(ids, torch.ones_like(ids), 2, parameters=10**6) is None  # 4e6, too little to pay
     True
     """
-    rows, width = input_ids.shape
+    rows = input_ids.shape[0]
     prompts = torch.cat([input_ids[:, :completion_start], attention_mask[:, :completion_start].long()], 1)
     distinct, copies = torch.unique(prompts, dim=0, return_inverse=True)
-    if (rows - len(distinct)) * completion_start < MIN_SHARED_PROMPT_SAVING * rows * width:
+    saved_tokens = (rows - len(distinct)) * completion_start
+    if saved_tokens == 0 or (parameters is not None and saved_tokens * parameters < MIN_SHARED_PROMPT_WORK):
         return None
     return copies
 
@@ -254,6 +259,8 @@ class Policy:
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         self._scorer: Any = None
+        # What a token costs the forward, for the choice to encode shared prompts once (_shared_prompts)
+        self._parameter_count = sum(parameter.numel() for parameter in self.model.parameters())
 
     @classmethod
     def from_pretrained(
@@ -343,7 +350,7 @@ class Policy:
         with_values: bool = True,
         with_entropy: bool = True,
         entropy_grad: bool = True,
-        share_prompts: bool = True,
+        share_prompts: bool | None = None,
     ) -> PolicyForward:
         """Log-probs, values and entropies of the completion tokens in one forward pass.
 
@@ -358,9 +365,10 @@ class Policy:
             entropy_grad: Let gradients flow through the entropies. False computes them detached, for a
                 metric: with an entropy bonus of 0, the (B, T, V) entropy graph would cost memory and a
                 backward pass for nothing.
-            share_prompts: Rows whose prompt columns are equal (the k completions of a group) encode their
-                prompt once when that saves enough (:func:`_shared_prompts`): the same values to float
-                rounding, with 1 / k of the prompts' compute. False: one pass over every row's sequence.
+            share_prompts: Whether rows whose prompt columns are equal (the k completions of a group)
+                encode their prompt once: the same values to float rounding, with 1 / k of the prompts'
+                compute. ``None`` (default): when that saves enough to pay for a second model call
+                (:func:`_shared_prompts`); ``True``: whenever a prompt repeats; ``False``: never.
 
         Returns:
             A :class:`PolicyForward` of (B, T) tensors. Gradients flow unless called under ``no_grad``.
@@ -374,7 +382,10 @@ class Policy:
         want_values = with_values and self.value_head is not None
         # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        copies = _shared_prompts(input_ids, attention_mask, completion_start) if share_prompts else None
+        copies = None
+        if share_prompts is not False:
+            parameters = self._parameter_count if share_prompts is None else None
+            copies = _shared_prompts(input_ids, attention_mask, completion_start, parameters)
         with self.autocast():
             if copies is None:
                 output = self.model(

@@ -229,10 +229,13 @@ def test_describe_names_the_adapted_modules_and_the_sampling_path() -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # peft's note on fan_in_fan_out for Conv1D
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2", "gpt_neox", "opt"])
-def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradients(model_type: str) -> None:
+def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradients(
+        model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six rows from two prompts (one left-padded): log-probs, values, entropies and the LoRA and value-head
     gradients of the shared-prompt pass equal the one-pass forward's, and the prompt pass sees two rows."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import rlfb.models.policy as policy_module
 
     torch.manual_seed(0)
     sizes = {"gpt2": {"n_embd": 16, "n_layer": 2, "n_head": 2},
@@ -271,8 +274,15 @@ def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradi
     one_pass, one_pass_grads = outputs(share=False)
     assert batch_sizes == [6]
     shared, shared_grads = outputs(share=True)
-    hook.remove()
     assert batch_sizes[1:] == [2, 6]  # the two distinct prompts, then every row's completion
+    # By default only when the saving pays: 4 rows x 3 prompt tokens saved, times the parameters
+    saved_work = 4 * 3 * policy._parameter_count
+    for threshold, calls in ((saved_work + 1, [6]), (saved_work, [2, 6])):
+        monkeypatch.setattr(policy_module, "MIN_SHARED_PROMPT_WORK", threshold)
+        batch_sizes.clear()
+        policy.forward_logprobs_values(input_ids, attention_mask, 3)
+        assert batch_sizes == calls
+    hook.remove()
     # float32 rounding (the attention's sums split in two passes, a prompt's gradient summed over its rows),
     # on the scale of the largest output or gradient; a row given another row's prompt is off by far more
     for got_group, expected_group in ((shared, one_pass), (shared_grads, one_pass_grads)):
