@@ -149,7 +149,7 @@ class ReinforceAgent(Agent):
         whole_batch_forward = None
         if chunk >= rollout.batch_size:
             reference_logprobs = rollout_reference_logprobs(self.policy, rollout, c.temperature)
-            whole_batch_forward = self._forward(rollout)
+            whole_batch_forward = self._forward(rollout, share_prompts=None)  # its own pi_old: may share
             old_logprobs = whole_batch_forward.logprobs.detach() * mask
         else:
             old = evaluate_rollout(self.policy, rollout, c.temperature, chunk_size=chunk)
@@ -237,13 +237,12 @@ class ReinforceAgent(Agent):
             metrics["train/ptx_loss"] = float(ptx_loss.detach())
         return metrics
 
-    def _forward(self, batch: Rollout) -> PolicyForward:
+    def _forward(self, batch: Rollout, share_prompts: bool | None = False) -> PolicyForward:
         """Log-probs and entropies at ``batch``'s completion positions, with gradients (no values; the update
-        masks all but the model tokens)."""
+        masks all but the model tokens); ``share_prompts`` as :func:`forward_rollout`'s."""
         c = self.config
-        return forward_rollout(
-            self.policy, batch, temperature=c.temperature, with_values=False, entropy_grad=c.entropy_coef != 0
-        )
+        return forward_rollout(self.policy, batch, temperature=c.temperature, with_values=False,
+                               entropy_grad=c.entropy_coef != 0, share_prompts=share_prompts)
 
     def state_dict(self) -> dict[str, Any]:
         return {

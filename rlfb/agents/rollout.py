@@ -51,6 +51,7 @@ def forward_rollout(
     *,
     reference: bool = False,
     max_rows_per_pass: int | None = None,
+    share_prompts: bool | None = False,
     **forward_options: Any,
 ) -> PolicyForward:
     """:meth:`Policy.forward_logprobs_values` over a rollout, in passes of rows of similar length.
@@ -66,6 +67,11 @@ def forward_rollout(
         rollout: The batch.
         reference: Run the reference (adapter disabled, no grad) instead of the policy.
         max_rows_per_pass: Also bound the rows per pass (memory).
+        share_prompts: Encode a prompt once for the rows of a pass that share it
+            (:meth:`Policy.forward_logprobs_values`); ``None``: when that pays. Passes group rows by
+            completion length, so the choice can differ between two calls over the same rows in other
+            groupings, by float rounding: only a pass whose outputs are not compared with another pass's
+            may use it (the reference's, or a gradient step's forward that is also its own pi_old).
         **forward_options: ``temperature``, ``with_values``, ``with_entropy``, ``entropy_grad``.
 
     Returns:
@@ -87,7 +93,8 @@ def forward_rollout(
             input_ids = torch.cat([rollout.prompt_ids[rows, first:], rollout.completion_ids[rows, :length]], 1)
             attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :length]], 1)
             start = rollout.completion_start - first
-            passes.append(policy.forward_logprobs_values(input_ids, attention_mask, start, **forward_options))
+            passes.append(policy.forward_logprobs_values(input_ids, attention_mask, start,
+                                                         share_prompts=share_prompts, **forward_options))
 
     back = torch.argsort(order)  # sorted position of each row of the rollout
 
@@ -151,8 +158,8 @@ def rollout_reference_logprobs(
         temperature: The sampling temperature (logits are divided by it).
         chunk_size: Rows per forward pass, to bound memory; ``None`` is the whole batch.
     """
-    forward = forward_rollout(
-        policy, rollout, reference=True, max_rows_per_pass=chunk_size, temperature=temperature
+    forward = forward_rollout(  # compared with no other reference pass: a group's prompt once when that pays
+        policy, rollout, reference=True, max_rows_per_pass=chunk_size, temperature=temperature, share_prompts=None
     )
     return forward.logprobs * rollout.action_mask.to(forward.logprobs.dtype)
 

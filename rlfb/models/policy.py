@@ -350,7 +350,7 @@ class Policy:
         with_values: bool = True,
         with_entropy: bool = True,
         entropy_grad: bool = True,
-        share_prompts: bool | None = None,
+        share_prompts: bool | None = False,
     ) -> PolicyForward:
         """Log-probs, values and entropies of the completion tokens in one forward pass.
 
@@ -367,8 +367,10 @@ class Policy:
                 backward pass for nothing.
             share_prompts: Whether rows whose prompt columns are equal (the k completions of a group)
                 encode their prompt once: the same values to float rounding, with 1 / k of the prompts'
-                compute. ``None`` (default): when that saves enough to pay for a second model call
-                (:func:`_shared_prompts`); ``True``: whenever a prompt repeats; ``False``: never.
+                compute, rounding in the last bits differently from one pass (so two passes whose outputs
+                are compared, such as PPO's pi_old and pi_new, must choose alike). ``None``: when that saves
+                enough to pay for a second model call (:func:`_shared_prompts`); ``True``: whenever a
+                prompt repeats; ``False`` (default): never.
 
         Returns:
             A :class:`PolicyForward` of (B, T) tensors. Gradients flow unless called under ``no_grad``.

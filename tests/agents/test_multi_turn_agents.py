@@ -145,8 +145,8 @@ def garbage_off_model_tokens(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return garbage(real_reference(policy, rollout, *args, **kwargs), rollout.action_mask, -5.0, 5.0, 4)
 
     def wrap_forward(real_forward: Any) -> Any:
-        def forward(self: Any, batch: Rollout) -> PolicyForward:
-            out, mask = real_forward(self, batch), batch.action_mask
+        def forward(self: Any, batch: Rollout, **options: Any) -> PolicyForward:
+            out, mask = real_forward(self, batch, **options), batch.action_mask
             return PolicyForward(
                 logprobs=garbage(out.logprobs, mask, -300.0, -100.0, 5),
                 values=None if out.values is None else garbage(out.values, mask, -50.0, 50.0, 6),

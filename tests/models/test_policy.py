@@ -280,7 +280,7 @@ def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradi
     for threshold, calls in ((saved_work + 1, [6]), (saved_work, [2, 6])):
         monkeypatch.setattr(policy_module, "MIN_SHARED_PROMPT_WORK", threshold)
         batch_sizes.clear()
-        policy.forward_logprobs_values(input_ids, attention_mask, 3)
+        policy.forward_logprobs_values(input_ids, attention_mask, 3, share_prompts=None)
         assert batch_sizes == calls
     hook.remove()
     # float32 rounding (the attention's sums split in two passes, a prompt's gradient summed over its rows),
