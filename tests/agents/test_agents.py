@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -296,3 +297,40 @@ def test_forward_rollout_in_passes_equals_one_padded_pass() -> None:
     torch.testing.assert_close(reference * mask, expected * mask, atol=1e-5, rtol=1e-5)
     (passes.logprobs * mask).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("agent_name", "options", "expected"), [
+    # the reference pass and the one-chunk step's forward (its own pi_old) share; nothing else runs
+    ("grpo", {"group_size": 2}, {"reference": {None}, "policy": {None}}),
+    # pi_old comes from a no-grad pass compared with the minibatches' forwards: both stay whole
+    ("grpo", {"group_size": 2, "minibatch_size": 2}, {"reference": {None}, "policy": {False}}),
+    ("ppo", {"num_minibatches": 2, "epochs": 1}, {"reference": {None}, "policy": {False}}),
+    ("ppo", {"num_minibatches": 1, "epochs": 2}, {"reference": {None}, "policy": {False}}),
+])
+def test_only_passes_no_other_pass_is_compared_with_may_share_prompts(
+        agent_name: str, options: dict, expected: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlfb.models.policy as policy_module
+
+    policy = tiny_policy(value_head=agent_name == "ppo")
+    calls: dict[str, list] = {"reference": [], "policy": []}
+    real_forward, real_reference, in_reference = policy.forward_logprobs_values, policy.reference, [False]
+
+    def spy(*args, share_prompts=False, **kwargs):
+        calls["reference" if in_reference[0] else "policy"].append(share_prompts)
+        return real_forward(*args, share_prompts=share_prompts, **kwargs)
+
+    @contextlib.contextmanager
+    def reference():
+        in_reference[0] = True
+        with real_reference():
+            yield
+        in_reference[0] = False
+
+    monkeypatch.setattr(policy, "forward_logprobs_values", spy)
+    monkeypatch.setattr(policy, "reference", reference)
+    monkeypatch.setattr(policy_module, "MIN_SHARED_PROMPT_WORK", 0)  # sharing pays at any size
+    completions = torch.tensor([[5, 0], [7, 0], [8, 9], [9, 0]])
+    rollout = make_rollout(completions, torch.ones_like(completions), torch.tensor([1.0, 0.0, 2.0, -1.0]),
+                           prompts=["a", "a", "b", "b"], group_size=2)
+    make_agent(agent_name, policy, options).update(rollout)
+    assert {kind: set(choices) for kind, choices in calls.items()} == expected  # every pass of each kind
