@@ -261,6 +261,12 @@ class Policy:
         self._scorer: Any = None
         # What a token costs the forward, for the choice to encode shared prompts once (_shared_prompts)
         self._parameter_count = sum(parameter.numel() for parameter in self.model.parameters())
+        # A sliding-window layer's cache keeps only the window's last columns; past it the split would differ
+        config = getattr(self.model, "config", None)
+        sliding = getattr(config, "sliding_window", None)
+        if getattr(config, "use_sliding_window", None) is False:  # Qwen2 declares a window it does not use
+            sliding = None
+        self._sliding_window: int | None = sliding if isinstance(sliding, int) else None
 
     @classmethod
     def from_pretrained(
@@ -370,7 +376,7 @@ class Policy:
                 compute, rounding in the last bits differently from one pass (so two passes whose outputs
                 are compared, such as PPO's pi_old and pi_new, must choose alike). ``None``: when that saves
                 enough to pay for a second model call (:func:`_shared_prompts`); ``True``: whenever a
-                prompt repeats; ``False`` (default): never.
+                prompt repeats; ``False`` (default): never. Never past a sliding attention window.
 
         Returns:
             A :class:`PolicyForward` of (B, T) tensors. Gradients flow unless called under ``no_grad``.
@@ -385,7 +391,8 @@ class Policy:
         # Positions count real tokens only, so a left-padded prompt sees the same positions as unpadded.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         copies = None
-        if share_prompts is not False:
+        within_window = self._sliding_window is None or input_ids.shape[1] <= self._sliding_window
+        if share_prompts is not False and within_window:
             parameters = self._parameter_count if share_prompts is None else None
             copies = _shared_prompts(input_ids, attention_mask, completion_start, parameters)
         with self.autocast():
@@ -442,8 +449,8 @@ class Policy:
         from pass 1. The model's own forward both times, with its own cache; only the attention's
         arithmetic is split in two, which rounds in the last bits differently from one pass.
         """
-        prompt = torch.zeros(copies.max() + 1, dtype=torch.long, device=copies.device)
-        prompt[copies] = torch.arange(len(copies), device=copies.device)  # a row holding each distinct prompt
+        prompt = torch.zeros(int(copies.max()) + 1, dtype=torch.long, device=copies.device)
+        prompt[copies] = torch.arange(len(copies), device=copies.device)  # a row (any) holding each prompt
         P = completion_start
         encoded = self.model(
             input_ids=input_ids[prompt, :P],

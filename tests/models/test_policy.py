@@ -289,3 +289,23 @@ def test_rows_that_share_a_prompt_encode_it_once_with_the_same_outputs_and_gradi
         scale = max(float(expected.abs().max()) for expected in expected_group)
         for got, expected in zip(got_group, expected_group, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_rows_longer_than_a_sliding_window_do_not_share_their_prompt() -> None:
+    """Past the window a layer's cache keeps only its last columns, so the split would compute another thing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                  sliding_window=4, pad_token_id=0)
+    policy = Policy(AutoModelForCausalLM.from_config(config).eval(), tokenizer=None, lora=LoraSettings(r=2),
+                    device="cpu")
+    batch_sizes: list[int] = []
+    policy.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    input_ids = torch.tensor([[3, 4, 5, 6], [3, 4, 7, 8]])
+    for width, calls in ((4, [1, 2]), (5, [2])):  # within the window: shared; past it: one pass
+        batch_sizes.clear()
+        ids = torch.cat([input_ids, torch.ones(2, width - 4, dtype=torch.long)], 1)
+        policy.forward_logprobs_values(ids, torch.ones_like(ids), 2, share_prompts=True)
+        assert batch_sizes == calls
