@@ -60,8 +60,6 @@ def main() -> None:
             input_ids = torch.cat([prompts.repeat_interleave(group, 0)[: args.rows], completions], 1)
             attention_mask = torch.ones_like(input_ids)
             one_pass = functools.partial(training_pass, policy, input_ids, attention_mask, width)
-
-
             times: dict[bool, list[float]] = {False: [], True: []}
             for share in (False, True):
                 one_pass(share)  # warm-up
