@@ -154,6 +154,8 @@ def _shared_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, compl
     True
     """
     rows = input_ids.shape[0]
+    if parameters is not None and (rows - 1) * completion_start * parameters < MIN_SHARED_PROMPT_WORK:
+        return None  # even one prompt for every row would not pay: no need to look (rlfb-tiny's passes)
     prompts = torch.cat([input_ids[:, :completion_start], attention_mask[:, :completion_start].long()], 1)
     distinct, copies = torch.unique(prompts, dim=0, return_inverse=True)
     saved_tokens = (rows - len(distinct)) * completion_start
