@@ -1,7 +1,8 @@
 """Rollouts: collecting a batch of episodes, and the policy's view of them.
 
-:func:`collect_rollout` drives the token-per-step vector env with a KV-cached sampler and returns a
-single-turn :class:`~rlfb.agents.trajectory.Rollout` (the batch structure every agent reads, defined in
+:func:`collect_rollout` samples whole completions for the token vector env's prompts with a KV-cached
+sampler, scores them through the env in one call and returns a single-turn
+:class:`~rlfb.agents.trajectory.Rollout` (the batch structure every agent reads, defined in
 rlfb/agents/trajectory.py with its multi-turn fields). :func:`evaluate_rollout` then recomputes, in no-grad
 passes over the full sequences, the log-probs and values the agents need (see its docstring for why the
 sampler's own log-probs are not used); :func:`rollout_reference_logprobs` computes the reference's alone.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -173,7 +173,12 @@ def collect_rollout(
     seed: int | None = None,
     options: dict[str, Any] | None = None,
 ) -> Rollout:
-    """Reset the vector env and step it token by token with a KV-cached sampler until every row ends.
+    """Reset the vector env, sample every row's whole completion with a KV-cached sampler, hand the
+    completions to the env at once and read their scores.
+
+    The env is not stepped token by token: the sampler stops each row where the env would end it (EOS, or
+    the env's ``max_new_tokens``), and :meth:`~rlfb.envs.vector_env.TextGenerationVectorEnv.take_completions`
+    then does what stepping each column in turn does, with one call of the reward functions for the batch.
 
     Args:
         venv: A ``rlfb/TextGeneration-v0`` vector env (``gymnasium.make_vec(...,
@@ -204,81 +209,48 @@ def collect_rollout(
     sampler = TokenSampler(
         policy.model, budget, generator, eos_token_id=env.eos_token_id, pad_token_id=env.pad_token_id
     )
-    ended_info: dict[str, np.ndarray] = {}
-    tokens_per_step, logprobs_per_step, active_per_step, rewards_per_step = [], [], [], []
     with policy.autocast():
         sampler.start(prompt_ids, prompt_mask)
-        while not env.all_finished:
-            active_per_step.append(~env.finished)
-            tokens, logprobs = sampler.sample()
-            _, rewards, _, _, info = venv.step(tokens)
-            tokens_per_step.append(tokens)
-            logprobs_per_step.append(logprobs)
-            rewards_per_step.append(torch.as_tensor(rewards, dtype=torch.float32))
-            _merge_ended(ended_info, info)
-            if not sampler.done:
-                sampler.advance(tokens)
+        generation = sampler.sample_to_end()
+    ended = env.take_completions(generation.completion_ids)
+    if ended.scores is None or len(ended.ended_rows) != env.num_envs:
+        raise RuntimeError(f"the env ended {len(ended.ended_rows)} of {env.num_envs} episodes where the sampler "
+                           "ended them all; its EOS token or max_new_tokens differ from the sampler's")
+    episode_scores = ended.scores  # rows 0 .. N - 1 in order: every row ended
 
     device = policy.device
-    completion_mask = torch.stack(active_per_step, 1).long().to(device)  # (B, T)
-    scores = torch.as_tensor(np.nan_to_num(ended_info["score"], nan=0.0), dtype=torch.float32, device=device)
-    components = {
-        key.removeprefix("reward/"): torch.as_tensor(values, dtype=torch.float32, device=device)
-        for key, values in ended_info.items()
-        if key.startswith("reward/")
-    }
+    completion_mask = generation.completion_mask.to(device)  # (B, T)
+    scores = torch.as_tensor(np.nan_to_num(episode_scores.score, nan=0.0), dtype=torch.float32, device=device)
+    components = {name: torch.as_tensor(values, dtype=torch.float32, device=device)
+                  for name, values in episode_scores.components.items()}
     # One turn: the Rollout's defaults make action_mask the completion_mask itself (no copy) and end the
     # turn at the last token.
     return Rollout(
         prompt_ids=prompt_ids.to(device),
         prompt_mask=prompt_mask.to(device),
-        completion_ids=torch.stack(tokens_per_step, 1).to(device),
+        completion_ids=generation.completion_ids.to(device),
         completion_mask=completion_mask,
-        sampled_logprobs=torch.stack(logprobs_per_step, 1).float().to(device),
+        sampled_logprobs=generation.logprobs.float().to(device),
         scores=scores,
         reward_components=components,
-        per_token_rewards=_dense_rewards(
-            torch.stack(rewards_per_step, 1).to(device), completion_mask, scores, ended_info.get("token_rewards")
-        ),
-        prompts=[str(text) for text in ended_info["prompt"]],
-        completions=[str(text) for text in ended_info["completion"]],
+        per_token_rewards=_dense_rewards(ended.dense_rewards, episode_scores.token_rewards, completion_mask),
+        prompts=list(episode_scores.prompts),
+        completions=list(episode_scores.completions),
         group_size=int(getattr(env, "group_size", 1)),
     )
 
 
-def _merge_ended(collected: dict[str, np.ndarray], info: Mapping[str, Any]) -> None:
-    """Copy the entries of rows that ended on this step (``_key`` masks) into ``collected``."""
-    for key, values in info.items():
-        if key.startswith("_") or f"_{key}" not in info:
-            continue
-        ended = np.asarray(info[f"_{key}"], dtype=bool)
-        if key not in collected:
-            collected[key] = np.array(values, copy=True)
-        else:
-            collected[key][ended] = np.asarray(values)[ended]
-
-
-def _dense_rewards(
-    step_rewards: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, token_rewards: np.ndarray | None
-) -> torch.Tensor | None:
-    """(B, T) dense rewards at their tokens, or None.
-
-    The env pays each step its ``dense_reward`` and, on the last step, the score plus the sum of the reward
-    functions' per-token rewards. Here the score goes back out (the agents add it themselves) and the
-    per-token rewards go to the tokens that earned them, which gives the value function better credit.
-    """
-    last = (mask.sum(1) - 1).clamp(min=0)  # (B,)
-    dense = step_rewards * mask
-    paid_at_end = scores.clone()
-    placed = torch.zeros_like(dense)
-    if token_rewards is not None:
-        for row, values in enumerate(token_rewards):
-            if values is None or len(values) == 0:
-                continue
-            values_tensor = torch.as_tensor(np.asarray(values, dtype=np.float32), device=dense.device)
-            placed[row, : len(values_tensor)] = values_tensor
-            paid_at_end[row] += values_tensor.sum()
-    dense = dense.scatter_add(1, last.unsqueeze(1), -paid_at_end.unsqueeze(1)) + placed
-    if token_rewards is None and bool((dense.abs() < 1e-6).all()):
+def _dense_rewards(env_rewards: torch.Tensor | None, token_rewards: list[np.ndarray] | None,
+                   mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) dense rewards at their tokens, or None when there are none: the env's ``dense_reward`` of each
+    token plus the reward functions' per-token rewards, each at the token that earned it (better credit for
+    the value function than the episode's end)."""
+    if token_rewards is None and (env_rewards is None or bool((env_rewards.abs() < 1e-6).all())):
         return None
+    dense = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if env_rewards is not None:
+        dense[:, : env_rewards.shape[1]] += env_rewards.to(mask.device)
+    for row, values in enumerate(token_rewards or []):
+        if values is not None and len(values):
+            dense[row, : len(values)] += torch.as_tensor(np.asarray(values, dtype=np.float32), device=mask.device)
     return dense * mask

@@ -40,7 +40,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlfb.envs.core import EpisodeScores, TextEnvProperties, TextEnvSettings, check_options, observation_space
-from rlfb.envs.episodes import DenseReward, TokenEpisodes
+from rlfb.envs.episodes import Completions, DenseReward, TokenEpisodes
 from rlfb.envs.tasks import Task
 from rlfb.errors import ConfigError
 
@@ -157,6 +157,17 @@ class TextGenerationVectorEnv(TextEnvProperties, VectorEnv):
         result = self._episodes.step(actions)
         info = self._episode_end_info(result.ended_rows, result.scores) if result.scores is not None else {}
         return self._episodes.observation(), result.rewards, result.terminated, result.truncated, info
+
+    def take_completions(self, completion_ids: torch.Tensor | np.ndarray) -> Completions:
+        """Append whole completions at once, (N, T) token ids: what :meth:`step` on each column in turn
+        does to the episodes (each row takes its tokens up to its first EOS or ``max_new_tokens``; the rest
+        is padding), with the rows that end scored in one call of the reward functions.
+
+        Not part of Gymnasium's API: the agents' rollout core (:func:`rlfb.agents.rollout.collect_rollout`)
+        samples whole completions and hands them over this way. It returns the episodes' scores directly
+        (:class:`~rlfb.envs.episodes.Completions`) instead of :meth:`step`'s observation and info arrays.
+        """
+        return self._episodes.take_completions(completion_ids)
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _rows_to_reset(self, reset_mask: Any) -> list[int]:

@@ -110,6 +110,56 @@ def test_episodes_ending_together_are_scored_in_one_call(make_venv: Any) -> None
         venv.step(torch.tensor([5, 5, 5, 5]))
 
 
+def test_whole_completions_at_once_do_what_stepping_each_column_does(make_venv: Any) -> None:
+    """take_completions (the rollout core's way in) against step on each column: same observation, ends,
+    scores and dense rewards, with the episodes scored in one call."""
+    dense = lambda tokens, observation: (tokens == 5).float() + observation["attention_mask"].sum(1) / 100  # noqa: E731
+    by_step, at_once = RecordingReward(), RecordingReward()
+    stepped = make_venv(num_envs=4, rewards=[by_step], max_new_tokens=4, dense_reward=dense)
+    whole = make_venv(num_envs=4, rewards=[at_once], max_new_tokens=4, dense_reward=dense)
+    eos = stepped.eos_token_id
+    first = torch.tensor([5, 9, eos, 7])  # row 2 ends on the first token
+    completions = torch.tensor([[5, eos, 9, 9, 9],  # EOS at its 2nd column: terminated after 1 + 2 tokens
+                                [9, 5, 5, 9, 9],  # truncated at max_new_tokens (3 more after the first)
+                                [5, 5, 5, 5, 5],  # already ended: ignored
+                                [eos, 5, 5, 5, 5]])  # terminated on its first column
+    for venv in (stepped, whole):
+        venv.reset(seed=0)
+    stepped.step(first)
+    whole.step(first)
+    step_rewards, ends = [], torch.zeros(4, dtype=torch.bool)
+    for column in completions.T:
+        if stepped.all_finished:
+            break
+        obs, rewards, terminated, truncated, info = stepped.step(column)
+        step_rewards.append(rewards)
+        ends |= terminated | truncated
+    result = whole.take_completions(completions)
+
+    assert torch.equal(whole._episodes.input_ids, stepped._episodes.input_ids)
+    assert torch.equal(whole._episodes.attention_mask, stepped._episodes.attention_mask)
+    assert whole.all_finished and result.taken.tolist() == [2, 3, 0, 1]
+    assert result.terminated.tolist() == [True, False, False, True]
+    assert result.truncated.tolist() == [False, True, False, False]
+    assert result.ended_rows == [0, 1, 3] and result.scores is not None
+    # stepping paid each row's dense rewards, and its return on its last step; at once, they come apart
+    paid = torch.stack(step_rewards, 1)
+    assert result.dense_rewards is not None
+    returns = torch.as_tensor(result.scores.returns, dtype=torch.float32)
+    torch.testing.assert_close(paid.sum(1)[[0, 1, 3]], result.dense_rewards.sum(1)[[0, 1, 3]] + returns)
+    assert result.scores.score.tolist() == [3.0, 4.0, 2.0]  # RecordingReward: the tokens each episode took
+    assert by_step.batch_sizes == [1, 1, 1, 1] and at_once.batch_sizes == [1, 3]  # row 2 ended on step(first)
+
+    still_going = make_venv(num_envs=2, max_new_tokens=4)
+    still_going.reset(seed=0)
+    result = still_going.take_completions(torch.tensor([[5, 5], [eos, 5]]))
+    assert result.taken.tolist() == [2, 1] and result.ended_rows == [1] and still_going.finished.tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"shape \(2, T\)"):
+        still_going.take_completions(torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="out of range"):
+        still_going.take_completions(torch.tensor([[5, 10_000], [5, 5]]))
+
+
 def test_finished_rows_ignore_their_actions(make_venv: Any) -> None:
     venv = make_venv(num_envs=2, max_new_tokens=4)
     venv.reset(seed=0)
