@@ -20,10 +20,12 @@ set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``)
 the device is CUDA.
 
 A rank that dies must not leave the others waiting in a collective. Each rank beats a heartbeat (a
-counter in the launcher's rendezvous store, bumped every ``HEARTBEAT_S`` by a daemon thread); when a
-collective fails (a killed rank's sockets close at once; a hung rank's collectives time out after
-``DEFAULT_TIMEOUT_S``), the ranks whose counter stays still for ``HEARTBEAT_SILENCE_S`` are named in a
-one-line :class:`RankFailure`, and every survivor stops with it.
+counter in the launcher's rendezvous store, bumped every ``HEARTBEAT_S`` by a daemon thread). A killed
+rank's sockets close at once and the collective fails; on gloo, a collective that waits reads the other
+ranks' counters every ``HEARTBEAT_S`` and gives up as soon as one stands still for ``HEARTBEAT_SILENCE_S``
+(a rank stopped, or hung with its whole process); a rank alive but not arriving is waited for up to
+``DEFAULT_TIMEOUT_S``. The ranks whose counter stays still are named in a one-line :class:`RankFailure`,
+and every survivor stops with it.
 
 Example:
     >>> import torch
@@ -73,8 +75,11 @@ __all__ = [
     "world_size",
 ]
 
-# A collective that waits longer than this for a rank raises: a dead rank ends the job within a minute.
-DEFAULT_TIMEOUT_S = 60.0
+# A collective waits this long for a rank that is alive (its heartbeat going) but has not arrived: rank 0
+# evaluating or checkpointing alone while the others wait can take minutes on a large model. A rank that dies
+# or stops ends the wait much sooner: its connections close at once (gloo raises), or, on gloo, its heartbeat
+# stands still for HEARTBEAT_SILENCE_S while the others wait (:func:`_await`).
+DEFAULT_TIMEOUT_S = 600.0
 # Each rank bumps its heartbeat this often (a store round trip: ~0.1 ms).
 HEARTBEAT_S = 0.5
 # A rank whose heartbeat stays still this long has died or hung: ten beats, so a loaded machine's
@@ -211,6 +216,15 @@ class _Heartbeat:
             except RuntimeError:
                 return
 
+    def readings(self) -> dict[int, int] | None:
+        """Every other rank's counter now (one store round trip each); None when the store cannot be reached."""
+        try:
+            return {rank: self.store.add(self.key(rank), 0) for rank in range(self.world_size) if rank != self.rank}
+        except RankFailure:  # raised by a SIGTERM while reading (see Trainer._graceful_interrupts): not the store's
+            raise
+        except RuntimeError:
+            return None
+
     def silent_ranks(self) -> list[int] | None:
         """The other ranks whose counter did not move in HEARTBEAT_SILENCE_S (live ones move within a beat
         or two); None when the store cannot be reached."""
@@ -229,15 +243,17 @@ class _Heartbeat:
         return sorted(silent)
 
 
-def _failure_message(collective: str, error: BaseException) -> str:
-    """One line: which ranks died or hung while this rank waited in ``collective``, read from their heartbeats."""
+def _failure_message(collective: str, error: BaseException | None, silent: list[int] | None = None) -> str:
+    """One line: which ranks died or hung while this rank waited in ``collective``, read from their heartbeats
+    (or given: ``silent``, the ranks :func:`_await` saw stand still; ``error`` None then)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    cause = (str(error).splitlines()[0] if str(error) else type(error).__name__) if error is not None else "no reply"
     where = f"while rank {rank} waited in {collective}; every rank stops"
     heartbeat = _Heartbeat.current
     if heartbeat is None:  # a process group rlfb did not create: no heartbeats to read
         return f"{collective} failed on rank {rank} of {world} ({cause}); every rank stops"
-    silent = heartbeat.silent_ranks()
+    if error is not None:
+        silent = heartbeat.silent_ranks()
     if silent:
         names = ", ".join(str(dead) for dead in silent)
         return f"rank {names} of {world} died or hung (no heartbeat for {HEARTBEAT_SILENCE_S:g} s) {where}"
@@ -282,10 +298,44 @@ def _collective(name: str) -> Iterator[None]:
     started = time.perf_counter()
     try:
         yield
+    except RankFailure:
+        raise
     except RuntimeError as error:
         raise RankFailure(_failure_message(name, error)) from error
     finally:
         _waited_s += time.perf_counter() - started
+
+
+def _await(work: Any, collective: str) -> None:
+    """Wait for an asynchronous collective (``async_op=True``), watching the other ranks' heartbeats.
+
+    On gloo the wait goes in slices of HEARTBEAT_S; after each slice still waiting, the other ranks'
+    counters are read, and a rank whose counter stood still for HEARTBEAT_SILENCE_S (stopped, or hung with
+    its whole process: its sockets stay open, so gloo itself would wait the full timeout) ends the wait with
+    a :class:`RankFailure` naming it. A collective that completes within the first slice (nearly all of
+    them) costs what a blocking one does. NCCL, or a process group without rlfb's heartbeats: a plain wait.
+    """
+    heartbeat = _Heartbeat.current
+    if heartbeat is None or dist.get_backend() != "gloo":
+        work.wait()
+        return
+    still_since: dict[int, tuple[int, float]] = {}  # rank -> (its counter, when it was first read so)
+    while True:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=HEARTBEAT_S))
+            return
+        except RuntimeError:
+            if work.is_completed():  # it failed (a rank's connection closed, or gloo's own timeout)
+                raise
+        readings, now = heartbeat.readings(), time.monotonic()
+        if readings is None:  # the store is gone (with rank 0, which holds it when launched by hand)
+            raise RankFailure(_failure_message(collective, None, silent=None))
+        for rank, count in readings.items():
+            if still_since.get(rank, (None, 0.0))[0] != count:
+                still_since[rank] = (count, now)
+        silent = sorted(rank for rank, (_, since) in still_since.items() if now - since >= HEARTBEAT_SILENCE_S)
+        if silent:
+            raise RankFailure(_failure_message(collective, None, silent=silent))
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -316,7 +366,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter],
         return riders
     flat = torch.cat(pieces)
     with _collective("all_reduce (gradients)"):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        _await(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (gradients)")
     flat /= dist.get_world_size()
     offset = 0
     for parameter in parameters:
@@ -345,7 +395,7 @@ def global_masked_moments(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) ->
     if world_size() > 1:
         sums = torch.stack(totals + counts).detach().double()
         with _collective("all_reduce (masked means)"):
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            _await(dist.all_reduce(sums, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (masked means)")
         totals, counts = list(sums[: len(pairs)]), list(sums[len(pairs) :])
     means = [(total / count.clamp(min=1)).to(values.dtype)
              for total, count, (values, _) in zip(totals, counts, pairs, strict=True)]
@@ -354,7 +404,7 @@ def global_masked_moments(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) ->
     if world_size() > 1:
         summed = torch.stack(squares).detach().double()
         with _collective("all_reduce (masked variances)"):
-            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            _await(dist.all_reduce(summed, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (masked variances)")
         squares = list(summed)
     variances = [(square / count.clamp(min=1)).to(values.dtype)
                  for square, count, (values, _) in zip(squares, counts, pairs, strict=True)]
@@ -423,7 +473,7 @@ def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     total = tensor.detach().clone()
     with _collective("all_reduce (average)"):
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        _await(dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (average)")
     return total / dist.get_world_size()
 
 
@@ -441,7 +491,7 @@ def token_shares(masks: Sequence[torch.Tensor]) -> torch.Tensor | None:
     local = torch.stack([mask.sum() for mask in masks]).to(torch.float64)
     totals = local.clone()
     with _collective("all_reduce (token counts)"):
-        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        _await(dist.all_reduce(totals, op=dist.ReduceOp.SUM, async_op=True), "all_reduce (token counts)")
     return (local * dist.get_world_size() / totals.clamp(min=1)).to(torch.float32)
 
 
@@ -456,7 +506,7 @@ def barrier() -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); nothing with one process."""
     if world_size() > 1:
         with _collective("barrier"):
-            dist.barrier()
+            _await(dist.barrier(async_op=True), "barrier")
 
 
 def agree(wish: bool) -> bool:
@@ -465,5 +515,5 @@ def agree(wish: bool) -> bool:
         return wish
     flag = torch.tensor([1.0 if wish else 0.0], device=_collective_device())
     with _collective("all_reduce (agreed decision)"):
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        _await(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), "all_reduce (agreed decision)")
     return bool(flag.item() > 0)

@@ -145,24 +145,48 @@ def test_an_incomplete_launch_says_how_to_launch(monkeypatch: pytest.MonkeyPatch
         distributed.init_from_environment("cpu")
 
 
-def stalling_worker(rank: int, port: int, stall: str, out_dir: str) -> None:
-    """Rank 1 stalls before its second collective: ``stopped`` (SIGSTOP: it hangs, heartbeat and all) or
-    ``slow`` (alive, past the 3 s collective timeout); rank 0 reports the error it stopped with."""
+def stalling_worker(rank: int, port: int, stall: str, out_dir: str, timeout_s: float = 3) -> None:
+    """Rank 1 stalls before its second collective: ``stopped`` (SIGSTOP: it hangs, heartbeat and all),
+    ``slow`` (alive, past the collective timeout) or ``busy`` (alive, 2 x HEARTBEAT_SILENCE_S, within the
+    timeout: rank 0 evaluating alone, say); rank 0 reports the error it stopped with, or that it went on."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    distributed.init_from_environment("cpu", timeout_s=3)
+    distributed.init_from_environment("cpu", timeout_s=timeout_s)
     agree(False)
     if rank == 1:
         (Path(out_dir) / "stalled_at").write_text(str(time.time()))
         if stall == "stopped":
             os.kill(os.getpid(), signal.SIGSTOP)
-        time.sleep(3 + HEARTBEAT_SILENCE_S + 5)
+        if stall == "busy":
+            time.sleep(2 * HEARTBEAT_SILENCE_S)
+            agree(True)
+            os._exit(0)
+        time.sleep(timeout_s + HEARTBEAT_SILENCE_S + 5)
         os._exit(0)
     try:
-        agree(False)
+        agreed = agree(False)
     except RankFailure as failure:
         (Path(out_dir) / "rank0.json").write_text(json.dumps({"error": str(failure), "failed_at": time.time()}))
+    else:
+        (Path(out_dir) / "rank0.json").write_text(json.dumps({"agreed": agreed, "returned_at": time.time()}))
     os._exit(0)
+
+
+def run_stalling_ranks(tmp_path: Path, stall: str, timeout_s: float) -> tuple[dict, float]:
+    """Rank 0's report, and the seconds from rank 1's stall to rank 0's failure (or return)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    context = mp.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path), timeout_s))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    processes[0].join(timeout=90)
+    for process in processes:
+        process.kill()  # a stopped process ends on SIGKILL
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    ended = report.get("failed_at", report.get("returned_at"))
+    return report, ended - float((tmp_path / "stalled_at").read_text())
 
 
 @pytest.mark.parametrize(("stall", "message"), [
@@ -172,18 +196,22 @@ def stalling_worker(rank: int, port: int, stall: str, out_dir: str) -> None:
 ])
 def test_a_hung_or_slow_rank_ends_the_others_collective_at_the_timeout_with_a_line_saying_which(
         tmp_path: Path, stall: str, message: str) -> None:
-    context = mp.get_context("spawn")
-    port = free_port()
-    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path))) for rank in range(2)]
-    for process in processes:
-        process.start()
-    processes[0].join(timeout=60)
-    for process in processes:
-        process.kill()  # a stopped process ends on SIGKILL
-    report = json.loads((tmp_path / "rank0.json").read_text())
+    report, seconds = run_stalling_ranks(tmp_path, stall, timeout_s=3)
     assert report["error"].startswith(message)
-    # The 3 s timeout, then at most HEARTBEAT_SILENCE_S of heartbeat reading (and a loaded machine's delays).
-    seconds = report["failed_at"] - float((tmp_path / "stalled_at").read_text())
-    assert 3 <= seconds < 3 + HEARTBEAT_SILENCE_S + 10
+    # The 3 s timeout, or HEARTBEAT_SILENCE_S of a still heartbeat (and a loaded machine's delays).
+    assert min(3, HEARTBEAT_SILENCE_S) <= seconds < 3 + HEARTBEAT_SILENCE_S + 10
     if stall == "slow":
         assert "a rank spent longer than the 3 s collective timeout between two collectives" in report["error"]
+
+
+def test_a_stopped_rank_is_named_long_before_the_collective_timeout_and_a_busy_one_is_waited_for(
+        tmp_path: Path) -> None:
+    """The others' wait watches the heartbeats: a rank whose process stopped is named after about
+    HEARTBEAT_SILENCE_S, not after the 60 s timeout; a live rank that takes twice that is waited for."""
+    report, seconds = run_stalling_ranks(tmp_path / "stopped", "stopped", timeout_s=60)
+    assert report["error"].startswith("rank 1 of 2 died or hung (no heartbeat for 5 s) while rank 0 waited in "
+                                      "all_reduce (agreed decision)")
+    assert HEARTBEAT_SILENCE_S <= seconds < HEARTBEAT_SILENCE_S + 10
+    report, seconds = run_stalling_ranks(tmp_path / "busy", "busy", timeout_s=60)
+    assert report.get("agreed") is True, report
+    assert seconds >= 2 * HEARTBEAT_SILENCE_S
