@@ -233,8 +233,10 @@ class Policy:
             if target_modules == [ALL_LINEAR]:
                 target_modules = ALL_LINEAR  # peft's every linear layer but the output head
             # GPT-2 style Conv1D layers store the weight transposed; peft must be told.
+            # (a target is a module's last name, "c_attn", or a dotted suffix of its path, "h.3.mlp.c_proj", as peft matches)
             conv1d_targets = any(
-                isinstance(module, Conv1D) and (target_modules == ALL_LINEAR or name.rsplit(".", 1)[-1] in target_modules)
+                isinstance(module, Conv1D) and (target_modules == ALL_LINEAR or any(
+                    name == target or name.endswith(f".{target}") for target in target_modules))
                 for name, module in model.named_modules()
             )
             config = LoraConfig(

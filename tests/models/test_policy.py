@@ -64,6 +64,20 @@ def test_all_linear_adapts_every_linear_layer_of_the_blocks_but_not_the_head() -
     assert {name.rsplit(".", 1)[-1] for name in policy.lora_target_modules} == adapted  # the adapter config saves them
 
 
+def test_a_dotted_path_targets_one_module_with_gpt2s_transposed_layout() -> None:
+    """``h.1.mlp.c_proj`` adapts that one Conv1D (peft matches a dotted suffix), told it is transposed: no
+    warning from peft, and the policy's log-probs move with the adapter as the layer's own forward says."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fan_in_fan_out")  # peft: a Conv1D target told it is not transposed
+        policy = Policy(gpt2(), tokenizer=None, lora=LoraSettings(r=2, target_modules=["h.1.mlp.c_proj"]),
+                        value_head=False, device="cpu")
+    adapted = [name for name, module in policy.model.named_modules() if hasattr(module, "lora_A")]
+    assert [name.split("transformer.", 1)[1] for name in adapted] == ["h.1.mlp.c_proj"]
+    assert policy.model.peft_config["default"].fan_in_fan_out
+
+
 def test_unknown_architecture_falls_back_to_attention_names_or_explains() -> None:
     class Attention(nn.Module):
         def __init__(self) -> None:
