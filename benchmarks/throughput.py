@@ -32,6 +32,9 @@ the neighbours too, CPU time much less so); and peak memory: the process's peak 
 plus placeholder tokens up to 50,257. Completions are random text, which is fine for a speed measurement.
 ``--model-size llama-small`` is the same with a random Llama of that shape (12 layers of width 768, 12
 heads, a gated MLP of 2,048, tied embeddings: 124M parameters), sampled by rlfb's Llama decoder.
+``--model-size qwen2.5-0.5b`` is a random Qwen2 of Qwen2.5-0.5B's configuration (494M parameters, a
+vocabulary of 151,936), for the GPU figures of benchmarks/gpu.sh. On CUDA both sides train under bf16
+autocast over float32 weights (rlfb's ``Policy.autocast``; TRL's ``bf16=True``).
 """
 
 from __future__ import annotations
@@ -50,15 +53,17 @@ from pathlib import Path
 from typing import Any
 
 GPT2_VOCAB_SIZE = 50257
+QWEN_VOCAB_SIZE = 151936  # Qwen2.5's embedding rows
 PAIRS = {"grpo": ("rlfb-grpo", "trl-grpo"), "ppo": ("rlfb-ppo", "trl-rloo")}
 
 
 # --------------------------------------------------------------------------------------------- settings
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings both sides share (also used by benchmarks/time_to_target.py)."""
-    parser.add_argument("--model-size", choices=("tiny", "gpt2-small", "llama-small"), default="tiny",
+    parser.add_argument("--model-size", choices=("tiny", "gpt2-small", "llama-small", "qwen2.5-0.5b"), default="tiny",
                         help="tiny: the built-in rlfb-tiny; gpt2-small: a random 124M GPT-2 built from its config; "
-                             "llama-small: a random Llama of GPT-2 small's width, depth and size")
+                             "llama-small: a random Llama of GPT-2 small's width, depth and size; qwen2.5-0.5b: a "
+                             "random Qwen2 of Qwen2.5-0.5B's configuration (494M parameters; for a GPU)")
     parser.add_argument("--model", default="rlfb-tiny",
                         help="the built-in model name or a directory (its tokenizer is used for gpt2-small too)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -88,12 +93,22 @@ def model_path(args: argparse.Namespace, workdir: Path) -> str:
         from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         tokenizer = AutoTokenizer.from_pretrained(base)
-        # GPT-2's 50,257-token vocabulary (no download): the built-in BPE plus placeholder tokens, so every
-        # id the random model samples is a real token on both sides, and the LM head has GPT-2's size.
-        tokenizer.add_tokens([f"<gpt2_{index}>" for index in range(GPT2_VOCAB_SIZE - len(tokenizer))])
+        # The real vocabulary's size (no download): the built-in BPE plus placeholder tokens, so every id the
+        # random model samples is a real token on both sides, and the LM head has the real model's size.
+        vocab_size = QWEN_VOCAB_SIZE if args.model_size == "qwen2.5-0.5b" else GPT2_VOCAB_SIZE
+        tokenizer.add_tokens([f"<gpt2_{index}>" for index in range(vocab_size - len(tokenizer))])
         eos = tokenizer.eos_token_id
         torch.manual_seed(0)
-        if args.model_size == "gpt2-small":
+        if args.model_size == "qwen2.5-0.5b":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            # Qwen2.5-0.5B's config.json (Qwen Team 2024): 24 layers of width 896, 14 query and 2 key-value
+            # heads, a gated MLP of 4,864, tied embeddings, RoPE base 1e6 (494M parameters).
+            model = Qwen2ForCausalLM(Qwen2Config(
+                vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+        elif args.model_size == "gpt2-small":
             model = GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))  # 124M
         else:  # GPT-2 small's shape as a Llama: 12 layers of width 768, a gated MLP of 2,048 (124M, tied)
             model = LlamaForCausalLM(LlamaConfig(
@@ -108,7 +123,7 @@ def model_path(args: argparse.Namespace, workdir: Path) -> str:
 
 def lora_targets(args: argparse.Namespace) -> list[str]:
     """The LoRA modules of both sides: rlfb's rule for the family (GPT-2: c_attn; Llama: q, k, v)."""
-    return ["q_proj", "k_proj", "v_proj"] if args.model_size == "llama-small" else ["c_attn"]
+    return ["q_proj", "k_proj", "v_proj"] if args.model_size in ("llama-small", "qwen2.5-0.5b") else ["c_attn"]
 
 
 def train_prompts() -> list[str]:
@@ -164,7 +179,9 @@ def trl_trainer(args: argparse.Namespace, kind: str, model: str, output_dir: Pat
         num_generations=args.group_size, max_completion_length=args.max_new_tokens, temperature=1.0,
         learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0, max_steps=updates,
         beta=args.beta, num_iterations=args.ppo_epochs if kind == "rloo" else 1,
-        use_cpu=args.device == "cpu", bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+        # bf16 autocast over float32 weights on CUDA, as rlfb's Policy.autocast; float32 on CPU, both sides
+        use_cpu=args.device == "cpu", bf16=args.device.startswith("cuda"), fp16=False, gradient_checkpointing=False,
+        report_to="none",
         save_strategy="no", logging_steps=1, seed=args.seed, dataloader_num_workers=0, disable_tqdm=False)
     if kind == "grpo":
         from trl import GRPOConfig, GRPOTrainer
