@@ -85,6 +85,8 @@ HEARTBEAT_S = 0.5
 # A rank whose heartbeat stays still this long has died or hung: ten beats, so a loaded machine's
 # scheduling delays never name a live rank. The survivors of a failed collective wait this long at most.
 HEARTBEAT_SILENCE_S = 5.0
+# Store round trips that fail in a row before a heartbeat stops beating, or a waiting rank gives the store up.
+STORE_FAILURES = 3
 # Large enough that rank r's seed never collides with another run seed's rank 0 for r < 1000 ranks.
 _RANK_SEED_STRIDE = 1_000_003
 
@@ -210,11 +212,15 @@ class _Heartbeat:
 
     def beat(self) -> None:
         """Bump this rank's counter every HEARTBEAT_S until stopped or the store goes away (the job is over)."""
+        failures = 0  # in a row: one slow or failed round trip must not silence a live rank for good
         while not self.stopped.wait(HEARTBEAT_S):
             try:
                 self.store.add(self.key(self.rank), 1)
+                failures = 0
             except RuntimeError:
-                return
+                failures += 1
+                if failures >= STORE_FAILURES:
+                    return
 
     def readings(self) -> dict[int, int] | None:
         """Every other rank's counter now (one store round trip each); None when the store cannot be reached."""
@@ -320,22 +326,36 @@ def _await(work: Any, collective: str) -> None:
         work.wait()
         return
     still_since: dict[int, tuple[int, float]] = {}  # rank -> (its counter, when it was first read so)
+    store_failures = 0  # readings in a row that could not reach the store
     while True:
         try:
             work.wait(timeout=datetime.timedelta(seconds=HEARTBEAT_S))
             return
+        except RankFailure:  # raised by a SIGTERM while waiting (see Trainer._graceful_interrupts)
+            raise
         except RuntimeError:
-            if work.is_completed():  # it failed (a rank's connection closed, or gloo's own timeout)
-                raise
+            if work.is_completed():  # done since the slice ran out (then this returns), or failed (this raises:
+                work.wait()  # a rank's connection closed, or gloo's own timeout)
+                return
         readings, now = heartbeat.readings(), time.monotonic()
-        if readings is None:  # the store is gone (with rank 0, which holds it when launched by hand)
-            raise RankFailure(_failure_message(collective, None, silent=None))
+        if readings is None:  # the store is gone (with rank 0, which holds it when launched by hand)?
+            store_failures += 1
+            if store_failures >= STORE_FAILURES:
+                raise RankFailure(_failure_message(collective, None, silent=None))
+            continue
+        store_failures = 0
         for rank, count in readings.items():
             if still_since.get(rank, (None, 0.0))[0] != count:
                 still_since[rank] = (count, now)
         silent = sorted(rank for rank, (_, since) in still_since.items() if now - since >= HEARTBEAT_SILENCE_S)
         if silent:
             raise RankFailure(_failure_message(collective, None, silent=silent))
+
+
+def _arrive(collective: str) -> None:
+    """A watched barrier before a collective that cannot be waited for in slices (the object collectives):
+    every rank arrives under :func:`_await`'s watch, so the collective itself then waits for no one."""
+    _await(dist.barrier(async_op=True), collective)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -434,6 +454,7 @@ def gather_objects(value: Any) -> list[Any]:
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
     with _collective("all_gather_object"):
+        _arrive("all_gather_object")
         dist.all_gather_object(gathered, value)
     return gathered
 
@@ -454,6 +475,7 @@ def broadcast_object(value: Any) -> Any:
         return value
     holder = [value]
     with _collective("broadcast_object_list"):
+        _arrive("broadcast_object_list")
         dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
@@ -463,8 +485,8 @@ def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
     if world_size() == 1:
         return
     with torch.no_grad(), _collective("broadcast (parameters)"):
-        for parameter in parameters:
-            dist.broadcast(parameter.data, src=0)
+        for work in [dist.broadcast(parameter.data, src=0, async_op=True) for parameter in parameters]:
+            _await(work, "broadcast (parameters)")
 
 
 def average_across_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,8 @@ def test_an_incomplete_launch_says_how_to_launch(monkeypatch: pytest.MonkeyPatch
         distributed.init_from_environment("cpu")
 
 
-def stalling_worker(rank: int, port: int, stall: str, out_dir: str, timeout_s: float = 3) -> None:
+def stalling_worker(rank: int, port: int, stall: str, out_dir: str, timeout_s: float = 3,
+                    waits_in: str = "agree") -> None:
     """Rank 1 stalls before its second collective: ``stopped`` (SIGSTOP: it hangs, heartbeat and all),
     ``slow`` (alive, past the collective timeout) or ``busy`` (alive, 2 x HEARTBEAT_SILENCE_S, within the
     timeout: rank 0 evaluating alone, say); rank 0 reports the error it stopped with, or that it went on."""
@@ -164,7 +165,7 @@ def stalling_worker(rank: int, port: int, stall: str, out_dir: str, timeout_s: f
         time.sleep(timeout_s + HEARTBEAT_SILENCE_S + 5)
         os._exit(0)
     try:
-        agreed = agree(False)
+        agreed = agree(False) if waits_in == "agree" else distributed.gather_objects(0)
     except RankFailure as failure:
         (Path(out_dir) / "rank0.json").write_text(json.dumps({"error": str(failure), "failed_at": time.time()}))
     else:
@@ -172,12 +173,13 @@ def stalling_worker(rank: int, port: int, stall: str, out_dir: str, timeout_s: f
     os._exit(0)
 
 
-def run_stalling_ranks(tmp_path: Path, stall: str, timeout_s: float) -> tuple[dict, float]:
+def run_stalling_ranks(tmp_path: Path, stall: str, timeout_s: float, waits_in: str = "agree") -> tuple[dict, float]:
     """Rank 0's report, and the seconds from rank 1's stall to rank 0's failure (or return)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path), timeout_s))
+    processes = [context.Process(target=stalling_worker, args=(rank, port, stall, str(tmp_path), timeout_s,
+                                                                     waits_in))
                  for rank in range(2)]
     for process in processes:
         process.start()
@@ -215,3 +217,8 @@ def test_a_stopped_rank_is_named_long_before_the_collective_timeout_and_a_busy_o
     report, seconds = run_stalling_ranks(tmp_path / "busy", "busy", timeout_s=60)
     assert report.get("agreed") is True, report
     assert seconds >= 2 * HEARTBEAT_SILENCE_S
+    # An object collective (pickles, no slices to wait in) is preceded by a watched barrier.
+    report, seconds = run_stalling_ranks(tmp_path / "gather", "stopped", timeout_s=60, waits_in="gather")
+    assert report["error"].startswith("rank 1 of 2 died or hung (no heartbeat for 5 s) while rank 0 waited in "
+                                      "all_gather_object")
+    assert HEARTBEAT_SILENCE_S <= seconds < HEARTBEAT_SILENCE_S + 10

@@ -209,13 +209,14 @@ def collect_rollout(
     sampler = TokenSampler(
         policy.model, budget, generator, eos_token_id=env.eos_token_id, pad_token_id=env.pad_token_id
     )
-    with policy.autocast():
+    with policy.autocast():  # the scoring too, as when the env was stepped here (a reward model's numerics)
         sampler.start(prompt_ids, prompt_mask)
         generation = sampler.sample_to_end()
-    ended = env.take_completions(generation.completion_ids)
-    if ended.scores is None or len(ended.ended_rows) != env.num_envs:
-        raise RuntimeError(f"the env ended {len(ended.ended_rows)} of {env.num_envs} episodes where the sampler "
-                           "ended them all; its EOS token or max_new_tokens differ from the sampler's")
+        ended = env.take_completions(generation.completion_ids)
+    sampled_lengths = generation.completion_mask.sum(1).to(ended.taken.device)
+    if ended.scores is None or len(ended.ended_rows) != env.num_envs or not torch.equal(ended.taken, sampled_lengths):
+        raise RuntimeError(f"the env ended {len(ended.ended_rows)} of {env.num_envs} episodes, not where the sampler "
+                           "ended them; its EOS token or max_new_tokens differ from the sampler's")
     episode_scores = ended.scores  # rows 0 .. N - 1 in order: every row ended
 
     device = policy.device

@@ -172,6 +172,11 @@ class TokenEpisodes:
         tokens = self._as_tokens(completion_ids, matrix=True)  # (N, T)
         self._check_tokens(tokens)
         width = tokens.shape[1]
+        if width == 0:  # nothing to take: every row as it was
+            none = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+            return Completions(torch.zeros(self.num_rows, dtype=torch.long, device=self.device),
+                               None if self.dense_reward is None else tokens.new_zeros(tokens.shape, dtype=torch.float32),
+                               none, none.clone(), [], None)
         steps = torch.arange(width, device=self.device)  # (T,)
         room = (settings.max_new_tokens - self.num_tokens).clamp(min=0)  # (N,) tokens each row may still take
         is_eos = torch.isin(tokens, self._eos) & (steps < room[:, None])  # (N, T)

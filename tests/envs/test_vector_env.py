@@ -115,40 +115,41 @@ def test_whole_completions_at_once_do_what_stepping_each_column_does(make_venv: 
     scores and dense rewards, with the episodes scored in one call."""
     dense = lambda tokens, observation: (tokens == 5).float() + observation["attention_mask"].sum(1) / 100  # noqa: E731
     by_step, at_once = RecordingReward(), RecordingReward()
-    stepped = make_venv(num_envs=4, rewards=[by_step], max_new_tokens=4, dense_reward=dense)
-    whole = make_venv(num_envs=4, rewards=[at_once], max_new_tokens=4, dense_reward=dense)
+    stepped = make_venv(num_envs=5, rewards=[by_step], max_new_tokens=4, dense_reward=dense)
+    whole = make_venv(num_envs=5, rewards=[at_once], max_new_tokens=4, dense_reward=dense)
     eos = stepped.eos_token_id
-    first = torch.tensor([5, 9, eos, 7])  # row 2 ends on the first token
+    first = torch.tensor([5, 9, eos, 7, 5])  # row 2 ends on the first token
     completions = torch.tensor([[5, eos, 9, 9, 9],  # EOS at its 2nd column: terminated after 1 + 2 tokens
                                 [9, 5, 5, 9, 9],  # truncated at max_new_tokens (3 more after the first)
                                 [5, 5, 5, 5, 5],  # already ended: ignored
-                                [eos, 5, 5, 5, 5]])  # terminated on its first column
+                                [eos, 5, 5, 5, 5],  # terminated on its first column
+                                [9, 9, eos, 9, 9]])  # EOS exactly at max_new_tokens: terminated, not truncated
     for venv in (stepped, whole):
         venv.reset(seed=0)
     stepped.step(first)
     whole.step(first)
-    step_rewards, ends = [], torch.zeros(4, dtype=torch.bool)
+    assert whole.take_completions(completions[:, :0]).taken.tolist() == [0] * 5  # no columns: nothing changes
+    step_rewards = []
     for column in completions.T:
         if stepped.all_finished:
             break
-        obs, rewards, terminated, truncated, info = stepped.step(column)
-        step_rewards.append(rewards)
-        ends |= terminated | truncated
+        step_rewards.append(stepped.step(column)[1])
     result = whole.take_completions(completions)
 
     assert torch.equal(whole._episodes.input_ids, stepped._episodes.input_ids)
     assert torch.equal(whole._episodes.attention_mask, stepped._episodes.attention_mask)
-    assert whole.all_finished and result.taken.tolist() == [2, 3, 0, 1]
-    assert result.terminated.tolist() == [True, False, False, True]
-    assert result.truncated.tolist() == [False, True, False, False]
-    assert result.ended_rows == [0, 1, 3] and result.scores is not None
-    # stepping paid each row's dense rewards, and its return on its last step; at once, they come apart
-    paid = torch.stack(step_rewards, 1)
+    assert whole.all_finished and result.taken.tolist() == [2, 3, 0, 1, 3]
+    assert result.terminated.tolist() == [True, False, False, True, True]
+    assert result.truncated.tolist() == [False, True, False, False, False]
+    assert result.ended_rows == [0, 1, 3, 4] and result.scores is not None
+    assert result.scores.score.tolist() == [3.0, 4.0, 2.0, 4.0]  # RecordingReward: the tokens each episode took
+    assert by_step.batch_sizes == [1, 1, 1, 2] and at_once.batch_sizes == [1, 4]  # row 2 ended on step(first)
+    # Stepping paid each column's dense reward and, on a row's last step, its return; at once they come apart.
     assert result.dense_rewards is not None
-    returns = torch.as_tensor(result.scores.returns, dtype=torch.float32)
-    torch.testing.assert_close(paid.sum(1)[[0, 1, 3]], result.dense_rewards.sum(1)[[0, 1, 3]] + returns)
-    assert result.scores.score.tolist() == [3.0, 4.0, 2.0]  # RecordingReward: the tokens each episode took
-    assert by_step.batch_sizes == [1, 1, 1, 1] and at_once.batch_sizes == [1, 3]  # row 2 ended on step(first)
+    expected = result.dense_rewards[:, : len(step_rewards)].clone()
+    for index, row in enumerate(result.ended_rows):
+        expected[row, int(result.taken[row]) - 1] += float(result.scores.returns[index])
+    torch.testing.assert_close(torch.stack(step_rewards, 1), expected)
 
     still_going = make_venv(num_envs=2, max_new_tokens=4)
     still_going.reset(seed=0)
