@@ -234,18 +234,17 @@ class _Heartbeat:
     def silent_ranks(self) -> list[int] | None:
         """The other ranks whose counter did not move in HEARTBEAT_SILENCE_S (live ones move within a beat
         or two); None when the store cannot be reached."""
-        others = [rank for rank in range(self.world_size) if rank != self.rank]
-        try:
-            first = {rank: self.store.add(self.key(rank), 0) for rank in others}
-            deadline = time.monotonic() + HEARTBEAT_SILENCE_S
-            silent = set(others)
-            while silent and time.monotonic() < deadline:
-                time.sleep(HEARTBEAT_S / 2)
-                silent = {rank for rank in silent if self.store.add(self.key(rank), 0) == first[rank]}
-        except RankFailure:  # raised by a SIGTERM while reading (see Trainer._graceful_interrupts): not the store's
-            raise
-        except RuntimeError:
+        first = self.readings()
+        if first is None:
             return None
+        deadline = time.monotonic() + HEARTBEAT_SILENCE_S
+        silent = set(first)
+        while silent and time.monotonic() < deadline:
+            time.sleep(HEARTBEAT_S / 2)
+            now = self.readings()
+            if now is None:
+                return None
+            silent = {rank for rank in silent if now[rank] == first[rank]}
         return sorted(silent)
 
 
